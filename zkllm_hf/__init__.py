@@ -1,0 +1,51 @@
+"""zkllm-hf: capture Hugging Face Llama activations as proof-ready zkLLM inputs."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from .contracts import CheckResult, ContractViolation
+from .fixed_point import FixedPointError
+from .hooks import UnsupportedModelError
+from .session import CaptureError, CaptureResult, CaptureSession
+
+
+def capture(
+    model: Any,
+    out_dir: str | os.PathLike[str],
+    *,
+    layers: Sequence[int] | str | None = None,
+    scale_log2: int = 16,
+    overwrite: bool = False,
+    progress: bool = False,
+    prompt_length: int | None = None,
+    pad_token_id: int | None = None,
+    extra_metadata: Mapping[str, Any] | None = None,
+) -> CaptureSession:
+    """Capture the next forward of ``model`` into ``out_dir`` as zkLLM ``.bin`` files.
+
+    Use as a context manager: ``with capture(model, "activations"): model(**inputs)``. Hooks attach on
+    enter and are removed on exit; the files appear only if the whole capture passed its contracts.
+    ``layers`` is None (all), a list of indices or a spec such as ``"0-3,7"``.
+    """
+    return CaptureSession(
+        model, out_dir, layers=layers, scale_log2=scale_log2, overwrite=overwrite, progress=progress,
+        prompt_length=prompt_length, pad_token_id=pad_token_id, extra_metadata=extra_metadata,
+    )
+
+
+__all__ = [
+    "CaptureError",
+    "CaptureResult",
+    "CaptureSession",
+    "CheckResult",
+    "ContractViolation",
+    "FixedPointError",
+    "UnsupportedModelError",
+    "__version__",
+    "capture",
+]

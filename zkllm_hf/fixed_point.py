@@ -1,0 +1,197 @@
+"""Float ↔ zkLLM fixed point, and the error bounds of the identities in the int domain. Pure functions.
+
+zkLLM's ``fileio_utils.save_int`` stores ``round(x * 2**k)`` as int32. We do the same, round half to even
+(as ``torch.round`` does), and refuse what would not survive the cast: NaN, Inf, and any value whose
+rounded magnitude exceeds ``2**31 - 1``. Nothing is wrapped or clipped.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+INT32_MAX = 2**31 - 1
+MIN_SCALE_LOG2 = 0
+MAX_SCALE_LOG2 = 30
+
+
+class FixedPointError(ValueError):
+    """A value cannot be stored as int32 at the requested scale (overflow, NaN or Inf)."""
+
+
+def check_scale(scale_log2: int) -> int:
+    """Return ``scale_log2`` if it is an int in the supported range, else raise a clear error."""
+    if isinstance(scale_log2, bool) or not isinstance(scale_log2, int):
+        raise TypeError(f"scale_log2 must be an int, got {scale_log2!r} ({type(scale_log2).__name__})")
+    if not MIN_SCALE_LOG2 <= scale_log2 <= MAX_SCALE_LOG2:
+        raise ValueError(
+            f"scale_log2={scale_log2} is outside [{MIN_SCALE_LOG2}, {MAX_SCALE_LOG2}]; zkLLM uses 16"
+        )
+    return scale_log2
+
+
+def max_abs(scale_log2: int) -> float:
+    """The magnitude every value must stay below at scale ``2**scale_log2`` (32768 at 2**16)."""
+    return float(2 ** (31 - scale_log2))
+
+
+def largest_safe_scale(amax: float) -> int | None:
+    """The largest scale_log2 at which a value of magnitude ``amax`` still fits int32, or None."""
+    for k in range(MAX_SCALE_LOG2, MIN_SCALE_LOG2 - 1, -1):
+        if round(amax * 2**k) <= INT32_MAX:
+            return k
+    return None
+
+
+def headroom(amax: float, scale_log2: int) -> float:
+    """Fraction of the int32 range used by a value of magnitude ``amax`` (0.69 means 69%)."""
+    return float(amax) * 2**scale_log2 / INT32_MAX
+
+
+def _where(index: tuple[int, ...]) -> str:
+    if len(index) == 2:
+        return f"token {index[0]}, dim {index[1]}"
+    return f"index {list(index)}"
+
+
+def quantize(x: torch.Tensor, scale_log2: int, *, what: str = "tensor") -> torch.Tensor:
+    """``round(x * 2**scale_log2)`` as int32, half to even, on ``x``'s own device.
+
+    Raises :class:`FixedPointError` naming ``what``, the offending value, its position and the fix.
+    """
+    check_scale(scale_log2)
+    x = x.detach()
+    if not x.is_floating_point():
+        raise TypeError(f"{what}: expected a floating-point tensor, got {x.dtype}")
+    # Multiplying by a power of two is exact in float32 and float64; half types are widened first.
+    wide = x if x.dtype == torch.float64 else x.to(torch.float32)
+    scaled = torch.round(wide * float(2**scale_log2))
+    finite = torch.isfinite(wide)
+    if not bool(finite.all()):
+        idx = tuple(int(i) for i in torch.nonzero(~finite)[0])
+        value = float(wide[idx])
+        raise FixedPointError(
+            f"{what}: value {value} at {_where(idx)} is not finite; zkLLM files hold finite fixed-point "
+            f"numbers only. The model produced {value} in {x.dtype}: try --dtype float32, or check the "
+            f"model and its inputs"
+        )
+    if scaled.numel():
+        flat = scaled.abs().reshape(-1)
+        pos = int(torch.argmax(flat))
+        if float(flat[pos]) > INT32_MAX:
+            idx = tuple(int(i) for i in torch.unravel_index(torch.tensor(pos), scaled.shape))
+            value = float(wide[idx])
+            safe = largest_safe_scale(float(flat[pos]) / 2**scale_log2)
+            fix = (
+                f"lower --scale-log2 to {safe} or below" if safe is not None else "the value is too large "
+                "for any scale"
+            )
+            raise FixedPointError(
+                f"{what}: value {value:.6g} at {_where(idx)} exceeds int32 at scale 2**{scale_log2} "
+                f"(max |x| < {max_abs(scale_log2):g}); {fix}, or inspect the model"
+            )
+    return scaled.to(torch.int32)
+
+
+def dequantize(q: torch.Tensor, scale_log2: int) -> torch.Tensor:
+    """The float64 values that int32 codes ``q`` stand for."""
+    return q.to(torch.float64) / float(2**scale_log2)
+
+
+def ulp(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Unit in the last place of ``dtype`` at each magnitude in ``values`` (float64 in, float64 out)."""
+    info = torch.finfo(dtype)
+    mag = values.abs().to(torch.float64).clamp(min=info.smallest_normal)
+    _, exponent = torch.frexp(mag)  # mag = m * 2**e with m in [0.5, 1): binade [2**(e-1), 2**e)
+    return torch.ldexp(torch.full_like(mag, info.eps), exponent - 1)
+
+
+def sum_tolerance(q_sum: torch.Tensor, dtype: torch.dtype, scale_log2: int) -> torch.Tensor:
+    """Per-element bound, in LSB, on ``|q(x + y) - (q(x) + q(y))|`` when the model added in ``dtype``.
+
+    The model's add rounds to half an ulp of the sum; quantising three values adds 1.5 LSB. The sum's
+    magnitude is taken from its code, widened by the half LSB its own rounding may have removed.
+    """
+    scale = float(2**scale_log2)
+    magnitude = (q_sum.to(torch.float64).abs() + 0.5) / scale
+    return 1.5 + 0.5 * ulp(magnitude, dtype) * scale
+
+
+@dataclass(frozen=True)
+class Deviation:
+    """The worst element of one identity check."""
+
+    max_dev_lsb: float  # largest |lhs - rhs| in LSB
+    max_ratio: float  # largest |lhs - rhs| / tolerance, per element; the check passes iff <= 1
+    index: tuple[int, ...]  # where the ratio peaks
+    tolerance_lsb: float  # the tolerance at that element
+
+    @property
+    def ok(self) -> bool:
+        return self.max_ratio <= 1.0
+
+
+def _worst(dev: torch.Tensor, tol: torch.Tensor) -> Deviation:
+    if dev.numel() == 0:
+        return Deviation(0.0, 0.0, (), float("nan"))
+    ratio = dev / tol
+    pos = int(torch.argmax(ratio.reshape(-1)))
+    idx = tuple(int(i) for i in torch.unravel_index(torch.tensor(pos), ratio.shape))
+    return Deviation(float(dev.max()), float(ratio[idx]), idx, float(tol[idx]))
+
+
+def sum_deviation(
+    q_x: torch.Tensor, q_y: torch.Tensor, q_sum: torch.Tensor, dtype: torch.dtype, scale_log2: int
+) -> Deviation:
+    """How far ``q_sum`` is from ``q_x + q_y``, against :func:`sum_tolerance`."""
+    dev = (q_sum.to(torch.int64) - q_x.to(torch.int64) - q_y.to(torch.int64)).abs().to(torch.float64)
+    return _worst(dev, sum_tolerance(q_sum, dtype, scale_log2))
+
+
+def equal_deviation(q_a: torch.Tensor, q_b: torch.Tensor) -> Deviation:
+    """Exact equality (the layer chain): tolerance zero, so any difference is a ratio of infinity."""
+    dev = (q_a.to(torch.int64) - q_b.to(torch.int64)).abs().to(torch.float64)
+    if dev.numel() == 0:
+        return Deviation(0.0, 0.0, (), 0.0)
+    pos = int(torch.argmax(dev.reshape(-1)))
+    idx = tuple(int(i) for i in torch.unravel_index(torch.tensor(pos), dev.shape))
+    worst = float(dev[idx])
+    return Deviation(worst, math.inf if worst else 0.0, idx, 0.0)
+
+
+def rmsnorm_deviation(
+    q_in: torch.Tensor,
+    q_out: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    in_dtype: torch.dtype,
+    out_dtype: torch.dtype,
+    scale_log2: int,
+) -> Deviation:
+    """How far ``q_out`` is from ``RMSNorm(q_in / 2**k) * 2**k`` recomputed in float64.
+
+    The per-element bound (first order, in LSB) adds up what separates the model's output from the
+    recomputation: the input's quantisation (half an LSB per element, amplified by ``(1 + |n|) / rms``
+    through the normalisation), the model's float32 reduction and rsqrt (``(ceil(log2 H) + 4)`` float32
+    epsilons, relative, a pairwise-summation bound plus the elementwise steps), the cast back to the input
+    dtype (half an ulp of ``n``), the multiply by the weight in the output dtype (half an ulp of ``y``) and
+    the output's own quantisation (half an LSB).
+    """
+    scale = float(2**scale_log2)
+    x = q_in.to(torch.float64) / scale
+    hidden = x.shape[-1]
+    rms = torch.sqrt((x * x).mean(dim=-1, keepdim=True) + eps)
+    n = x / rms
+    w = weight.detach().to(device=x.device, dtype=torch.float64)
+    y = w * n
+    f32_eps = torch.finfo(torch.float32).eps
+    reduction = (math.ceil(math.log2(max(hidden, 2))) + 4) * f32_eps
+    per_value = (
+        w.abs() * (0.5 / scale * (1 + n.abs()) / rms + reduction * n.abs() + 0.5 * ulp(n, in_dtype))
+        + 0.5 * ulp(y, out_dtype)
+    )
+    tol = 0.5 + per_value * scale
+    dev = (q_out.to(torch.float64) - y * scale).abs()
+    return _worst(dev, tol)

@@ -12,6 +12,7 @@ from .contracts import CheckResult, ContractViolation
 from .fixed_point import FixedPointError
 from .hooks import UnsupportedModelError
 from .session import CaptureError, CaptureResult, CaptureSession
+from .validate import Capture, CaptureNotFinished, ValidationReport, load_capture, validate
 
 
 def capture(
@@ -39,6 +40,11 @@ def capture(
 
 
 __all__ = [
+    "Capture",
+    "CaptureNotFinished",
+    "ValidationReport",
+    "load_capture",
+    "validate",
     "CaptureError",
     "CaptureResult",
     "CaptureSession",

@@ -9,7 +9,9 @@ capture is valid by exactly one definition.
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -20,7 +22,8 @@ import torch
 import yaml
 
 from . import fixed_point as fp
-from .points import POINTS, POINTS_BY_NAME
+from .points import POINTS
+from .writer import sha256_file
 
 DEFAULT_CONTRACT = "v1"
 
@@ -263,6 +266,27 @@ def run_identities(
                         max_ratio=dev.max_ratio, tolerance_lsb=dev.tolerance_lsb, index=dev.index)
         )
     return results
+
+
+def check_integrity(folder: Path, rows: Sequence[Mapping[str, Any]]) -> list[CheckResult]:
+    """Every file of ``rows`` exists in ``folder`` with the recorded byte size and SHA-256 (one result each)."""
+
+    def check(row: Mapping[str, Any]) -> CheckResult:
+        where = {"layer": int(row["layer"]), "point": str(row["point"]), "file": str(row["file"])}
+        path = folder / row["file"]
+        if not path.is_file():
+            return CheckResult("integrity", False, "file is missing", **where)
+        size = path.stat().st_size
+        if size != row["byte_size"]:
+            return CheckResult("integrity", False, f"{size} bytes, manifest says {row['byte_size']}", **where)
+        digest = sha256_file(path)
+        if digest != row["sha256"]:
+            return CheckResult("integrity", False, f"sha256 {digest[:12]}..., manifest says {row['sha256'][:12]}...",
+                               **where)
+        return CheckResult("integrity", True, **where)
+
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        return list(pool.map(check, rows))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -6,7 +6,6 @@ import logging
 import os
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,12 +15,19 @@ from torch import nn
 
 from . import fixed_point as fp
 from . import provenance
-from .contracts import CheckResult, ContractViolation, alias_point_name, load_contract, run_identities
+from .contracts import (
+    CheckResult,
+    ContractViolation,
+    alias_point_name,
+    check_integrity,
+    load_contract,
+    run_identities,
+)
 from .hooks import HookSet, attach, find_layout
 from .manifest import build_table, write_manifest
 from .points import POINTS, CapturePoint, parse_layers
 from .profile import zkllm_limit_warnings
-from .writer import StagingDir, sha256_file
+from .writer import StagingDir
 
 logger = logging.getLogger(__name__)
 
@@ -252,7 +258,7 @@ class CaptureSession:
         meta = self._metadata(seq_len, hidden)
         table = build_table(rows, meta)
         failures += [c for c in self.contract.validate_manifest(table.to_pandas()) if not c.passed]
-        failures += [c for c in _integrity(self._staging.path, rows) if not c.passed]
+        failures += [c for c in check_integrity(self._staging.path, rows) if not c.passed]
         if failures:
             raise ContractViolation(failures, context=f"capture into '{self.out_dir}'")
         self._staging.commit(lambda path: write_manifest(table, path))
@@ -317,22 +323,3 @@ class CaptureSession:
             "extra": self.extra_metadata,
         }
 
-
-def _integrity(folder: Path, rows: Sequence[Mapping[str, Any]]) -> list[CheckResult]:
-    """Re-read every staged file: its size and SHA-256 must equal what the manifest will say."""
-
-    def check(row: Mapping[str, Any]) -> CheckResult:
-        path = folder / row["file"]
-        if not path.is_file():
-            return CheckResult("integrity", False, "file is missing", layer=row["layer"], file=row["file"])
-        size = path.stat().st_size
-        if size != row["byte_size"]:
-            return CheckResult("integrity", False, f"{size} bytes, manifest says {row['byte_size']}",
-                               layer=row["layer"], file=row["file"])
-        digest = sha256_file(path)
-        ok = digest == row["sha256"]
-        return CheckResult("integrity", ok, "" if ok else f"sha256 {digest[:16]}..., manifest says "
-                           f"{row['sha256'][:16]}...", layer=row["layer"], file=row["file"])
-
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        return list(pool.map(check, rows))

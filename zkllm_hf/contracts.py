@@ -41,9 +41,7 @@ def contracts_root() -> Path:
     source = Path(__file__).resolve().parent.parent / "contracts"
     if source.is_dir():
         return source
-    raise FileNotFoundError(
-        f"zkllm_hf data contracts not found at {packaged} or {source}; reinstall zkllm-hf"
-    )
+    raise FileNotFoundError(f"zkllm_hf data contracts not found at {packaged} or {source}; reinstall zkllm-hf")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -94,9 +92,7 @@ class ContractViolation(ValueError):
     def __init__(self, failures: Sequence[CheckResult], *, context: str = "capture"):
         self.failures = list(failures)
         lines = "\n".join(f"  - {f.describe()}" for f in self.failures)
-        super().__init__(
-            f"{context} failed {len(self.failures)} contract check(s); nothing was emitted:\n{lines}"
-        )
+        super().__init__(f"{context} failed {len(self.failures)} contract check(s); nothing was emitted:\n{lines}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -118,8 +114,9 @@ def register_identity(kind: str) -> Callable[[IdentityFn], IdentityFn]:
 
 
 @register_identity("sum")
-def _sum(lhs: torch.Tensor, terms: Sequence[torch.Tensor], *, lhs_dtype: torch.dtype, scale_log2: int,
-         **_: Any) -> fp.Deviation:
+def _sum(
+    lhs: torch.Tensor, terms: Sequence[torch.Tensor], *, lhs_dtype: torch.dtype, scale_log2: int, **_: Any
+) -> fp.Deviation:
     return fp.sum_deviation(terms[0], terms[1], lhs, lhs_dtype, scale_log2)
 
 
@@ -129,9 +126,16 @@ def _exact(lhs: torch.Tensor, terms: Sequence[torch.Tensor], **_: Any) -> fp.Dev
 
 
 @register_identity("rmsnorm")
-def _rmsnorm(lhs: torch.Tensor, terms: Sequence[torch.Tensor], *, lhs_dtype: torch.dtype,
-             term_dtypes: Sequence[torch.dtype], scale_log2: int, norm: tuple[torch.Tensor, float],
-             **_: Any) -> fp.Deviation:
+def _rmsnorm(
+    lhs: torch.Tensor,
+    terms: Sequence[torch.Tensor],
+    *,
+    lhs_dtype: torch.dtype,
+    term_dtypes: Sequence[torch.dtype],
+    scale_log2: int,
+    norm: tuple[torch.Tensor, float],
+    **_: Any,
+) -> fp.Deviation:
     weight, eps = norm
     return fp.rmsnorm_deviation(terms[0], lhs, weight, eps, term_dtypes[0], lhs_dtype, scale_log2)
 
@@ -161,8 +165,10 @@ class Contract:
     identities: tuple[IdentitySpec, ...]
     manifest_schema: Any = field(repr=False)
 
-    def identity_for(self, point: str) -> IdentitySpec | None:
-        return next((s for s in self.identities if s.lhs == point), None)
+    @property
+    def norm_modules(self) -> tuple[str, ...]:
+        """The norm modules whose weights the model-dependent checks need."""
+        return tuple(s.module for s in self.identities if s.module)
 
     def validate_manifest(self, frame: pd.DataFrame) -> list[CheckResult]:
         """Run the pandera manifest schema; every failure becomes a :class:`CheckResult`."""
@@ -190,7 +196,7 @@ class Contract:
         return [CheckResult("manifest_schema", True)]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load_contract(folder: str = DEFAULT_CONTRACT) -> Contract:
     """Load and check ``contracts/<folder>``: every check it names must be registered here."""
     import pandera.pandas as pa
@@ -202,21 +208,37 @@ def load_contract(folder: str = DEFAULT_CONTRACT) -> Contract:
         raise ValueError(f"contract {folder!r} does not exist; known contracts: {known}")
     spec = yaml.safe_load((base / "capture.yaml").read_text())
     if list(spec["points"]) != [p.name for p in POINTS]:
-        raise ValueError(f"contract {folder} names points {spec['points']}, the point table has "
-                         f"{[p.name for p in POINTS]}")
+        raise ValueError(
+            f"contract {folder} names points {spec['points']}, the point table has {[p.name for p in POINTS]}"
+        )
     identities = []
     for entry in spec["tensor_checks"]:
         if "tolerance" not in entry:
             continue
         if entry["tolerance"] not in _IDENTITIES:
-            raise ValueError(f"contract {folder} check {entry['name']!r} uses tolerance "
-                             f"{entry['tolerance']!r}, which no registered check implements")
-        identities.append(IdentitySpec(entry["name"], entry["lhs"], tuple(entry["terms"]),
-                                       entry["tolerance"], entry.get("module"),
-                                       bool(entry.get("needs_model", False))))
+            raise ValueError(
+                f"contract {folder} check {entry['name']!r} uses tolerance "
+                f"{entry['tolerance']!r}, which no registered check implements"
+            )
+        identities.append(
+            IdentitySpec(
+                entry["name"],
+                entry["lhs"],
+                tuple(entry["terms"]),
+                entry["tolerance"],
+                entry.get("module"),
+                bool(entry.get("needs_model", False)),
+            )
+        )
     schema = pa.DataFrameSchema.from_yaml(base / spec["manifest_schema"])
-    return Contract(str(spec["version"]), folder, int(spec["format_version"]),
-                    tuple(e["name"] for e in spec["tensor_checks"]), tuple(identities), schema)
+    return Contract(
+        str(spec["version"]),
+        folder,
+        int(spec["format_version"]),
+        tuple(e["name"] for e in spec["tensor_checks"]),
+        tuple(identities),
+        schema,
+    )
 
 
 def run_identities(
@@ -261,9 +283,17 @@ def run_identities(
             **extra,
         )
         results.append(
-            CheckResult(spec.name, dev.ok, layer=layer, point=spec.lhs,
-                        file=(files or {}).get(spec.lhs), max_dev_lsb=dev.max_dev_lsb,
-                        max_ratio=dev.max_ratio, tolerance_lsb=dev.tolerance_lsb, index=dev.index)
+            CheckResult(
+                spec.name,
+                dev.ok,
+                layer=layer,
+                point=spec.lhs,
+                file=(files or {}).get(spec.lhs),
+                max_dev_lsb=dev.max_dev_lsb,
+                max_ratio=dev.max_ratio,
+                tolerance_lsb=dev.tolerance_lsb,
+                index=dev.index,
+            )
         )
     return results
 
@@ -281,8 +311,9 @@ def check_integrity(folder: Path, rows: Sequence[Mapping[str, Any]]) -> list[Che
             return CheckResult("integrity", False, f"{size} bytes, manifest says {row['byte_size']}", **where)
         digest = sha256_file(path)
         if digest != row["sha256"]:
-            return CheckResult("integrity", False, f"sha256 {digest[:12]}..., manifest says {row['sha256'][:12]}...",
-                               **where)
+            return CheckResult(
+                "integrity", False, f"sha256 {digest[:12]}..., manifest says {row['sha256'][:12]}...", **where
+            )
         return CheckResult("integrity", True, **where)
 
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
@@ -309,7 +340,7 @@ def expected_file(point: str, layer: int) -> str | None:
     return None if template is None else template.format(L=layer)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _register_manifest_checks() -> None:
     import pandera.extensions as extensions
 
@@ -323,8 +354,9 @@ def _register_manifest_checks() -> None:
 
     @extensions.register_check_method(statistics=[])
     def zkllm_file_matches_point(df: pd.DataFrame) -> pd.Series:
-        return pd.Series([expected_file(p, int(lay)) == f for p, lay, f in
-                          zip(df["point"], df["layer"], df["file"])], index=df.index)
+        return pd.Series(
+            [expected_file(p, int(lay)) == f for p, lay, f in zip(df["point"], df["layer"], df["file"])], index=df.index
+        )
 
     @extensions.register_check_method(statistics=[])
     def zkllm_bytes_match_shape(df: pd.DataFrame) -> pd.Series:
@@ -343,4 +375,3 @@ def _register_manifest_checks() -> None:
         by_file = dict(zip(df["file"], df["sha256"]))
         ok = [pd.isna(a) or by_file.get(a) == s for a, s in zip(df["alias_of"], df["sha256"])]
         return pd.Series(ok, index=df.index)
-

@@ -26,9 +26,7 @@ def check_scale(scale_log2: int) -> int:
     if isinstance(scale_log2, bool) or not isinstance(scale_log2, int):
         raise TypeError(f"scale_log2 must be an int, got {scale_log2!r} ({type(scale_log2).__name__})")
     if not MIN_SCALE_LOG2 <= scale_log2 <= MAX_SCALE_LOG2:
-        raise ValueError(
-            f"scale_log2={scale_log2} is outside [{MIN_SCALE_LOG2}, {MAX_SCALE_LOG2}]; zkLLM uses 16"
-        )
+        raise ValueError(f"scale_log2={scale_log2} is outside [{MIN_SCALE_LOG2}, {MAX_SCALE_LOG2}]; zkLLM uses 16")
     return scale_log2
 
 
@@ -85,8 +83,7 @@ def quantize(x: torch.Tensor, scale_log2: int, *, what: str = "tensor") -> torch
             value = float(wide[idx])
             safe = largest_safe_scale(float(flat[pos]) / 2**scale_log2)
             fix = (
-                f"lower --scale-log2 to {safe} or below" if safe is not None else "the value is too large "
-                "for any scale"
+                f"lower --scale-log2 to {safe} or below" if safe is not None else "the value is too large for any scale"
             )
             raise FixedPointError(
                 f"{what}: value {value:.6g} at {_where(idx)} exceeds int32 at scale 2**{scale_log2} "
@@ -188,10 +185,9 @@ def rmsnorm_deviation(
     y = w * n
     f32_eps = torch.finfo(torch.float32).eps
     reduction = (math.ceil(math.log2(max(hidden, 2))) + 4) * f32_eps
-    per_value = (
-        w.abs() * (0.5 / scale * (1 + n.abs()) / rms + reduction * n.abs() + 0.5 * ulp(n, in_dtype))
-        + 0.5 * ulp(y, out_dtype)
-    )
+    per_value = w.abs() * (
+        0.5 / scale * (1 + n.abs()) / rms + reduction * n.abs() + 0.5 * ulp(n, in_dtype)
+    ) + 0.5 * ulp(y, out_dtype)
     tol = 0.5 + per_value * scale
     dev = (q_out.to(torch.float64) - y * scale).abs()
     return _worst(dev, tol)

@@ -8,7 +8,7 @@ model exactly as it was.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,6 +42,17 @@ class DecoderLayout:
         block = self.layers[layer]
         return block if not name else getattr(block, name)
 
+    def norms(self, layer: int, modules: Iterable[str]) -> dict[str, tuple[torch.Tensor, float]] | None:
+        """``{module: (weight, eps)}`` of the named RMSNorms of one layer; None if any cannot be read."""
+        out = {}
+        for name in modules:
+            params = norm_params(self.module(layer, name))
+            if params is None:
+                logger.warning("layer %d %s: weight not readable (offloaded?); norm checks skipped", layer, name)
+                return None
+            out[name] = params
+        return out
+
 
 def _get_path(root: nn.Module, dotted: str) -> Any:
     obj: Any = root
@@ -66,7 +77,8 @@ def find_layout(model: nn.Module) -> DecoderLayout:
                     logger.warning(
                         "model_type %r is not one zkllm_hf knows (%s); its modules match the Llama table, "
                         "and the data contracts will refuse the capture if its maths differ",
-                        model_type, ", ".join(sorted(SUPPORTED_MODEL_TYPES)),
+                        model_type,
+                        ", ".join(sorted(SUPPORTED_MODEL_TYPES)),
                     )
                 return layout
     tried = sorted({p for a in ARCHITECTURES for p in a.layers})
@@ -145,6 +157,7 @@ def attach(
     hooks = HookSet()
     try:
         if on_model_input is not None:
+
             def top(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
                 on_model_input(args, kwargs)
 
@@ -162,6 +175,7 @@ def attach(
 
 def _register(module: nn.Module, point: CapturePoint, layer: int, on_capture: OnCapture):
     if point.hook == "pre":
+
         def pre(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             on_capture(layer, point, _first_tensor(args, kwargs))
 
@@ -171,6 +185,27 @@ def _register(module: nn.Module, point: CapturePoint, layer: int, on_capture: On
         on_capture(layer, point, _output_tensor(output))
 
     return module.register_forward_hook(post, with_kwargs=True)
+
+
+def norm_params(module: nn.Module) -> tuple[torch.Tensor, float] | None:
+    """An RMSNorm's ``(weight, eps)``, wherever its weight lives; None if it cannot be read.
+
+    With ``device_map`` offloading, accelerate keeps the weight on the meta device between forwards and
+    the real tensor in its hook's ``weights_map``.
+    """
+    weight = getattr(module, "weight", None)
+    eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
+    if not isinstance(weight, torch.Tensor) or eps is None:
+        return None
+    if weight.device.type == "meta":
+        weights_map = getattr(getattr(module, "_hf_hook", None), "weights_map", None)
+        try:
+            weight = weights_map["weight"] if weights_map is not None else None
+        except KeyError:
+            weight = None
+        if not isinstance(weight, torch.Tensor) or weight.device.type == "meta":
+            return None
+    return weight, float(eps)
 
 
 def count_hooks(model: nn.Module) -> int:

@@ -46,8 +46,13 @@ COLUMNS = tuple(SCHEMA.names)
 def rows_digest(rows: Iterable[Mapping[str, Any]], metadata: Mapping[str, Any]) -> str:
     """SHA-256 over the rows and the metadata (less this digest), in a canonical JSON form."""
     meta = {k: v for k, v in metadata.items() if k != "manifest_digest"}
-    canon = json.dumps({"rows": [dict(r) for r in rows], "metadata": meta}, sort_keys=True,
-                       separators=(",", ":"), default=str, allow_nan=True)
+    canon = json.dumps(
+        {"rows": [dict(r) for r in rows], "metadata": meta},
+        sort_keys=True,
+        separators=(",", ":"),
+        default=str,
+        allow_nan=True,
+    )
     return hashlib.sha256(canon.encode()).hexdigest()
 
 

@@ -99,8 +99,12 @@ def resolve(name: str | None) -> tuple[str, dict[str, Any]]:
     if name is None:
         gguf = default_gguf()
         folder, digest = convert_gguf(gguf)
-        return str(folder), {"kind": "default", "package": DEFAULT_MODEL_PIP, "gguf_file": gguf.name,
-                             "gguf_sha256": digest}
+        return str(folder), {
+            "kind": "default",
+            "package": DEFAULT_MODEL_PIP,
+            "gguf_file": gguf.name,
+            "gguf_sha256": digest,
+        }
     path = Path(name).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
@@ -109,8 +113,10 @@ def resolve(name: str | None) -> tuple[str, dict[str, Any]]:
         return str(folder), {"kind": "gguf", "gguf_file": str(path.resolve()), "gguf_sha256": digest}
     if path.exists():
         if not (path / "config.json").is_file():
-            raise ModelLoadError(f"--model {name}: folder has no config.json; pass a Hugging Face model folder "
-                                 f"(save_pretrained output) or a .gguf file")
+            raise ModelLoadError(
+                f"--model {name}: folder has no config.json; pass a Hugging Face model folder "
+                f"(save_pretrained output) or a .gguf file"
+            )
         return str(path.resolve()), {"kind": "local", "path": str(path.resolve())}
     return name, {"kind": "hub-cache", "name": name}
 
@@ -141,7 +147,9 @@ def load(
         try:
             import bitsandbytes  # noqa: F401
         except ImportError:
-            raise ModelLoadError("--load-in-4bit/--load-in-8bit need bitsandbytes: pip install 'zkllm-hf[quant]'") from None
+            raise ModelLoadError(
+                "--load-in-4bit/--load-in-8bit need bitsandbytes: pip install 'zkllm-hf[quant]'"
+            ) from None
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=load_in_4bit, load_in_8bit=load_in_8bit)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
@@ -167,8 +175,9 @@ def tokenize(tokenizer: Any, text: str, pad_to: int | None = None) -> tuple[torc
     if pad_to is None:
         return ids, n, None
     if pad_to < n:
-        raise ValueError(f"--pad-to {pad_to} is below the prompt's {n} tokens; pass --pad-to {n} or more, or "
-                         f"shorten the text")
+        raise ValueError(
+            f"--pad-to {pad_to} is below the prompt's {n} tokens; pass --pad-to {n} or more, or shorten the text"
+        )
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad_id is None:
         raise ValueError("the tokenizer has neither a pad nor an EOS token to pad with; drop --pad-to")

@@ -38,33 +38,53 @@ class CapturePoint:
 
 POINTS: tuple[CapturePoint, ...] = (
     CapturePoint(
-        "block_input", "", "pre", "layer-{L}-input-rmsnorm-activation.bin",
+        "block_input",
+        "",
+        "pre",
+        "layer-{L}-input-rmsnorm-activation.bin",
         "llama-rmsnorm.py input; skip #1 --block_input_file",
         aliases=("layer-{L}-block-input.bin",),
     ),
     CapturePoint(
-        "input_layernorm_output", "input_layernorm", "forward", "layer-{L}-self-attn-activation.bin",
+        "input_layernorm_output",
+        "input_layernorm",
+        "forward",
+        "layer-{L}-self-attn-activation.bin",
         "llama-self-attn.py",
     ),
     CapturePoint(
-        "attn_output", "self_attn", "forward", "layer-{L}-attn-output.bin",
+        "attn_output",
+        "self_attn",
+        "forward",
+        "layer-{L}-attn-output.bin",
         "skip #1 --block_output_file",
     ),
     CapturePoint(
-        "post_attn_residual", "post_attention_layernorm", "pre",
+        "post_attn_residual",
+        "post_attention_layernorm",
+        "pre",
         "layer-{L}-post_attention-rmsnorm-activation.bin",
         "llama-rmsnorm.py post_attention; skip #2 --block_input_file",
     ),
     CapturePoint(
-        "ffn_input", "post_attention_layernorm", "forward", "layer-{L}-ffn-activation.bin",
+        "ffn_input",
+        "post_attention_layernorm",
+        "forward",
+        "layer-{L}-ffn-activation.bin",
         "llama-ffn.py",
     ),
     CapturePoint(
-        "mlp_output", "mlp", "forward", "layer-{L}-mlp-output.bin",
+        "mlp_output",
+        "mlp",
+        "forward",
+        "layer-{L}-mlp-output.bin",
         "skip #2 --block_output_file",
     ),
     CapturePoint(
-        "block_output", "", "forward", "layer-{L}-block-output.bin",
+        "block_output",
+        "",
+        "forward",
+        "layer-{L}-block-output.bin",
         "next layer's input; chain check",
     ),
 )
@@ -94,9 +114,7 @@ class Architecture:
 # Llama-shaped decoders: pre-norm RMSNorm, residual adds exactly as in LlamaDecoderLayer, module names as
 # in the table above. Architectures whose norms sit elsewhere (Gemma's sandwich norms, Phi's parallel
 # block) do not fit and are refused.
-ARCHITECTURES: tuple[Architecture, ...] = (
-    Architecture(("llama", "mistral", "qwen2", "qwen3")),
-)
+ARCHITECTURES: tuple[Architecture, ...] = (Architecture(("llama", "mistral", "qwen2", "qwen3")),)
 SUPPORTED_MODEL_TYPES: frozenset[str] = frozenset(t for a in ARCHITECTURES for t in a.model_types)
 
 
@@ -126,7 +144,6 @@ def parse_layers(spec: str | None, num_layers: int) -> list[int]:
     bad = sorted(i for i in chosen if not 0 <= i < num_layers)
     if bad:
         raise ValueError(
-            f"layer spec {spec!r}: layer(s) {bad} out of range; the model has {num_layers} layers "
-            f"(0-{num_layers - 1})"
+            f"layer spec {spec!r}: layer(s) {bad} out of range; the model has {num_layers} layers (0-{num_layers - 1})"
         )
     return sorted(chosen)

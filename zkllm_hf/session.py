@@ -207,16 +207,18 @@ class CaptureSession:
             self._checks.append(CheckResult("completeness", False, f"points {missing} did not fire", layer=layer))
         else:
             previous = self._previous[1] if self._previous and self._previous[0] == layer - 1 else None
-            norms = {}
-            for spec in self.contract.identities:
-                if spec.module:
-                    mod = self.layout.module(layer, spec.module)
-                    eps = getattr(mod, "variance_epsilon", getattr(mod, "eps", None))
-                    norms[spec.module] = (mod.weight, float(eps))
+            norms = self.layout.norms(layer, self.contract.norm_modules)
             self._checks.extend(
-                run_identities(self.contract, layer, self._pending, self._pending_dtypes, self.scale_log2,
-                               previous_block_output=previous, norms=norms,
-                               files={p.name: p.file_name(layer) for p in POINTS})
+                run_identities(
+                    self.contract,
+                    layer,
+                    self._pending,
+                    self._pending_dtypes,
+                    self.scale_log2,
+                    previous_block_output=previous,
+                    norms=norms,
+                    files={p.name: p.file_name(layer) for p in POINTS},
+                )
             )
         assert self._staging is not None
         for point in POINTS:
@@ -226,8 +228,11 @@ class CaptureSession:
             lo, hi = torch.aminmax(codes)
             host = codes.to("cpu").numpy()
             fut = self._staging.write(point.file_name(layer), host, point.alias_names(layer))
-            self._records.append(_PointRecord(layer, point, self._pending_dtypes[point.name], int(lo), int(hi),
-                                              host.shape[0], host.shape[1], fut))
+            self._records.append(
+                _PointRecord(
+                    layer, point, self._pending_dtypes[point.name], int(lo), int(hi), host.shape[0], host.shape[1], fut
+                )
+            )
         if "block_output" in self._pending:
             self._previous = (layer, self._pending["block_output"])
         self._pending = {}
@@ -246,8 +251,16 @@ class CaptureSession:
             for point in POINTS:
                 count = self._fired[(layer, point.name)]
                 if count != 1:
-                    failures.append(CheckResult("completeness", False, f"fired {count} times, expected once",
-                                                layer=layer, point=point.name, file=point.file_name(layer)))
+                    failures.append(
+                        CheckResult(
+                            "completeness",
+                            False,
+                            f"fired {count} times, expected once",
+                            layer=layer,
+                            point=point.name,
+                            file=point.file_name(layer),
+                        )
+                    )
         seq_len, hidden = self._shape or (0, 0)
         config = getattr(self.model, "config", None)
         expected_hidden = getattr(config, "hidden_size", hidden)
@@ -265,13 +278,24 @@ class CaptureSession:
         worst = max(self._records, key=lambda r: max(-r.int_min, r.int_max))
         max_abs = max(-worst.int_min, worst.int_max) / 2**self.scale_log2
         result = CaptureResult(
-            out_dir=self._staging.out_dir, seq_len=seq_len, hidden_size=hidden, layers=list(self.layers),
-            scale_log2=self.scale_log2, max_abs_value=max_abs, worst=(worst.layer, worst.point.name),
+            out_dir=self._staging.out_dir,
+            seq_len=seq_len,
+            hidden_size=hidden,
+            layers=list(self.layers),
+            scale_log2=self.scale_log2,
+            max_abs_value=max_abs,
+            worst=(worst.layer, worst.point.name),
             checks=list(self._checks),
             warnings=zkllm_limit_warnings(seq_len, hidden, getattr(config, "intermediate_size", None)),
         )
-        logger.info("captured %d layers into %s; largest |x| %.6g at layer %d %s uses %.1f%% of int32",
-                    len(self.layers), result.out_dir, max_abs, *result.worst, 100 * result.headroom)
+        logger.info(
+            "captured %d layers into %s; largest |x| %.6g at layer %d %s uses %.1f%% of int32",
+            len(self.layers),
+            result.out_dir,
+            max_abs,
+            *result.worst,
+            100 * result.headroom,
+        )
         return result
 
     def _rows(self, written: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -281,11 +305,23 @@ class CaptureSession:
             w = written[rec.point.file_name(rec.layer)]
             check = by_lhs.get((rec.layer, rec.point.name))
             base = {
-                "sample": 0, "step": 0, "phase": "forward", "layer": rec.layer, "point": rec.point.name,
-                "file": w.name, "alias_of": None, "rows": rec.rows, "cols": rec.cols, "dtype": "int32",
-                "scale_log2": self.scale_log2, "byte_size": w.byte_size, "sha256": w.sha256,
-                "source_dtype": str(rec.dtype).removeprefix("torch."), "int_min": rec.int_min,
-                "int_max": rec.int_max, "headroom": max(-rec.int_min, rec.int_max) / fp.INT32_MAX,
+                "sample": 0,
+                "step": 0,
+                "phase": "forward",
+                "layer": rec.layer,
+                "point": rec.point.name,
+                "file": w.name,
+                "alias_of": None,
+                "rows": rec.rows,
+                "cols": rec.cols,
+                "dtype": "int32",
+                "scale_log2": self.scale_log2,
+                "byte_size": w.byte_size,
+                "sha256": w.sha256,
+                "source_dtype": str(rec.dtype).removeprefix("torch."),
+                "int_min": rec.int_min,
+                "int_max": rec.int_max,
+                "headroom": max(-rec.int_min, rec.int_max) / fp.INT32_MAX,
                 "hf_module": self.layout.module_path(rec.layer, rec.point),
                 "hook": "forward_pre" if rec.point.hook == "pre" else "forward",
                 "check": check.check if check else None,
@@ -300,14 +336,14 @@ class CaptureSession:
     def _metadata(self, seq_len: int, hidden: int) -> dict[str, Any]:
         ids = self._input_ids
         return {
-            "contract": {"name": "zkllm-hf-capture", "version": self.contract.version,
-                         "folder": self.contract.folder},
+            "contract": {"name": "zkllm-hf-capture", "version": self.contract.version, "folder": self.contract.folder},
             "versions": provenance.versions(),
             "model": provenance.model_info(self.model),
             "tokens": {
                 "input_ids": ids,
-                "prompt_token_count": self.prompt_length if self.prompt_length is not None else (
-                    len(ids) if ids is not None else seq_len),
+                "prompt_token_count": self.prompt_length
+                if self.prompt_length is not None
+                else (len(ids) if ids is not None else seq_len),
                 "seq_len": seq_len,
                 "pad_token_id": self.pad_token_id,
             },
@@ -322,4 +358,3 @@ class CaptureSession:
             },
             "extra": self.extra_metadata,
         }
-

@@ -20,8 +20,7 @@ from .manifest import FORMAT_VERSION, read_manifest, rows_digest
 from .points import POINTS
 from .writer import MANIFEST_NAME, PARTIAL_MARKER
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
-           "float64": torch.float64}
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
 class CaptureNotFinished(FileNotFoundError):
@@ -95,8 +94,11 @@ def load_capture(path: str | os.PathLike[str]) -> Capture:
         raise CaptureNotFinished(f"'{path}' is not a directory; pass a capture folder written by zkllm-hf capture")
     manifest = path / MANIFEST_NAME
     if not manifest.is_file():
-        why = (f"it holds a {PARTIAL_MARKER} marker, so the capture was interrupted"
-               if (path / PARTIAL_MARKER).exists() else "a finished capture always has one")
+        why = (
+            f"it holds a {PARTIAL_MARKER} marker, so the capture was interrupted"
+            if (path / PARTIAL_MARKER).exists()
+            else "a finished capture always has one"
+        )
         raise CaptureNotFinished(f"'{path}' has no {MANIFEST_NAME}: not a finished capture ({why}); capture again")
     table, meta = read_manifest(manifest)
     rows = {(int(r["layer"]), str(r["point"])): r for r in table.to_pylist()}
@@ -127,13 +129,22 @@ class ValidationReport:
         return out
 
     def to_json(self) -> str:
-        return json.dumps({"path": str(self.path), "ok": self.ok, "summary": self.summary(),
-                           "failures": [f.to_dict() for f in self.failures]}, indent=2, default=str)
+        return json.dumps(
+            {
+                "path": str(self.path),
+                "ok": self.ok,
+                "summary": self.summary(),
+                "failures": [f.to_dict() for f in self.failures],
+            },
+            indent=2,
+            default=str,
+        )
 
     def __str__(self) -> str:
         head = f"{self.path}: {'VALID' if self.ok else 'INVALID'}"
-        lines = [head] + [f"  {name:<22} {c['passed']:>5} passed  {c['failed']:>5} failed"
-                          for name, c in self.summary().items()]
+        lines = [head] + [
+            f"  {name:<22} {c['passed']:>5} passed  {c['failed']:>5} failed" for name, c in self.summary().items()
+        ]
         if self.failures:
             lines.append("failures:")
             lines += [f"  - {f.describe()}" for f in self.failures]
@@ -157,21 +168,37 @@ def validate(path: str | os.PathLike[str], model: torch.nn.Module | None = None)
 
     # The manifest itself: format, digest, pandera contract, agreement with its own metadata.
     if meta.get("format_version") != FORMAT_VERSION:
-        results.append(CheckResult("manifest", False, f"format_version {meta.get('format_version')!r}, this "
-                                   f"zkllm-hf reads {FORMAT_VERSION}; upgrade zkllm-hf"))
+        results.append(
+            CheckResult(
+                "manifest",
+                False,
+                f"format_version {meta.get('format_version')!r}, this "
+                f"zkllm-hf reads {FORMAT_VERSION}; upgrade zkllm-hf",
+            )
+        )
         return report
     try:
         contract = load_contract(meta["contract"]["folder"])
         capture_meta, tokens = meta["capture"], meta["tokens"]
-        scale, seq_len, hidden = int(capture_meta["scale_log2"]), int(tokens["seq_len"]), int(capture_meta["hidden_size"])
+        scale, seq_len, hidden = (
+            int(capture_meta["scale_log2"]),
+            int(tokens["seq_len"]),
+            int(capture_meta["hidden_size"]),
+        )
         layers = [int(x) for x in capture_meta["layers"]]
     except (KeyError, TypeError, ValueError) as exc:
         results.append(CheckResult("manifest", False, f"metadata is incomplete or unreadable: {exc!r}"))
         return report
     digest = rows_digest(rows, meta)
-    results.append(CheckResult("manifest_digest", digest == meta.get("manifest_digest"),
-                               "" if digest == meta.get("manifest_digest") else
-                               "rows or metadata were edited after the capture wrote them"))
+    results.append(
+        CheckResult(
+            "manifest_digest",
+            digest == meta.get("manifest_digest"),
+            ""
+            if digest == meta.get("manifest_digest")
+            else "rows or metadata were edited after the capture wrote them",
+        )
+    )
     results += contract.validate_manifest(cap.manifest.to_pandas())
     for row in rows:
         where = {"layer": row["layer"], "point": row["point"], "file": row["file"]}
@@ -191,8 +218,16 @@ def validate(path: str | os.PathLike[str], model: torch.nn.Module | None = None)
             names = [p.name] + [f"{p.name}_alias{'' if i == 0 else i}" for i in range(len(p.aliases))]
             for name in names:
                 if (layer, name) not in listed:
-                    results.append(CheckResult("completeness", False, "missing from the manifest", layer=layer,
-                                               point=name, file=expected_file(name, layer)))
+                    results.append(
+                        CheckResult(
+                            "completeness",
+                            False,
+                            "missing from the manifest",
+                            layer=layer,
+                            point=name,
+                            file=expected_file(name, layer),
+                        )
+                    )
     extra = sorted({f.name for f in path.glob("*.bin")} - {r["file"] for r in rows})
     for name in extra:
         results.append(CheckResult("completeness", False, "file is not in the manifest", file=name))
@@ -201,16 +236,26 @@ def validate(path: str | os.PathLike[str], model: torch.nn.Module | None = None)
 
     # Integrity, then range and identities on the files that are whole.
     results += check_integrity(path, rows)
-    readable = {(row["layer"], row["point"]) for row in rows
-                if (path / row["file"]).is_file() and (path / row["file"]).stat().st_size == row["byte_size"]}
+    readable = {
+        (row["layer"], row["point"])
+        for row in rows
+        if (path / row["file"]).is_file() and (path / row["file"]).stat().st_size == row["byte_size"]
+    }
     for row in rows:
         if (row["layer"], row["point"]) in readable and row["alias_of"] is None:
             codes = cap.codes(row["layer"], row["point"])
             lo, hi = int(codes.min()), int(codes.max())
-            ok = (lo, hi) == (row["int_min"], row["int_max"]) and lo > -2**31
-            results.append(CheckResult("range", ok, "" if ok else f"data spans [{lo}, {hi}], manifest says "
-                                       f"[{row['int_min']}, {row['int_max']}]", layer=row["layer"],
-                                       point=row["point"], file=row["file"]))
+            ok = (lo, hi) == (row["int_min"], row["int_max"]) and lo > -(2**31)
+            results.append(
+                CheckResult(
+                    "range",
+                    ok,
+                    "" if ok else f"data spans [{lo}, {hi}], manifest says [{row['int_min']}, {row['int_max']}]",
+                    layer=row["layer"],
+                    point=row["point"],
+                    file=row["file"],
+                )
+            )
 
     layout = find_layout(model) if model is not None else None
     if model is not None:
@@ -223,16 +268,18 @@ def validate(path: str | os.PathLike[str], model: torch.nn.Module | None = None)
             continue
         tensors = {n: torch.from_numpy(np.array(cap.codes(layer, n))) for n in names}
         dtypes = {n: _DTYPES[cap.rows[(layer, n)]["source_dtype"]] for n in names}
-        norms = None
-        if layout is not None:
-            norms = {}
-            for spec in contract.identities:
-                if spec.module:
-                    mod = layout.module(layer, spec.module)
-                    norms[spec.module] = (mod.weight, float(getattr(mod, "variance_epsilon", getattr(mod, "eps", 0.0))))
+        norms = layout.norms(layer, contract.norm_modules) if layout is not None else None
         prev = previous[1] if previous and previous[0] == layer - 1 else None
-        results += run_identities(contract, layer, tensors, dtypes, scale, previous_block_output=prev, norms=norms,
-                                  files={n: cap.rows[(layer, n)]["file"] for n in names})
+        results += run_identities(
+            contract,
+            layer,
+            tensors,
+            dtypes,
+            scale,
+            previous_block_output=prev,
+            norms=norms,
+            files={n: cap.rows[(layer, n)]["file"] for n in names},
+        )
         previous = (layer, tensors["block_output"])
     return report
 
@@ -242,9 +289,16 @@ def _model_checks(model: torch.nn.Module, meta: Mapping[str, Any]) -> list[Check
     out = []
     fp_now = provenance.weights_fingerprint(model)
     ok = fp_now == recorded.get("weights_fingerprint")
-    out.append(CheckResult("weights_fingerprint", ok, "" if ok else
-                           f"model weights {fp_now[:12]}..., capture recorded "
-                           f"{str(recorded.get('weights_fingerprint'))[:12]}...; pass the model that was captured"))
+    out.append(
+        CheckResult(
+            "weights_fingerprint",
+            ok,
+            ""
+            if ok
+            else f"model weights {fp_now[:12]}..., capture recorded "
+            f"{str(recorded.get('weights_fingerprint'))[:12]}...; pass the model that was captured",
+        )
+    )
     cfg = provenance.config_sha256(getattr(model, "config", None))
     ok = cfg == recorded.get("config_sha256")
     out.append(CheckResult("config", ok, "" if ok else "model config differs from the captured model's"))

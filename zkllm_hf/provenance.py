@@ -30,6 +30,21 @@ def _tensor_digest(t: torch.Tensor) -> str:
     return hashlib.sha256(flat.view(torch.uint8).numpy()).hexdigest()
 
 
+def _materialize(model: nn.Module, name: str, t: torch.Tensor) -> torch.Tensor:
+    """The real tensor behind a state-dict entry that device_map offloading left on the meta device."""
+    if t.device.type != "meta":
+        return t
+    module_name, _, attr = name.rpartition(".")
+    weights_map = getattr(getattr(model.get_submodule(module_name), "_hf_hook", None), "weights_map", None)
+    try:
+        real = weights_map[attr] if weights_map is not None else None
+    except KeyError:
+        real = None
+    if not isinstance(real, torch.Tensor) or real.device.type == "meta":
+        raise ValueError(f"weights fingerprint: {name} is on the meta device and its offloaded copy cannot be read")
+    return real
+
+
 def weights_fingerprint(model: nn.Module, *, threads: int = 4) -> str:
     """SHA-256 fingerprint of every tensor in ``model.state_dict()``, in a stable (sorted) order.
 
@@ -38,7 +53,7 @@ def weights_fingerprint(model: nn.Module, *, threads: int = 4) -> str:
     (about 1.5-2 GB/s per core): a few seconds for a 7B model in bf16; cached until a weight changes.
     """
     state = model.state_dict(keep_vars=False)
-    items = sorted((k, v) for k, v in state.items() if isinstance(v, torch.Tensor))
+    items = sorted((k, _materialize(model, k, v)) for k, v in state.items() if isinstance(v, torch.Tensor))
 
     def digest(item: tuple[str, torch.Tensor]) -> str:
         name, t = item

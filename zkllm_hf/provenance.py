@@ -55,12 +55,19 @@ def weights_fingerprint(model: nn.Module, *, threads: int = 4) -> str:
     state = model.state_dict(keep_vars=False)
     items = sorted((k, _materialize(model, k, v)) for k, v in state.items() if isinstance(v, torch.Tensor))
 
+    # Only the model's own parameters and buffers are cached: some state-dict entries (bitsandbytes'
+    # packed quantisation state) are built afresh on each call, and their addresses are reused.
+    persistent = {t.data_ptr() for t in (*model.parameters(), *model.buffers()) if not t.is_inference()}
+
     def digest(item: tuple[str, torch.Tensor]) -> str:
         name, t = item
-        key = _tensor_key(name, t)
-        cached = _DIGEST_CACHE.get(key)
-        if cached is None:
-            cached = _DIGEST_CACHE[key] = _tensor_digest(t)
+        if t.data_ptr() in persistent and not t.is_inference():
+            key = _tensor_key(name, t)
+            cached = _DIGEST_CACHE.get(key)
+            if cached is None:
+                cached = _DIGEST_CACHE[key] = _tensor_digest(t)
+        else:
+            cached = _tensor_digest(t)
         return f"{name}|{t.dtype}|{list(t.shape)}|{cached}"
 
     with ThreadPoolExecutor(max_workers=threads) as pool:

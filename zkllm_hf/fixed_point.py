@@ -37,6 +37,8 @@ def max_abs(scale_log2: int) -> float:
 
 def largest_safe_scale(amax: float) -> int | None:
     """The largest scale_log2 at which a value of magnitude ``amax`` still fits int32, or None."""
+    if not math.isfinite(amax) or amax >= 2**31:  # beyond int32 at every scale (and no float overflow below)
+        return None
     for k in range(MAX_SCALE_LOG2, MIN_SCALE_LOG2 - 1, -1):
         if round(amax * 2**k) <= INT32_MAX:
             return k
@@ -81,7 +83,7 @@ def quantize(x: torch.Tensor, scale_log2: int, *, what: str = "tensor") -> torch
         if float(flat[pos]) > INT32_MAX:
             idx = tuple(int(i) for i in torch.unravel_index(torch.tensor(pos), scaled.shape))
             value = float(wide[idx])
-            safe = largest_safe_scale(float(flat[pos]) / 2**scale_log2)
+            safe = largest_safe_scale(abs(value))  # from x itself: x * 2**k may have overflowed to inf
             fix = (
                 f"lower --scale-log2 to {safe} or below" if safe is not None else "the value is too large for any scale"
             )
@@ -169,25 +171,31 @@ def rmsnorm_deviation(
 ) -> Deviation:
     """How far ``q_out`` is from ``RMSNorm(q_in / 2**k) * 2**k`` recomputed in float64.
 
-    The per-element bound (first order, in LSB) adds up what separates the model's output from the
-    recomputation: the input's quantisation (half an LSB per element, amplified by ``(1 + |n|) / rms``
-    through the normalisation), the model's float32 reduction and rsqrt (``(ceil(log2 H) + 4)`` float32
-    epsilons, relative, a pairwise-summation bound plus the elementwise steps), the cast back to the input
-    dtype (half an ulp of ``n``), the multiply by the weight in the output dtype (half an ulp of ``y``) and
-    the output's own quantisation (half an LSB).
+    The per-element bound, in LSB, adds up what separates the model's output ``y = w * n`` from the
+    recomputation, with ``h`` half an LSB and ``r`` the row's recomputed rms:
+
+    - the input's quantisation: the model's ``n`` differs from ours by at most ``h (1 + |n|) / (r - h)``
+      (each element moved by at most ``h``, and the rms, 1-Lipschitz, by at most ``h``);
+    - the model's float32 reduction, rsqrt and multiply: ``(ceil(log2 H) + 4)`` float32 epsilons, relative
+      (a pairwise-summation bound plus the elementwise steps);
+    - the cast back to the input dtype (half an ulp of ``n``) and the multiply by the weight in the output
+      dtype (half an ulp of ``y``), each ulp taken at the largest magnitude the model's value can have;
+    - the output's own quantisation (half an LSB).
     """
     scale = float(2**scale_log2)
+    h = 0.5 / scale
     x = q_in.to(torch.float64) / scale
     hidden = x.shape[-1]
     rms = torch.sqrt((x * x).mean(dim=-1, keepdim=True) + eps)
     n = x / rms
     w = weight.detach().to(device=x.device, dtype=torch.float64)
     y = w * n
-    f32_eps = torch.finfo(torch.float32).eps
-    reduction = (math.ceil(math.log2(max(hidden, 2))) + 4) * f32_eps
-    per_value = w.abs() * (
-        0.5 / scale * (1 + n.abs()) / rms + reduction * n.abs() + 0.5 * ulp(n, in_dtype)
-    ) + 0.5 * ulp(y, out_dtype)
-    tol = 0.5 + per_value * scale
+    reduction = (math.ceil(math.log2(max(hidden, 2))) + 4) * torch.finfo(torch.float32).eps
+    n_abs = n.abs()
+    from_input = h * (1 + n_abs) / (rms - h).clamp(min=torch.finfo(torch.float64).tiny)
+    n_high = (n_abs + from_input) * (1 + reduction)  # the largest |n| the model can have computed
+    y_high = (q_out.to(torch.float64).abs() + 0.5) / scale  # the model's |y|, from its own code
+    per_value = w.abs() * (from_input + reduction * (n_abs + from_input) + 0.5 * ulp(n_high, in_dtype))
+    tol = 0.5 + (per_value + 0.5 * ulp(y_high, out_dtype)) * scale
     dev = (q_out.to(torch.float64) - y * scale).abs()
     return _worst(dev, tol)

@@ -276,3 +276,16 @@ def test_device_map_with_offloaded_layer(tmp_path):
     assert meta["model"]["device_map"]["model.layers.1"] == "disk"
     # the fingerprint reads offloaded weights: it equals the same weights' fingerprint fully in memory
     assert meta["model"]["weights_fingerprint"] == weights_fingerprint(make_tiny())
+
+
+def test_python_dash_m_and_text_file(tmp_path):
+    """`python -m zkllm_hf` is the CLI; --text-file reads the prompt (a local model folder, offline)."""
+    import subprocess
+    import sys
+
+    help_text = subprocess.run([sys.executable, "-m", "zkllm_hf", "capture", "--help"], capture_output=True,
+                               text=True, check=True).stdout
+    assert "--text-file" in help_text and "--pad-to" in help_text and "--scale-log2" in help_text
+    missing = subprocess.run([sys.executable, "-m", "zkllm_hf", "capture", "--text-file", str(tmp_path / "nope.txt"),
+                              "--out", str(tmp_path / "o")], capture_output=True, text=True)
+    assert missing.returncode == 2 and "nope.txt" in missing.stderr and not (tmp_path / "o").exists()

@@ -206,3 +206,18 @@ def test_cli_inspect(cap, capsys):
     (cap / "layer-0-mlp-output.bin").write_bytes(b"\0" * 4096)
     assert main(["inspect", str(cap)]) == 1
     assert "1 mismatch" in capsys.readouterr().out
+
+
+def test_cli_plan_lists_captured_inputs(cap, capsys):
+    assert main(["plan", str(cap)]) == 0
+    out, err = capsys.readouterr()
+    assert f"--input_file {cap / 'layer-2-ffn-activation.bin'}" in out
+    assert (f"--block_input_file {cap / 'layer-1-post_attention-rmsnorm-activation.bin'} "
+            f"--block_output_file {cap / 'layer-1-mlp-output.bin'}") in out
+    assert "seq_len 16 is not a power of two" in err
+
+
+def test_cli_on_a_folder_that_is_not_a_capture(tmp_path, capsys):
+    for command in ("inspect", "plan"):
+        assert main([command, str(tmp_path)]) == 1
+        assert "not a finished capture" in capsys.readouterr().err

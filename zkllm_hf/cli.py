@@ -146,14 +146,23 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     return EXIT_OK if report.ok else EXIT_INVALID
 
 
-def _cmd_inspect(args: argparse.Namespace) -> int:
-    from .points import POINTS
-    from .validate import CaptureNotFinished, load_capture, validate
+def _open_capture(path: str):
+    """The capture at ``path``, or None after printing why it cannot be read."""
+    from .validate import CaptureNotFinished, load_capture
 
     try:
-        cap = load_capture(args.dir)
+        return load_capture(path)
     except (CaptureNotFinished, OSError, ValueError) as exc:
         _err(str(exc))
+        return None
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from .points import POINTS
+    from .validate import validate
+
+    cap = _open_capture(args.dir)
+    if cap is None:
         return EXIT_INVALID
     meta, report = cap.metadata, validate(args.dir)
     model, tokens, capture = meta["model"], meta["tokens"], meta["capture"]
@@ -246,12 +255,9 @@ def _ranges(xs: Sequence[int]) -> str:
 
 def _cmd_plan(args: argparse.Namespace) -> int:
     from .profile import zkllm_limit_warnings
-    from .validate import CaptureNotFinished, load_capture
 
-    try:
-        cap = load_capture(args.dir)
-    except (CaptureNotFinished, OSError, ValueError) as exc:
-        _err(str(exc))
+    cap = _open_capture(args.dir)
+    if cap is None:
         return EXIT_INVALID
     d, n = Path(args.dir), cap.seq_len
     print(f"# zkLLM commands for {d} (seq_len {n}, hidden {cap.hidden_size}); run from zkllm-ccs2024's folder.")

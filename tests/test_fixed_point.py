@@ -687,32 +687,13 @@ def _check_rms(k, eps, x, w, dtype):
         assert d_wrong.max_ratio > 1.0
 
 
+@pytest.mark.parametrize("on_grid", [False, True], ids=["any-input", "exact-input"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @FEW
-@given(case=rms_case(torch.float32, on_grid=False))
-def test_rmsnorm_deviation_float32(case):
-    k, eps, x, w = case
-    _check_rms(k, eps, x, w, torch.float32)
-
-
-@FEW
-@given(case=rms_case(torch.float32, on_grid=True))
-def test_rmsnorm_deviation_float32_exact_inputs(case):
-    k, eps, x, w = case
-    _check_rms(k, eps, x, w, torch.float32)
-
-
-@FEW
-@given(case=rms_case(torch.bfloat16, on_grid=False))
-def test_rmsnorm_deviation_bfloat16(case):
-    k, eps, x, w = case
-    _check_rms(k, eps, x, w, torch.bfloat16)
-
-
-@FEW
-@given(case=rms_case(torch.bfloat16, on_grid=True))
-def test_rmsnorm_deviation_bfloat16_exact_inputs(case):
-    k, eps, x, w = case
-    _check_rms(k, eps, x, w, torch.bfloat16)
+@given(data=st.data())
+def test_rmsnorm_deviation_accepts_hf_and_rejects_wrong_norms(dtype, on_grid, data):
+    k, eps, x, w = data.draw(rms_case(dtype, on_grid=on_grid))
+    _check_rms(k, eps, x, w, dtype)
 
 
 def test_rmsnorm_deviation_bfloat16_binade_straddle():

@@ -161,3 +161,32 @@ def test_point_table_matches_design():
         ("mlp_output", "layer-3-mlp-output.bin", ()),
         ("block_output", "layer-3-block-output.bin", ()),
     ]
+
+
+def test_fingerprint_never_trusts_addresses():
+    """A new model at a freed model's addresses, or an edit through .data, always changes the fingerprint."""
+    from zkllm_hf.provenance import weights_fingerprint
+
+    seen = set()
+    for seed in range(5):
+        torch.manual_seed(seed)
+        layer = torch.nn.Linear(64, 64)
+        seen.add(weights_fingerprint(layer))
+        del layer
+    assert len(seen) == 5
+    model = make_tiny()
+    before = weights_fingerprint(model)
+    model.model.layers[0].mlp.down_proj.weight.data.mul_(2)  # bypasses the version counter
+    assert weights_fingerprint(model) != before
+
+
+def test_fingerprint_hashes_tied_weights_under_each_name():
+    from zkllm_hf.provenance import weights_fingerprint
+
+    model = make_tiny(tie_word_embeddings=True)
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    untied = make_tiny(tie_word_embeddings=False)
+    with torch.no_grad():
+        untied.lm_head.weight.copy_(untied.model.embed_tokens.weight)
+    # the same bytes under the same names: hashing a shared tensor once must not change the result
+    assert weights_fingerprint(model) == weights_fingerprint(untied)

@@ -68,30 +68,33 @@ def quantize(x: torch.Tensor, scale_log2: int, *, what: str = "tensor") -> torch
     # Multiplying by a power of two is exact in float32 and float64; half types are widened first.
     wide = x if x.dtype == torch.float64 else x.to(torch.float32)
     scaled = torch.round(wide * float(2**scale_log2))
+    # One reduction decides: max propagates NaN, and NaN, Inf and overflow all fail `<= INT32_MAX`.
+    if scaled.numel() and not float(scaled.abs().max()) <= INT32_MAX:
+        _raise_unrepresentable(wide, scaled, x.dtype, scale_log2, what)
+    return scaled.to(torch.int32)
+
+
+def _raise_unrepresentable(
+    wide: torch.Tensor, scaled: torch.Tensor, dtype: torch.dtype, scale_log2: int, what: str
+) -> None:
     finite = torch.isfinite(wide)
     if not bool(finite.all()):
         idx = tuple(int(i) for i in torch.nonzero(~finite)[0])
         value = float(wide[idx])
         raise FixedPointError(
             f"{what}: value {value} at {_where(idx)} is not finite; zkLLM files hold finite fixed-point "
-            f"numbers only. The model produced {value} in {x.dtype}: try --dtype float32, or check the "
+            f"numbers only. The model produced {value} in {dtype}: try --dtype float32, or check the "
             f"model and its inputs"
         )
-    if scaled.numel():
-        flat = scaled.abs().reshape(-1)
-        pos = int(torch.argmax(flat))
-        if float(flat[pos]) > INT32_MAX:
-            idx = tuple(int(i) for i in torch.unravel_index(torch.tensor(pos), scaled.shape))
-            value = float(wide[idx])
-            safe = largest_safe_scale(abs(value))  # from x itself: x * 2**k may have overflowed to inf
-            fix = (
-                f"lower --scale-log2 to {safe} or below" if safe is not None else "the value is too large for any scale"
-            )
-            raise FixedPointError(
-                f"{what}: value {value:.6g} at {_where(idx)} exceeds int32 at scale 2**{scale_log2} "
-                f"(max |x| < {max_abs(scale_log2):g}); {fix}, or inspect the model"
-            )
-    return scaled.to(torch.int32)
+    pos = int(torch.argmax(scaled.abs().reshape(-1)))
+    idx = tuple(int(i) for i in torch.unravel_index(torch.tensor(pos), scaled.shape))
+    value = float(wide[idx])
+    safe = largest_safe_scale(abs(value))  # from x itself: x * 2**k may have overflowed to inf
+    fix = f"lower --scale-log2 to {safe} or below" if safe is not None else "the value is too large for any scale"
+    raise FixedPointError(
+        f"{what}: value {value:.6g} at {_where(idx)} exceeds int32 at scale 2**{scale_log2} "
+        f"(max |x| < {max_abs(scale_log2):g}); {fix}, or inspect the model"
+    )
 
 
 def dequantize(q: torch.Tensor, scale_log2: int) -> torch.Tensor:
@@ -99,12 +102,16 @@ def dequantize(q: torch.Tensor, scale_log2: int) -> torch.Tensor:
     return q.to(torch.float64) / float(2**scale_log2)
 
 
+_EXPONENT_BITS = 0x7FF0000000000000
+
+
 def ulp(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Unit in the last place of ``dtype`` at each magnitude in ``values`` (float64 in, float64 out)."""
     info = torch.finfo(dtype)
     mag = values.abs().to(torch.float64).clamp(min=info.smallest_normal)
-    _, exponent = torch.frexp(mag)  # mag = m * 2**e with m in [0.5, 1): binade [2**(e-1), 2**e)
-    return torch.ldexp(torch.full_like(mag, info.eps), exponent - 1)
+    # Keeping only a float64's exponent bits gives 2**floor(log2 |v|), exactly: the binade's start.
+    binade = (mag.view(torch.int64) & _EXPONENT_BITS).view(torch.float64)
+    return binade * info.eps
 
 
 def sum_tolerance(q_sum: torch.Tensor, dtype: torch.dtype, scale_log2: int) -> torch.Tensor:

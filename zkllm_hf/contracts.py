@@ -148,10 +148,7 @@ class IdentitySpec:
     tolerance: str
     module: str | None = None
     needs_model: bool = False
-
-    @property
-    def across_layers(self) -> bool:
-        return self.name == "chain"
+    previous_layer: bool = False  # the terms are the previous layer's points
 
 
 @dataclass(frozen=True)
@@ -228,6 +225,7 @@ def load_contract(folder: str = DEFAULT_CONTRACT) -> Contract:
                 entry["tolerance"],
                 entry.get("module"),
                 bool(entry.get("needs_model", False)),
+                bool(entry.get("previous_layer", False)),
             )
         )
     schema = pa.DataFrameSchema.from_yaml(base / spec["manifest_schema"])
@@ -248,24 +246,22 @@ def run_identities(
     dtypes: Mapping[str, torch.dtype],
     scale_log2: int,
     *,
-    previous_block_output: torch.Tensor | None = None,
+    previous: Tensors | None = None,
     norms: Mapping[str, tuple[torch.Tensor, float]] | None = None,
     files: Mapping[str, str] | None = None,
 ) -> list[CheckResult]:
     """Run every identity of the contract on one layer's int32 codes.
 
-    ``tensors`` maps point names to (seq_len, hidden) int32 codes on any one device. The chain runs when
-    ``previous_block_output`` (layer L-1's codes) is given, the norms when ``norms`` maps each norm module
-    to its ``(weight, eps)``.
+    ``tensors`` maps point names to (seq_len, hidden) int32 codes on any one device. Checks across layers
+    (the chain) run when ``previous`` holds layer L-1's codes of their terms, the norms when ``norms`` maps
+    each norm module to its ``(weight, eps)``.
     """
     results = []
     for spec in contract.identities:
-        if spec.across_layers:
-            if previous_block_output is None:
-                continue
-            terms = [previous_block_output]
-        else:
-            terms = [tensors[t] for t in spec.terms]
+        source = previous if spec.previous_layer else tensors
+        if source is None:
+            continue
+        terms = [source[t] for t in spec.terms]
         extra: dict[str, Any] = {}
         if spec.needs_model:
             if norms is None:

@@ -65,7 +65,6 @@ class _PointRecord:
     int_max: int
     rows: int
     cols: int
-    future: Any  # Future[WrittenFile]
 
 
 class CaptureSession:
@@ -131,17 +130,12 @@ class CaptureSession:
         self._hooks.remove()
         if self._bar is not None:
             self._bar.close()
-        if exc_type is not None:
-            self._staging.abort()
-            return
         try:
-            self.result = self._finish()
-        except BaseException:
-            self._staging.abort()
-            raise
+            if exc_type is None:
+                self.result = self._finish()
         finally:
-            self._pending.clear()
-            self._previous = None
+            self._staging.abort()  # drops the staging folder unless the capture was committed
+            self._pending, self._previous = {}, None
 
     def _reset(self) -> None:
         self._fired: Counter[tuple[int, str]] = Counter()
@@ -149,7 +143,7 @@ class CaptureSession:
         self._input_ids: list[int] | None = None
         self._pending: dict[str, torch.Tensor] = {}
         self._pending_dtypes: dict[str, torch.dtype] = {}
-        self._previous: tuple[int, torch.Tensor] | None = None  # (layer, block_output codes)
+        self._previous: tuple[int, dict[str, torch.Tensor]] | None = None  # (layer, its block_output codes)
         self._records: list[_PointRecord] = []
         self._checks: list[CheckResult] = []
         self._shape: tuple[int, int] | None = None
@@ -179,7 +173,7 @@ class CaptureSession:
         if self._fired[key] > 1:
             raise CaptureError(
                 f"layer {layer} {point.name} fired twice: capture() records exactly one forward; run a "
-                f"single model(...) call inside capture() (use the generate integration for generate())"
+                f"single model(...) call inside capture()"
             )
         if tensor.dim() == 3:
             if tensor.shape[0] != 1:
@@ -217,7 +211,7 @@ class CaptureSession:
                     self._pending,
                     self._pending_dtypes,
                     self.scale_log2,
-                    previous_block_output=previous,
+                    previous=previous,
                     norms=norms,
                     files={p.name: p.file_name(layer) for p in POINTS},
                 )
@@ -229,14 +223,12 @@ class CaptureSession:
                 continue
             lo, hi = torch.aminmax(codes)
             host = codes.to("cpu").numpy()
-            fut = self._staging.write(point.file_name(layer), host, point.alias_names(layer))
+            self._staging.write(point.file_name(layer), host, point.alias_names(layer))
             self._records.append(
-                _PointRecord(
-                    layer, point, self._pending_dtypes[point.name], int(lo), int(hi), host.shape[0], host.shape[1], fut
-                )
+                _PointRecord(layer, point, self._pending_dtypes[point.name], int(lo), int(hi), *host.shape)
             )
         if "block_output" in self._pending:
-            self._previous = (layer, self._pending["block_output"])
+            self._previous = (layer, {"block_output": self._pending["block_output"]})
         self._pending = {}
         self._pending_dtypes = {}
         if self._bar is not None:

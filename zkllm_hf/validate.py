@@ -260,7 +260,7 @@ def validate(path: str | os.PathLike[str], model: torch.nn.Module | None = None)
     layout = find_layout(model) if model is not None else None
     if model is not None:
         results += _model_checks(model, meta)
-    previous: tuple[int, torch.Tensor] | None = None
+    previous: tuple[int, dict[str, torch.Tensor]] | None = None
     for layer in layers:
         names = [p.name for p in POINTS]
         if not all((layer, n) in readable for n in names):
@@ -276,11 +276,11 @@ def validate(path: str | os.PathLike[str], model: torch.nn.Module | None = None)
             tensors,
             dtypes,
             scale,
-            previous_block_output=prev,
+            previous=prev,
             norms=norms,
             files={n: cap.rows[(layer, n)]["file"] for n in names},
         )
-        previous = (layer, tensors["block_output"])
+        previous = (layer, tensors)
     return report
 
 

@@ -14,6 +14,7 @@ import os
 import shutil
 import threading
 import uuid
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,7 +107,7 @@ class StagingDir:
         """Wait for every queued write; re-raise the first failure."""
         return [f.result() for f in self._futures]
 
-    def commit(self, write_manifest) -> Path:
+    def commit(self, write_manifest: Callable[[Path], None]) -> Path:
         """Wait for the writes, let ``write_manifest(path)`` write the manifest last, then move into place."""
         self.wait()
         self._pool.shutdown(wait=True)
@@ -118,7 +119,12 @@ class StagingDir:
         if self.out_dir.exists():
             old = self.out_dir.parent / f".{self.out_dir.name}.zkllm-old-{uuid.uuid4().hex[:12]}"
             os.rename(self.out_dir, old)
-        os.rename(self.path, self.out_dir)
+        try:
+            os.rename(self.path, self.out_dir)
+        except BaseException:
+            if old is not None:  # put the previous capture back
+                os.rename(old, self.out_dir)
+            raise
         _fsync_dir(self.out_dir.parent)
         self._closed = True
         if old is not None:

@@ -14,7 +14,14 @@ import pyarrow as pa
 import torch
 
 from . import provenance
-from .contracts import CheckResult, check_integrity, expected_file, load_contract, run_identities
+from .contracts import (
+    CheckResult,
+    alias_point_name,
+    check_integrity,
+    expected_file,
+    load_contract,
+    run_identities,
+)
 from .hooks import find_layout
 from .manifest import FORMAT_VERSION, read_manifest, rows_digest
 from .points import POINTS
@@ -215,7 +222,7 @@ def validate(path: str | os.PathLike[str], model: torch.nn.Module | None = None)
     listed = {(r["layer"], r["point"]) for r in rows}
     for layer in layers:
         for p in POINTS:
-            names = [p.name] + [f"{p.name}_alias{'' if i == 0 else i}" for i in range(len(p.aliases))]
+            names = [p.name] + [alias_point_name(p.name, i) for i in range(len(p.aliases))]
             for name in names:
                 if (layer, name) not in listed:
                     results.append(

@@ -22,7 +22,7 @@ import torch
 import yaml
 
 from . import fixed_point as fp
-from .points import POINTS
+from .points import FILE_TEMPLATES, POINTS
 from .writer import sha256_file
 
 DEFAULT_CONTRACT = "v1"
@@ -319,20 +319,10 @@ def check_integrity(folder: Path, rows: Sequence[Mapping[str, Any]]) -> list[Che
 # --------------------------------------------------------------------------------------------------
 # pandera checks named by contracts/v1/manifest.yaml
 
-_FILE_OF = {}
-for _p in POINTS:
-    _FILE_OF[_p.name] = _p.file
-    for _i, _a in enumerate(_p.aliases):
-        _FILE_OF[f"{_p.name}_alias{'' if _i == 0 else _i}"] = _a
-
-
-def alias_point_name(point: str, i: int = 0) -> str:
-    """The manifest's point name for a point's i-th alias file (``block_input_alias``)."""
-    return f"{point}_alias{'' if i == 0 else i}"
-
 
 def expected_file(point: str, layer: int) -> str | None:
-    template = _FILE_OF.get(point)
+    """The file a manifest row of ``point`` (or its alias) at ``layer`` must name; None for unknown points."""
+    template = FILE_TEMPLATES.get(point)
     return None if template is None else template.format(L=layer)
 
 
@@ -342,7 +332,7 @@ def _register_manifest_checks() -> None:
 
     @extensions.register_check_method(statistics=[], check_type="element_wise")
     def zkllm_point_name(value: Any) -> bool:
-        return value in _FILE_OF
+        return value in FILE_TEMPLATES
 
     @extensions.register_check_method(statistics=[])
     def zkllm_unique_point_per_layer(df: pd.DataFrame) -> pd.Series:

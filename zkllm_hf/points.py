@@ -92,6 +92,18 @@ POINTS: tuple[CapturePoint, ...] = (
 POINTS_BY_NAME: dict[str, CapturePoint] = {p.name: p for p in POINTS}
 FILES_PER_LAYER: int = sum(1 + len(p.aliases) for p in POINTS)
 
+
+def alias_point_name(point: str, i: int = 0) -> str:
+    """The manifest's point name for a point's i-th alias file (``block_input_alias``)."""
+    return f"{point}_alias{'' if i == 0 else i}"
+
+
+# Every manifest point name (aliases included) and its file-name template.
+FILE_TEMPLATES: dict[str, str] = {
+    **{p.name: p.file for p in POINTS},
+    **{alias_point_name(p.name, i): a for p in POINTS for i, a in enumerate(p.aliases)},
+}
+
 # Point names that are the left-hand side of an identity check, and the check's name.
 # (DESIGN.md §2: skip #1, skip #2, chain, both norms.)
 SKIP_1 = ("post_attn_residual", "block_input", "attn_output")  # s = x + y

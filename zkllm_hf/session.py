@@ -18,14 +18,13 @@ from . import provenance
 from .contracts import (
     CheckResult,
     ContractViolation,
-    alias_point_name,
     check_integrity,
     load_contract,
     run_identities,
 )
 from .hooks import HookSet, attach, find_layout
 from .manifest import build_table, write_manifest
-from .points import POINTS, CapturePoint, parse_layers
+from .points import POINTS, CapturePoint, alias_point_name, parse_layers
 from .profile import zkllm_limit_warnings
 from .writer import StagingDir
 

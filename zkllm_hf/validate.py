@@ -16,7 +16,6 @@ import torch
 from . import provenance
 from .contracts import (
     CheckResult,
-    alias_point_name,
     check_integrity,
     expected_file,
     load_contract,
@@ -24,7 +23,7 @@ from .contracts import (
 )
 from .hooks import find_layout
 from .manifest import FORMAT_VERSION, read_manifest, rows_digest
-from .points import POINTS
+from .points import POINTS, alias_point_name
 from .writer import MANIFEST_NAME, PARTIAL_MARKER
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}

@@ -26,10 +26,12 @@ def make_tiny(arch: str = "llama", seed: int = 0, dtype: torch.dtype = torch.flo
         MistralForCausalLM,
         Qwen2Config,
         Qwen2ForCausalLM,
+        Qwen3Config,
+        Qwen3ForCausalLM,
     )
 
     classes = {"llama": (LlamaConfig, LlamaForCausalLM), "mistral": (MistralConfig, MistralForCausalLM),
-               "qwen2": (Qwen2Config, Qwen2ForCausalLM)}
+               "qwen2": (Qwen2Config, Qwen2ForCausalLM), "qwen3": (Qwen3Config, Qwen3ForCausalLM)}
     config_cls, model_cls = classes[arch]
     torch.manual_seed(seed)
     model = model_cls(config_cls(**{**TINY, **overrides}))

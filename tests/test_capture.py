@@ -90,7 +90,7 @@ def test_hooks_removed_after_block_and_after_exception(tiny, tmp_path):
     assert not (tmp_path / "b").exists() and no_staging_left(tmp_path)
 
 
-@pytest.mark.parametrize("arch", ["mistral", "qwen2"])
+@pytest.mark.parametrize("arch", ["mistral", "qwen2", "qwen3"])
 def test_llama_shaped_architectures(arch, tmp_path):
     model = make_tiny(arch)
     res, _ = run_capture(model, tmp_path / arch)
@@ -289,3 +289,24 @@ def test_python_dash_m_and_text_file(tmp_path):
     missing = subprocess.run([sys.executable, "-m", "zkllm_hf", "capture", "--text-file", str(tmp_path / "nope.txt"),
                               "--out", str(tmp_path / "o")], capture_output=True, text=True)
     assert missing.returncode == 2 and "nope.txt" in missing.stderr and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("arch", ["gemma", "gemma2"])
+def test_decoder_with_other_maths_is_refused_by_the_contracts(arch, tmp_path, caplog):
+    """Gemma's modules have Llama's names, but its norm is x * (1 + w) and Gemma 2 norms the sublayer
+    outputs before the residual add: the recomputed identities catch both, and nothing is emitted."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM, GemmaConfig, GemmaForCausalLM
+
+    config_cls, model_cls = {"gemma": (GemmaConfig, GemmaForCausalLM),
+                             "gemma2": (Gemma2Config, Gemma2ForCausalLM)}[arch]
+    torch.manual_seed(0)
+    model = model_cls(config_cls(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, head_dim=16)).eval()
+    with pytest.raises(zkllm_hf.ContractViolation) as info:
+        run_capture(model, tmp_path / arch)
+    failed = {f.check for f in info.value.failures}
+    assert {"norm_input", "norm_post_attention"} <= failed
+    if arch == "gemma2":
+        assert {"skip_1", "skip_2"} <= failed
+    assert f"model_type '{arch}' is not one zkllm_hf knows" in caplog.text
+    assert not (tmp_path / arch).exists() and no_staging_left(tmp_path)

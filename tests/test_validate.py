@@ -221,3 +221,15 @@ def test_cli_on_a_folder_that_is_not_a_capture(tmp_path, capsys):
     for command in ("inspect", "plan"):
         assert main([command, str(tmp_path)]) == 1
         assert "not a finished capture" in capsys.readouterr().err
+
+
+def test_unknown_source_dtype_is_reported_not_raised(cap):
+    def edit(rows):
+        for r in rows:
+            if r["layer"] == 1:
+                r["source_dtype"] = "int8"
+
+    rewrite_manifest(cap, edit, keep_digest=True)
+    report = zkllm_hf.validate(cap)
+    assert {f.check for f in report.failures} == {"manifest_schema"}
+    assert not any(r.check.startswith("skip") and r.layer == 1 for r in report.results)

@@ -247,33 +247,21 @@ def validate(path: str | os.PathLike[str], model: torch.nn.Module | None = None)
         for row in rows
         if (path / row["file"]).is_file() and (path / row["file"]).stat().st_size == row["byte_size"]
     }
-    for row in rows:
-        if (row["layer"], row["point"]) in readable and row["alias_of"] is None:
-            codes = cap.codes(row["layer"], row["point"])
-            lo, hi = int(codes.min()), int(codes.max())
-            ok = (lo, hi) == (row["int_min"], row["int_max"]) and lo > -(2**31)
-            results.append(
-                CheckResult(
-                    "range",
-                    ok,
-                    "" if ok else f"data spans [{lo}, {hi}], manifest says [{row['int_min']}, {row['int_max']}]",
-                    layer=row["layer"],
-                    point=row["point"],
-                    file=row["file"],
-                )
-            )
-
     layout = find_layout(model) if model is not None else None
     if model is not None:
         results += _model_checks(model, meta)
+    # One read per file: its range, then the layer's identities once all of its points are whole.
     previous: tuple[int, dict[str, torch.Tensor]] | None = None
-    for layer in layers:
-        names = [p.name for p in POINTS]
-        if not all((layer, n) in readable for n in names):
+    for layer in sorted(set(layers) | {r["layer"] for r in rows}):
+        tensors = {}
+        for p in POINTS:
+            if (layer, p.name) in readable:
+                tensors[p.name] = torch.from_numpy(np.array(cap.codes(layer, p.name)))
+                results.append(_range_check(cap.rows[(layer, p.name)], tensors[p.name]))
+        dtypes = {n: _DTYPES.get(cap.rows[(layer, n)]["source_dtype"]) for n in tensors}
+        if len(tensors) < len(POINTS) or None in dtypes.values():  # the schema check reports a bad dtype
             previous = None
             continue
-        tensors = {n: torch.from_numpy(np.array(cap.codes(layer, n))) for n in names}
-        dtypes = {n: _DTYPES[cap.rows[(layer, n)]["source_dtype"]] for n in names}
         norms = layout.norms(layer, contract.norm_modules) if layout is not None else None
         prev = previous[1] if previous and previous[0] == layer - 1 else None
         results += run_identities(
@@ -284,10 +272,23 @@ def validate(path: str | os.PathLike[str], model: torch.nn.Module | None = None)
             scale,
             previous=prev,
             norms=norms,
-            files={n: cap.rows[(layer, n)]["file"] for n in names},
+            files={n: cap.rows[(layer, n)]["file"] for n in tensors},
         )
         previous = (layer, tensors)
     return report
+
+
+def _range_check(row: Mapping[str, Any], codes: torch.Tensor) -> CheckResult:
+    lo, hi = (int(v) for v in torch.aminmax(codes))
+    ok = (lo, hi) == (row["int_min"], row["int_max"]) and lo > -(2**31)
+    return CheckResult(
+        "range",
+        ok,
+        "" if ok else f"data spans [{lo}, {hi}], manifest says [{row['int_min']}, {row['int_max']}]",
+        layer=row["layer"],
+        point=row["point"],
+        file=row["file"],
+    )
 
 
 def _model_checks(model: torch.nn.Module, meta: Mapping[str, Any]) -> list[CheckResult]:

@@ -141,7 +141,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     except ModelLoadError as exc:
         _err(str(exc))
         return EXIT_USAGE
-    report = validate(args.dir, model=model)
+    report = validate(args.dir, model=model, progress=True)  # bars on a terminal only
     print(report.to_json() if args.json else report)
     return EXIT_OK if report.ok else EXIT_INVALID
 

@@ -20,6 +20,7 @@ from typing import Any
 import pandas as pd
 import torch
 import yaml
+from tqdm.auto import tqdm
 
 from . import fixed_point as fp
 from .points import FILE_TEMPLATES, POINTS
@@ -294,8 +295,11 @@ def run_identities(
     return results
 
 
-def check_integrity(folder: Path, rows: Sequence[Mapping[str, Any]]) -> list[CheckResult]:
-    """Every file of ``rows`` exists in ``folder`` with the recorded byte size and SHA-256 (one result each)."""
+def check_integrity(folder: Path, rows: Sequence[Mapping[str, Any]], *, progress: bool = False) -> list[CheckResult]:
+    """Every file of ``rows`` exists in ``folder`` with the recorded byte size and SHA-256 (one result each).
+
+    ``progress`` shows a bar on a terminal.
+    """
 
     def check(row: Mapping[str, Any]) -> CheckResult:
         where = {"layer": int(row["layer"]), "point": str(row["point"]), "file": str(row["file"])}
@@ -313,7 +317,8 @@ def check_integrity(folder: Path, rows: Sequence[Mapping[str, Any]]) -> list[Che
         return CheckResult("integrity", True, **where)
 
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        return list(pool.map(check, rows))
+        done = pool.map(check, rows)
+        return list(tqdm(done, total=len(rows), desc="checksums", unit="file", disable=None if progress else True))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import torch
+from tqdm.auto import tqdm
 
 from . import provenance
 from .contracts import (
@@ -157,10 +158,13 @@ class ValidationReport:
         return "\n".join(lines)
 
 
-def validate(path: str | os.PathLike[str], model: torch.nn.Module | None = None) -> ValidationReport:
+def validate(
+    path: str | os.PathLike[str], model: torch.nn.Module | None = None, *, progress: bool = False
+) -> ValidationReport:
     """Re-check a capture from disk: manifest contract, sizes, checksums, range, completeness, identities.
 
     With ``model``, also recompute both RMSNorms with its weights and compare its weights fingerprint.
+    ``progress`` shows bars over files and layers on a terminal.
     """
     path = Path(path)
     try:
@@ -241,7 +245,7 @@ def validate(path: str | os.PathLike[str], model: torch.nn.Module | None = None)
         results.append(CheckResult("completeness", True))
 
     # Integrity, then range and identities on the files that are whole.
-    results += check_integrity(path, rows)
+    results += check_integrity(path, rows, progress=progress)
     readable = {
         (row["layer"], row["point"])
         for row in rows
@@ -252,7 +256,8 @@ def validate(path: str | os.PathLike[str], model: torch.nn.Module | None = None)
         results += _model_checks(model, meta)
     # One read per file: its range, then the layer's identities once all of its points are whole.
     previous: tuple[int, dict[str, torch.Tensor]] | None = None
-    for layer in sorted(set(layers) | {r["layer"] for r in rows}):
+    all_layers = sorted(set(layers) | {r["layer"] for r in rows})
+    for layer in tqdm(all_layers, desc="identities", unit="layer", disable=None if progress else True):
         tensors = {}
         for p in POINTS:
             if (layer, p.name) in readable:

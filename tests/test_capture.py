@@ -223,12 +223,13 @@ def test_memory_stays_bounded_by_a_few_layers(tmp_path, monkeypatch):
         alive["peak"] = max(alive["peak"], alive["now"])
         weakref.finalize(obj, lambda: alive.__setitem__("now", alive["now"] - 1))
 
-    quantize, write, slow_write = session_mod.fp.quantize, session_mod.StagingDir.write, session_mod.StagingDir._write
+    quantize = session_mod.fp.quantize_with_range
+    write, slow_write = session_mod.StagingDir.write, session_mod.StagingDir._write
 
     def tracked_quantize(*a, **k):
-        codes = quantize(*a, **k)
+        codes, lo, hi = quantize(*a, **k)
         track(codes)
-        return codes
+        return codes, lo, hi
 
     def tracked_write(self, name, codes, aliases=()):
         track(codes)  # the host array, alive until the writer thread has written it
@@ -238,7 +239,7 @@ def test_memory_stays_bounded_by_a_few_layers(tmp_path, monkeypatch):
         time.sleep(0.02)
         return slow_write(*a)
 
-    monkeypatch.setattr(session_mod.fp, "quantize", tracked_quantize)
+    monkeypatch.setattr(session_mod.fp, "quantize_with_range", tracked_quantize)
     monkeypatch.setattr(session_mod.StagingDir, "write", tracked_write)
     monkeypatch.setattr(session_mod.StagingDir, "_write", staticmethod(slow))
     run_capture(model, tmp_path / "big")

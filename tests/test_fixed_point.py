@@ -24,6 +24,7 @@ from zkllm_hf.fixed_point import (
     equal_deviation,
     largest_safe_scale,
     quantize,
+    quantize_with_range,
     rmsnorm_deviation,
     sum_deviation,
     ulp,
@@ -778,3 +779,15 @@ def test_equal_deviation_empty():
     e = torch.zeros((0,), dtype=torch.int32)
     d = equal_deviation(e, e)
     assert d.ok and d.max_ratio == 0.0
+
+
+@FAST
+@given(
+    values=st.lists(st.floats(-3e4, 3e4, allow_nan=False, width=32), min_size=1, max_size=40),
+    k=st.integers(0, 16),
+)
+def test_quantize_with_range_reports_the_codes_extremes(values, k):
+    x = torch.tensor(values, dtype=torch.float32)
+    codes, lo, hi = quantize_with_range(x, k)
+    assert torch.equal(codes, quantize(x, k))
+    assert (lo, hi) == (int(codes.min()), int(codes.max()))

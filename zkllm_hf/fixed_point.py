@@ -61,6 +61,11 @@ def quantize(x: torch.Tensor, scale_log2: int, *, what: str = "tensor") -> torch
 
     Raises :class:`FixedPointError` naming ``what``, the offending value, its position and the fix.
     """
+    return quantize_with_range(x, scale_log2, what=what)[0]
+
+
+def quantize_with_range(x: torch.Tensor, scale_log2: int, *, what: str = "tensor") -> tuple[torch.Tensor, int, int]:
+    """:func:`quantize`, plus the smallest and largest code, from the one reduction the range check needs."""
     check_scale(scale_log2)
     x = x.detach()
     if not x.is_floating_point():
@@ -68,10 +73,13 @@ def quantize(x: torch.Tensor, scale_log2: int, *, what: str = "tensor") -> torch
     # Multiplying by a power of two is exact in float32 and float64; half types are widened first.
     wide = x if x.dtype == torch.float64 else x.to(torch.float32)
     scaled = torch.round(wide * float(2**scale_log2))
-    # One reduction decides: max propagates NaN, and NaN, Inf and overflow all fail `<= INT32_MAX`.
-    if scaled.numel() and not float(scaled.abs().max()) <= INT32_MAX:
+    if not scaled.numel():
+        return scaled.to(torch.int32), 0, 0
+    # One reduction, one device sync: aminmax propagates NaN, and NaN, Inf and overflow all fail the test.
+    lo, hi = (float(v) for v in torch.stack(torch.aminmax(scaled)).tolist())
+    if not (-INT32_MAX <= lo and hi <= INT32_MAX):
         _raise_unrepresentable(wide, scaled, x.dtype, scale_log2, what)
-    return scaled.to(torch.int32)
+    return scaled.to(torch.int32), int(lo), int(hi)
 
 
 def _raise_unrepresentable(

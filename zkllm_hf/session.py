@@ -142,6 +142,7 @@ class CaptureSession:
         self._input_ids: list[int] | None = None
         self._pending: dict[str, torch.Tensor] = {}
         self._pending_dtypes: dict[str, torch.dtype] = {}
+        self._pending_range: dict[str, tuple[int, int]] = {}
         self._previous: tuple[int, dict[str, torch.Tensor]] | None = None  # (layer, its block_output codes)
         self._records: list[_PointRecord] = []
         self._checks: list[CheckResult] = []
@@ -190,9 +191,10 @@ class CaptureSession:
                 f"layer {layer} {point.name}: shape {tuple(tensor.shape)} differs from {self._shape} seen "
                 f"earlier; every point must be (seq_len, hidden_size)"
             )
-        codes = fp.quantize(tensor, self.scale_log2, what=f"layer {layer} {point.name}")
+        codes, lo, hi = fp.quantize_with_range(tensor, self.scale_log2, what=f"layer {layer} {point.name}")
         self._pending[point.name] = codes
         self._pending_dtypes[point.name] = tensor.dtype
+        self._pending_range[point.name] = (lo, hi)
         if point.name == POINTS[-1].name:  # block_output closes the layer
             self._finish_layer(layer)
 
@@ -220,16 +222,13 @@ class CaptureSession:
             codes = self._pending.get(point.name)
             if codes is None:
                 continue
-            lo, hi = torch.aminmax(codes)
             host = codes.to("cpu").numpy()
             self._staging.write(point.file_name(layer), host, point.alias_names(layer))
-            self._records.append(
-                _PointRecord(layer, point, self._pending_dtypes[point.name], int(lo), int(hi), *host.shape)
-            )
+            lo, hi = self._pending_range[point.name]
+            self._records.append(_PointRecord(layer, point, self._pending_dtypes[point.name], lo, hi, *host.shape))
         if "block_output" in self._pending:
             self._previous = (layer, {"block_output": self._pending["block_output"]})
-        self._pending = {}
-        self._pending_dtypes = {}
+        self._pending, self._pending_dtypes, self._pending_range = {}, {}, {}
         if self._bar is not None:
             self._bar.update(1)
 

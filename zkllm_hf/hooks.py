@@ -187,24 +187,30 @@ def _register(module: nn.Module, point: CapturePoint, layer: int, on_capture: On
     return module.register_forward_hook(post, with_kwargs=True)
 
 
-def norm_params(module: nn.Module) -> tuple[torch.Tensor, float] | None:
-    """An RMSNorm's ``(weight, eps)``, wherever its weight lives; None if it cannot be read.
+def offloaded_tensor(module: nn.Module, attr: str) -> torch.Tensor | None:
+    """``module.<attr>``, read from accelerate's offload map when ``device_map`` left it on the meta device.
 
-    With ``device_map`` offloading, accelerate keeps the weight on the meta device between forwards and
-    the real tensor in its hook's ``weights_map``.
+    With offloading, accelerate keeps the parameter on the meta device between forwards and the real
+    tensor in the module hook's ``weights_map``. None if no readable tensor is found.
     """
-    weight = getattr(module, "weight", None)
-    eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
-    if not isinstance(weight, torch.Tensor) or eps is None:
-        return None
-    if weight.device.type == "meta":
+    tensor = getattr(module, attr, None)
+    if isinstance(tensor, torch.Tensor) and tensor.device.type == "meta":
         weights_map = getattr(getattr(module, "_hf_hook", None), "weights_map", None)
         try:
-            weight = weights_map["weight"] if weights_map is not None else None
+            tensor = weights_map[attr] if weights_map is not None else None
         except KeyError:
-            weight = None
-        if not isinstance(weight, torch.Tensor) or weight.device.type == "meta":
-            return None
+            tensor = None
+    if not isinstance(tensor, torch.Tensor) or tensor.device.type == "meta":
+        return None
+    return tensor
+
+
+def norm_params(module: nn.Module) -> tuple[torch.Tensor, float] | None:
+    """An RMSNorm's ``(weight, eps)``, wherever its weight lives; None if it cannot be read."""
+    weight = offloaded_tensor(module, "weight")
+    eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
+    if weight is None or eps is None:
+        return None
     return weight, float(eps)
 
 

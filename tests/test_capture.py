@@ -11,7 +11,7 @@ import torch
 from conftest import make_tiny, read_zkllm, tiny_ids
 
 import zkllm_hf
-from zkllm_hf import session as session_mod
+from zkllm_hf import engine as engine_mod
 from zkllm_hf.hooks import count_hooks
 from zkllm_hf.points import FILES_PER_LAYER, POINTS
 from zkllm_hf.provenance import weights_fingerprint
@@ -79,7 +79,7 @@ def test_hooks_removed_after_block_and_after_exception(tiny, tmp_path):
     tiny(tiny_ids())  # transformers installs its own output-capturing hooks on the first forward
     before = count_hooks(tiny)
     with zkllm_hf.capture(tiny, tmp_path / "a") as s:
-        assert count_hooks(tiny) == before + len(s._hooks) and len(s._hooks) == 1 + 3 * len(POINTS)
+        assert count_hooks(tiny) == before + len(s._hooks) and len(s._hooks) == 2 + 3 * len(POINTS)  # model pre+post
         tiny(tiny_ids())
     assert count_hooks(tiny) == before
     with pytest.raises(RuntimeError, match="boom"):
@@ -186,13 +186,6 @@ def test_no_forward_is_refused(tiny, tmp_path):
     assert not (tmp_path / "none").exists() and no_staging_left(tmp_path)
 
 
-def test_batch_of_two_is_refused(tiny, tmp_path):
-    with pytest.raises(zkllm_hf.CaptureError, match="batch size 2"):
-        with torch.no_grad(), zkllm_hf.capture(tiny, tmp_path / "b2"):
-            tiny(torch.cat([tiny_ids(), tiny_ids(seed=2)]))
-    assert not (tmp_path / "b2").exists()
-
-
 def test_inconsistent_hook_is_never_emitted(tiny, tmp_path):
     """A foreign pre-hook that edits what post_attention_layernorm sees breaks both skip identities."""
     norm = tiny.model.layers[1].post_attention_layernorm
@@ -223,25 +216,25 @@ def test_memory_stays_bounded_by_a_few_layers(tmp_path, monkeypatch):
         alive["peak"] = max(alive["peak"], alive["now"])
         weakref.finalize(obj, lambda: alive.__setitem__("now", alive["now"] - 1))
 
-    quantize = session_mod.fp.quantize_with_range
-    write, slow_write = session_mod.StagingDir.write, session_mod.StagingDir._write
+    quantize = engine_mod.fp.quantize_with_range
+    append, slow_append = engine_mod.StagingDir.append, engine_mod.StagingDir._append
 
     def tracked_quantize(*a, **k):
         codes, lo, hi = quantize(*a, **k)
         track(codes)
         return codes, lo, hi
 
-    def tracked_write(self, name, codes, aliases=()):
+    def tracked_append(self, name, codes):
         track(codes)  # the host array, alive until the writer thread has written it
-        return write(self, name, codes, aliases)
+        return append(self, name, codes)
 
-    def slow(*a):
+    def slow(self, *a):
         time.sleep(0.02)
-        return slow_write(*a)
+        return slow_append(self, *a)
 
-    monkeypatch.setattr(session_mod.fp, "quantize_with_range", tracked_quantize)
-    monkeypatch.setattr(session_mod.StagingDir, "write", tracked_write)
-    monkeypatch.setattr(session_mod.StagingDir, "_write", staticmethod(slow))
+    monkeypatch.setattr(engine_mod.fp, "quantize_with_range", tracked_quantize)
+    monkeypatch.setattr(engine_mod.StagingDir, "append", tracked_append)
+    monkeypatch.setattr(engine_mod.StagingDir, "_append", slow)
     run_capture(model, tmp_path / "big")
     per_layer = len(POINTS)
     assert per_layer < alive["peak"] <= 3 * per_layer + 2 < 12 * per_layer

@@ -9,10 +9,11 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .contracts import CheckResult, ContractViolation
+from .engine import CaptureError, CaptureResult
 from .fixed_point import FixedPointError
 from .hooks import UnsupportedModelError
-from .session import CaptureError, CaptureResult, CaptureSession
-from .validate import Capture, CaptureNotFinished, ValidationReport, load_capture, validate
+from .session import CaptureSession
+from .validate import Capture, CaptureDataset, CaptureNotFinished, ValidationReport, load_capture, validate
 
 
 def capture(
@@ -23,7 +24,7 @@ def capture(
     scale_log2: int = 16,
     overwrite: bool = False,
     progress: bool = False,
-    prompt_length: int | None = None,
+    prompt_length: int | Sequence[int] | None = None,
     pad_token_id: int | None = None,
     extra_metadata: Mapping[str, Any] | None = None,
 ) -> CaptureSession:
@@ -48,6 +49,7 @@ def capture(
 
 __all__ = [
     "Capture",
+    "CaptureDataset",
     "CaptureNotFinished",
     "ValidationReport",
     "load_capture",

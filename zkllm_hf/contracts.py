@@ -63,9 +63,10 @@ class CheckResult:
     max_ratio: float | None = None
     tolerance_lsb: float | None = None
     index: tuple[int, ...] | None = None
+    unit: str | None = None  # the unit folder in a dataset (``sample-1/step-2``), "." for the index
 
     def describe(self) -> str:
-        where = []
+        where = [self.unit] if self.unit else []
         if self.layer is not None:
             where.append(f"layer {self.layer}")
         if self.point:
@@ -346,8 +347,20 @@ def _register_manifest_checks() -> None:
     @extensions.register_check_method(statistics=[])
     def zkllm_file_matches_point(df: pd.DataFrame) -> pd.Series:
         return pd.Series(
-            [expected_file(p, int(lay)) == f for p, lay, f in zip(df["point"], df["layer"], df["file"])], index=df.index
+            [
+                expected_file(p, int(lay)) == str(f).rsplit("/", 1)[-1]
+                for p, lay, f in zip(df["point"], df["layer"], df["file"])
+            ],
+            index=df.index,
         )
+
+    @extensions.register_check_method(statistics=[])
+    def zkllm_file_in_unit_folder(df: pd.DataFrame) -> pd.Series:
+        def ok(file: str, sample: int, step: int) -> bool:
+            folder = str(file).rpartition("/")[0]
+            return folder in ("", f"sample-{sample}", f"sample-{sample}/step-{step}")
+
+        return pd.Series([ok(f, s, k) for f, s, k in zip(df["file"], df["sample"], df["step"])], index=df.index)
 
     @extensions.register_check_method(statistics=[])
     def zkllm_bytes_match_shape(df: pd.DataFrame) -> pd.Series:

@@ -146,27 +146,27 @@ def attach(
     layout: DecoderLayout,
     layers: Sequence[int],
     on_capture: OnCapture,
-    on_model_input: Callable[[tuple[Any, ...], dict[str, Any]], None] | None = None,
+    on_model_input: Callable[[nn.Module, tuple[Any, ...], dict[str, Any]], None] | None = None,
+    on_model_output: Callable[[nn.Module, tuple[Any, ...], dict[str, Any], Any], None] | None = None,
 ) -> HookSet:
     """Hook every point of every layer in ``layers``; call ``on_capture(layer, point, tensor)`` as each fires.
 
-    ``on_model_input(args, kwargs)`` sees the top-level model's inputs (token ids, attention mask).
-    Points are registered in table order, so for points sharing a module and hook kind the table's order is
-    the firing order. If anything fails part-way, the hooks already attached are removed.
+    ``on_model_input(module, args, kwargs)`` sees the top-level model's inputs (token ids, attention mask)
+    before any layer runs, and ``on_model_output(module, args, kwargs, output)`` fires when the forward
+    returns. Points are registered in table order, so for points sharing a module and hook kind the table's
+    order is the firing order. If anything fails part-way, the hooks already attached are removed.
     """
     hooks = HookSet()
     try:
         if on_model_input is not None:
-
-            def top(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-                on_model_input(args, kwargs)
-
-            hooks.add("model:forward_pre", model.register_forward_pre_hook(top, with_kwargs=True))
+            hooks.add("model:forward_pre", model.register_forward_pre_hook(on_model_input, with_kwargs=True))
         for layer in layers:
             for point in POINTS:
                 module = layout.module(layer, point.module)
                 name = f"{layout.module_path(layer, point)}:{point.name}"
                 hooks.add(name, _register(module, point, layer, on_capture))
+        if on_model_output is not None:
+            hooks.add("model:forward", model.register_forward_hook(on_model_output, with_kwargs=True))
     except BaseException:
         hooks.remove()
         raise

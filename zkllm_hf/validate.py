@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ from .contracts import (
 from .hooks import find_layout
 from .manifest import FORMAT_VERSION, read_manifest, rows_digest
 from .points import POINTS, alias_point_name
-from .writer import MANIFEST_NAME, PARTIAL_MARKER
+from .writer import MANIFEST_NAME, PARTIAL_MARKER, sha256_file
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
@@ -94,8 +95,52 @@ class Capture:
         return _LazyArrays(self, self.values)
 
 
-def load_capture(path: str | os.PathLike[str]) -> Capture:
-    """Open a finished capture folder (one with ``manifest.arrow``) for reading."""
+UNIT_FOLDER = re.compile(r"^sample-\d+(/step-\d+)?$")
+
+
+@dataclass
+class CaptureDataset:
+    """A finished capture of several units: ``sample-{b}/`` (and ``step-{k}/``) folders under one index."""
+
+    path: Path
+    manifest: pa.Table  # one row per file of every unit, ``file`` relative to ``path``
+    metadata: dict[str, Any]
+    units: dict[tuple[int, int], Capture] = field(repr=False)  # (sample, step) -> the unit
+
+    @property
+    def mode(self) -> str:
+        return str(self.metadata["capture"]["mode"])
+
+    def unit(self, sample: int, step: int = 0) -> Capture:
+        """One unit, a complete capture of its own."""
+        try:
+            return self.units[(sample, step)]
+        except KeyError:
+            raise KeyError(
+                f"{self.path}: no unit for sample {sample}, step {step}; it has {sorted(self.units)}"
+            ) from None
+
+    def __iter__(self) -> Iterator[Capture]:
+        return iter(self.units.values())
+
+    def __len__(self) -> int:
+        return len(self.units)
+
+
+def _unit_entries(path: Path, meta: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The units a dataset's index lists, each folder checked to be a plain ``sample-{b}[/step-{k}]`` name."""
+    entries = meta.get("units")
+    if not isinstance(entries, list) or not entries:
+        raise ValueError(f"{path}: the dataset index lists no units")
+    for e in entries:
+        folder = str(e.get("folder"))
+        if not UNIT_FOLDER.match(folder):
+            raise ValueError(f"{path}: unit folder {folder!r} is not of the form sample-B or sample-B/step-K")
+    return entries
+
+
+def load_capture(path: str | os.PathLike[str]) -> Capture | CaptureDataset:
+    """Open a finished capture folder (one with ``manifest.arrow``) for reading: a unit, or a dataset of units."""
     path = Path(path)
     if not path.is_dir():
         raise CaptureNotFinished(f"'{path}' is not a directory; pass a capture folder written by zkllm-hf capture")
@@ -108,6 +153,14 @@ def load_capture(path: str | os.PathLike[str]) -> Capture:
         )
         raise CaptureNotFinished(f"'{path}' has no {MANIFEST_NAME}: not a finished capture ({why}); capture again")
     table, meta = read_manifest(manifest)
+    if meta.get("kind") == "dataset":
+        units = {}
+        for e in _unit_entries(path, meta):
+            unit = load_capture(path / e["folder"])
+            if not isinstance(unit, Capture):
+                raise ValueError(f"{path / e['folder']}: a dataset's unit cannot itself be a dataset")
+            units[(int(e["sample"]), int(e["step"]))] = unit
+        return CaptureDataset(path, table, meta, units)
     rows = {(int(r["layer"]), str(r["point"])): r for r in table.to_pylist()}
     return Capture(path, table, meta, rows)
 
@@ -166,11 +219,18 @@ def validate(
     With ``model``, also recompute both RMSNorms with its weights and compare its weights fingerprint.
     ``progress`` shows bars over files and layers on a terminal.
     """
-    path = Path(path)
+    return _validate(Path(path), model, progress=progress)
+
+
+def _validate(
+    path: Path, model: torch.nn.Module | None, *, progress: bool, fingerprint: str | None = None
+) -> ValidationReport:
     try:
         cap = load_capture(path)
     except (CaptureNotFinished, OSError, pa.ArrowInvalid, ValueError, KeyError) as exc:
         return ValidationReport(path, [CheckResult("manifest", False, str(exc))])
+    if isinstance(cap, CaptureDataset):
+        return _validate_dataset(cap, model, progress=progress)
     results: list[CheckResult] = []
     meta = cap.metadata
     report = ValidationReport(path, results, meta)
@@ -251,7 +311,7 @@ def validate(
     }
     layout = find_layout(model) if model is not None else None
     if model is not None:
-        results += _model_checks(model, meta)
+        results += _model_checks(model, meta, fingerprint)
     # One read per file: its range, then the layer's identities once all of its points are whole.
     previous: tuple[int, dict[str, torch.Tensor]] | None = None
     all_layers = sorted(set(layers) | {r["layer"] for r in rows})
@@ -294,10 +354,10 @@ def _range_check(row: Mapping[str, Any], codes: torch.Tensor) -> CheckResult:
     )
 
 
-def _model_checks(model: torch.nn.Module, meta: Mapping[str, Any]) -> list[CheckResult]:
+def _model_checks(model: torch.nn.Module, meta: Mapping[str, Any], fingerprint: str | None = None) -> list[CheckResult]:
     recorded = meta.get("model", {})
     out = []
-    fp_now = provenance.weights_fingerprint(model)
+    fp_now = fingerprint or provenance.weights_fingerprint(model)
     ok = fp_now == recorded.get("weights_fingerprint")
     out.append(
         CheckResult(
@@ -315,4 +375,91 @@ def _model_checks(model: torch.nn.Module, meta: Mapping[str, Any]) -> list[Check
     return out
 
 
-__all__ = ["Capture", "CaptureNotFinished", "ValidationReport", "load_capture", "validate"]
+def _validate_dataset(ds: CaptureDataset, model: torch.nn.Module | None, *, progress: bool) -> ValidationReport:
+    """The index (format, digest, schema), each unit on its own, and the index's agreement with every unit."""
+    path, meta = ds.path, ds.metadata
+    results: list[CheckResult] = []
+    report = ValidationReport(path, results, meta)
+    index = lambda check, ok, msg="", **kw: CheckResult(check, ok, "" if ok else msg, unit=".", **kw)  # noqa: E731
+    if meta.get("format_version") != FORMAT_VERSION:
+        results.append(
+            index(
+                "manifest",
+                False,
+                f"format_version {meta.get('format_version')!r}, this zkllm-hf "
+                f"reads {FORMAT_VERSION}; upgrade zkllm-hf",
+            )
+        )
+        return report
+    rows = ds.manifest.to_pylist()
+    results.append(
+        index(
+            "manifest_digest",
+            rows_digest(rows, meta) == meta.get("manifest_digest"),
+            "rows or metadata were edited after the capture wrote them",
+        )
+    )
+    contract = load_contract(meta["contract"]["folder"])
+    results += [replace(c, unit=".") for c in contract.validate_manifest(ds.manifest.to_pandas())]
+    fingerprint = provenance.weights_fingerprint(model) if model is not None else None
+    entries = _unit_entries(path, meta)
+    listed = {e["folder"] for e in entries}
+    by_unit: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        by_unit.setdefault(str(r["file"]).rpartition("/")[0], []).append(r)
+    units = tqdm(entries, desc="units", unit="unit", disable=None if progress else True)
+    for e in units:
+        folder = e["folder"]
+        unit_path = path / folder
+        digest = sha256_file(unit_path / MANIFEST_NAME)
+        results.append(
+            index(
+                "dataset_index",
+                digest == e.get("manifest_sha256"),
+                "the unit's manifest differs from the one the index recorded",
+                file=f"{folder}/{MANIFEST_NAME}",
+            )
+        )
+        sub = _validate(unit_path, model, progress=False, fingerprint=fingerprint)
+        results += [replace(r, unit=folder) for r in sub.results]
+        if sub.metadata is None:
+            continue
+        unit_meta = sub.metadata.get("unit", {})
+        if (unit_meta.get("sample"), unit_meta.get("step")) != (e["sample"], e["step"]):
+            results.append(
+                index(
+                    "dataset_index",
+                    False,
+                    f"{folder} says it is sample {unit_meta.get('sample')}, "
+                    f"step {unit_meta.get('step')}; the index says {e['sample']}, {e['step']}",
+                )
+            )
+        keys = ("layer", "point", "rows", "cols", "byte_size", "sha256", "source_dtype", "int_min", "int_max")
+        mine = {(r["file"].rpartition("/")[2], *(r[k] for k in keys)) for r in by_unit.pop(folder, [])}
+        theirs = {(r["file"], *(r[k] for k in keys)) for r in ds.units[(e["sample"], e["step"])].manifest.to_pylist()}
+        results.append(
+            index(
+                "dataset_index",
+                mine == theirs,
+                f"{len(mine ^ theirs)} file row(s) of {folder} differ between the index and the unit",
+            )
+        )
+    for folder, stray in sorted(by_unit.items()):
+        results.append(
+            index(
+                "dataset_index",
+                False,
+                f"{len(stray)} row(s) name files in {folder or 'the top folder'}, which is not a listed unit",
+            )
+        )
+    on_disk = {p.relative_to(path).as_posix() for p in path.glob("sample-*") if p.is_dir()}
+    on_disk |= {p.relative_to(path).as_posix() for p in path.glob("sample-*/step-*") if p.is_dir()}
+    parents = {f.split("/")[0] for f in listed}
+    for folder in sorted(on_disk - listed - parents):
+        results.append(index("completeness", False, f"folder {folder} is not a unit the index lists"))
+    for name in sorted(p.name for p in path.glob("*.bin")):
+        results.append(index("completeness", False, "file is not in any unit", file=name))
+    return report
+
+
+__all__ = ["Capture", "CaptureDataset", "CaptureNotFinished", "ValidationReport", "load_capture", "validate"]

@@ -2,7 +2,7 @@
 
 A staging folder carries a ``PARTIAL`` marker from creation until it is renamed into place, so a reader
 can always tell a finished capture (it has ``manifest.arrow``, written last, and no marker) from a broken
-one. Writes and SHA-256 run on a background thread, with a bounded number of files in flight, so the
+one. Writes and SHA-256 run on a background thread, with a bounded number of bytes in flight, so the
 model's forward overlaps the disk and memory held stays bounded whatever the layer count.
 """
 
@@ -18,6 +18,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -57,61 +58,108 @@ def check_target(out_dir: Path, overwrite: bool) -> None:
 
 
 class StagingDir:
-    """A staging folder beside ``out_dir``; :meth:`commit` renames it into place, :meth:`abort` removes it."""
+    """A staging folder beside ``out_dir``; :meth:`commit` renames it into place, :meth:`abort` removes it.
 
-    def __init__(self, out_dir: str | os.PathLike[str], *, overwrite: bool = False, max_in_flight: int = 16):
+    Files are named by their path relative to the staging folder (``layer-0-...bin`` for a flat capture,
+    ``sample-1/step-2/layer-0-...bin`` in a dataset). One background thread runs every write in the order
+    it was queued, so a file may be built by several :meth:`append` calls (a prompt prefilled in chunks)
+    and :meth:`remove` drops a folder only after the writes queued into it. At most ``max_in_flight_bytes``
+    of host copies wait for the disk (more only when one array alone is larger), which bounds memory.
+    """
+
+    def __init__(
+        self, out_dir: str | os.PathLike[str], *, overwrite: bool = False, max_in_flight_bytes: int = 64 << 20
+    ):
         self.out_dir = Path(out_dir).absolute()
         self.overwrite = overwrite
+        self.max_in_flight_bytes = max_in_flight_bytes
         check_target(self.out_dir, overwrite)
         self.out_dir.parent.mkdir(parents=True, exist_ok=True)
         self.path = self.out_dir.parent / f".{self.out_dir.name}{_STAGING_TAG}{uuid.uuid4().hex[:12]}"
         self.path.mkdir()
         (self.path / PARTIAL_MARKER).write_text("zkllm-hf capture in progress; not a finished capture\n")
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zkllm-writer")
-        self._slots = threading.BoundedSemaphore(max_in_flight)
-        self._futures: list[Future[WrittenFile]] = []
+        self._budget = threading.Condition()
+        self._in_flight = 0
+        self._futures: list[Future[Any]] = []
+        self._hashes: dict[str, Any] = {}  # name -> running sha256; touched by the writer thread only
         self._closed = False
 
-    def write(self, name: str, codes: np.ndarray, aliases: tuple[str, ...] = ()) -> Future[WrittenFile]:
-        """Queue ``codes`` (int32) to be written as raw little-endian C-order bytes to ``name``.
-
-        Each name in ``aliases`` then gets the same bytes, as a hard link where the filesystem allows.
-        """
-        data = np.ascontiguousarray(codes, dtype="<i4")
-        self._slots.acquire()  # bounds the bytes held in flight
+    def _submit(self, fn: Callable[..., Any], *args: Any, nbytes: int = 0) -> Future[Any]:
+        with self._budget:
+            while self._in_flight and self._in_flight + nbytes > self.max_in_flight_bytes:
+                self._budget.wait()
+            self._in_flight += nbytes
         try:
-            fut = self._pool.submit(self._write, self.path / name, data, aliases)
+            fut = self._pool.submit(fn, *args)
         except BaseException:
-            self._slots.release()
+            self._release(nbytes)
             raise
-        fut.add_done_callback(lambda _: self._slots.release())
+        fut.add_done_callback(lambda _: self._release(nbytes))
         self._futures.append(fut)
         return fut
 
-    @staticmethod
-    def _write(path: Path, data: np.ndarray, aliases: tuple[str, ...]) -> WrittenFile:
+    def _release(self, nbytes: int) -> None:
+        with self._budget:
+            self._in_flight -= nbytes
+            self._budget.notify_all()
+
+    def append(self, name: str, codes: np.ndarray) -> None:
+        """Queue ``codes`` (int32) to be appended to ``name`` as raw little-endian C-order bytes."""
+        data = np.ascontiguousarray(codes, dtype="<i4")
+        self._submit(self._append, name, data, nbytes=data.nbytes)
+
+    def _append(self, name: str, data: np.ndarray) -> None:
         view = memoryview(data).cast("B")
-        digest = hashlib.sha256(view).hexdigest()
-        with open(path, "wb") as fh:
+        path = self.path / name
+        if name not in self._hashes:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._hashes[name] = hashlib.sha256()
+        with open(path, "ab") as fh:
             fh.write(view)
-            fh.flush()
+        self._hashes[name].update(view)
+
+    def write(self, name: str, codes: np.ndarray, aliases: tuple[str, ...] = ()) -> Future[WrittenFile]:
+        """Write a whole file at once: :meth:`append` then :meth:`seal`."""
+        self.append(name, codes)
+        return self.seal(name, aliases)
+
+    def seal(self, name: str, aliases: tuple[str, ...] = ()) -> Future[WrittenFile]:
+        """Queue the end of ``name``: fsync it, link each alias (same folder) to it, and report its digest."""
+        return self._submit(self._seal, name, aliases)
+
+    def _seal(self, name: str, aliases: tuple[str, ...]) -> WrittenFile:
+        path = self.path / name
+        with open(path, "rb+") as fh:
             os.fsync(fh.fileno())
+            size = fh.seek(0, os.SEEK_END)
         for alias in aliases:
             try:
                 os.link(path, path.with_name(alias))
             except OSError:
                 shutil.copyfile(path, path.with_name(alias))
-        return WrittenFile(path.name, digest, len(view))
+        return WrittenFile(name, self._hashes.pop(name).hexdigest(), size)
+
+    def remove(self, folder: str) -> None:
+        """Queue the removal of a sub-folder, after every write already queued into it."""
+        self._submit(self._remove, folder)
+
+    def _remove(self, folder: str) -> None:
+        prefix = folder.rstrip("/") + "/"
+        for name in [n for n in self._hashes if n.startswith(prefix)]:
+            del self._hashes[name]
+        shutil.rmtree(self.path / folder, ignore_errors=True)
 
     def wait(self) -> list[WrittenFile]:
-        """Wait for every queued write; re-raise the first failure."""
-        return [f.result() for f in self._futures]
+        """Wait for every queued task; re-raise the first failure. Returns the sealed files, in order."""
+        return [r for r in (f.result() for f in self._futures) if isinstance(r, WrittenFile)]
 
-    def commit(self, write_manifest: Callable[[Path], None]) -> Path:
-        """Wait for the writes, let ``write_manifest(path)`` write the manifest last, then move into place."""
+    def commit(self, write_manifests: Callable[[Path], None]) -> Path:
+        """Wait for the writes, let ``write_manifests(staging_path)`` write the manifests last, then move
+        the folder into place."""
         self.wait()
         self._pool.shutdown(wait=True)
-        write_manifest(self.path / MANIFEST_NAME)
+        write_manifests(self.path)
         (self.path / PARTIAL_MARKER).unlink()
         _fsync_dir(self.path)
         check_target(self.out_dir, self.overwrite)  # the target may have changed during the forward

@@ -1,0 +1,750 @@
+"""The capture engine: one set of hooks per model, switched on per forward, routing batch rows to units.
+
+A *unit* is one sample's share of one or more forwards (a prompt, a decode step, a padded batch row): the
+files of its layers in one folder and its own manifest. The engine installs the hooks once, and for each
+forward asks its adapter (``capture()``, :class:`~zkllm_hf.CaptureLogitsProcessor`,
+:class:`~zkllm_hf.CaptureCallback`) which rows and columns go to which unit. Everything after the routing
+is shared: quantisation, the contract's identity checks as each layer completes, the streaming writer, the
+manifests and the atomic commit. The adapters only decide which forwards make which units.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+import shutil
+import threading
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from dataclasses import replace as _replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import fixed_point as fp
+from . import provenance
+from .contracts import CheckResult, ContractViolation, check_integrity, load_contract, run_identities
+from .hooks import HookSet, attach, find_layout
+from .manifest import build_table, write_manifest
+from .points import POINTS, CapturePoint, alias_point_name, parse_layers
+from .profile import zkllm_limit_warnings
+from .writer import MANIFEST_NAME, StagingDir, check_target, sha256_file
+
+logger = logging.getLogger(__name__)
+
+PHASES = ("forward", "prefill", "decode", "full")
+
+
+class CaptureError(RuntimeError):
+    """The capture could not be completed as asked; nothing was emitted."""
+
+
+# --------------------------------------------------------------------------------------------------
+# What one forward received
+
+
+@dataclass
+class ForwardInputs:
+    """The top-level model inputs of one forward, as the adapters need them to route rows to units."""
+
+    batch: int
+    q: int  # new positions this forward computes
+    past_length: int  # positions already in the cache
+    input_ids: torch.Tensor | None  # (batch, q) on the CPU, or None (inputs_embeds)
+    mask: torch.Tensor | None  # (batch, q) bool on the CPU: which of this forward's columns are real; None: all
+    position_ids: torch.Tensor | None  # (batch, q) on the CPU, or None when the model derives them
+    training: bool
+    autocast: dict[str, Any]
+
+    def real_columns(self, row: int) -> slice | torch.Tensor:
+        """This forward's columns that hold real tokens of ``row``: a slice when contiguous (left or right
+        padding), else an index tensor."""
+        if self.mask is None:
+            return slice(0, self.q)
+        idx = torch.nonzero(self.mask[row]).flatten()
+        if idx.numel() == 0:
+            return slice(0, 0)
+        lo, hi = int(idx[0]), int(idx[-1]) + 1
+        return slice(lo, hi) if hi - lo == idx.numel() else idx
+
+    def tokens(self, row: int, cols: slice | torch.Tensor) -> list[int] | None:
+        return None if self.input_ids is None else [int(t) for t in self.input_ids[row, cols].tolist()]
+
+    def positions(self, row: int, cols: slice | torch.Tensor) -> list[int]:
+        if self.position_ids is not None:
+            pos = self.position_ids[0 if self.position_ids.shape[0] == 1 else row]
+            return [int(p) for p in pos[cols].tolist()]
+        return [self.past_length + int(i) for i in torch.arange(self.q)[cols].tolist()]
+
+
+_INPUT_NAMES = ("input_ids", "attention_mask", "position_ids", "cache", "inputs_embeds")
+
+
+def _forward_inputs(model: nn.Module, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> ForwardInputs:
+    try:
+        params = list(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):
+        params = list(_INPUT_NAMES)
+    bound = dict(zip(params, args))
+    bound.update(kwargs)
+    ids, embeds = bound.get("input_ids"), bound.get("inputs_embeds")
+    ref = ids if isinstance(ids, torch.Tensor) else embeds
+    if not isinstance(ref, torch.Tensor):
+        raise CaptureError("the model was called without input_ids or inputs_embeds; zkllm_hf cannot route its rows")
+    if ref.dim() == (1 if ref is ids else 2):  # unbatched call
+        ref = ref.unsqueeze(0)
+        ids = ids.unsqueeze(0) if isinstance(ids, torch.Tensor) else None
+    batch, q = int(ref.shape[0]), int(ref.shape[1])
+    cache = bound.get("cache", bound.get("past_key_values"))
+    past = 0
+    if cache is not None and hasattr(cache, "get_seq_length"):
+        past = int(cache.get_seq_length())
+    mask = bound.get("attention_mask")
+    tail = None
+    if isinstance(mask, torch.Tensor):
+        if mask.dim() != 2:
+            if batch > 1:
+                raise CaptureError(
+                    f"attention_mask has shape {tuple(mask.shape)}; zkllm_hf de-pads a batch with the 2-D padding "
+                    f"mask (batch, seq_len). Pass that mask, or one row per forward"
+                )
+        else:
+            tail = mask[:, -q:].to("cpu") != 0
+            if bool(tail.all()):
+                tail = None
+    pos = bound.get("position_ids")
+    pos = pos[..., -q:].to("cpu") if isinstance(pos, torch.Tensor) and pos.dim() == 2 else None
+    device = ref.device.type
+    return ForwardInputs(
+        batch,
+        q,
+        past,
+        ids.to("cpu") if isinstance(ids, torch.Tensor) else None,
+        tail,
+        pos,
+        bool(getattr(model, "training", False)),
+        {
+            "enabled": torch.is_autocast_enabled(device),
+            "dtype": str(torch.get_autocast_dtype(device)).removeprefix("torch."),
+            "grad_enabled": torch.is_grad_enabled(),
+        },
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# One unit
+
+
+@dataclass
+class _PointRecord:
+    layer: int
+    point: CapturePoint
+    dtype: torch.dtype
+    int_min: int
+    int_max: int
+    rows: int
+    cols: int
+
+
+@dataclass
+class Route:
+    """Row ``row`` of the current forward, columns ``cols``, go to ``unit``."""
+
+    row: int
+    cols: slice | torch.Tensor
+    unit: UnitRecorder
+
+
+class UnitRecorder:
+    """One unit: quantises what is routed to it, checks each layer as it completes, streams the files."""
+
+    def __init__(self, engine: CaptureEngine, sample: int, step: int, phase: str, folder: str):
+        if phase not in PHASES:
+            raise ValueError(f"phase {phase!r}; one of {PHASES}")
+        self.engine, self.sample, self.step, self.phase, self.folder = engine, sample, step, phase, folder
+        self.token_ids: list[int] | None = []
+        self.position_ids: list[int] = []
+        self.prompt_token_count: int | None = None  # default: seq_len
+        self.pad_token_id: int | None = None
+        self.info: dict[str, Any] = {}  # adapter-specific facts for the unit's metadata
+        self.autocast: dict[str, Any] | None = None
+        self.seq_len = 0  # rows written so far
+        self.hidden: int | None = None
+        self.records: dict[tuple[int, str], _PointRecord] = {}
+        self.checks: dict[tuple[int, str], CheckResult] = {}
+        self.failures: list[CheckResult] = []
+        self.sealed = False
+        self._rows_now = 0  # rows of the forward in progress
+        self._pending: dict[str, torch.Tensor] = {}
+        self._dtypes: dict[str, torch.dtype] = {}
+        self._range: dict[str, tuple[int, int]] = {}
+        self._previous: tuple[int, torch.Tensor] | None = None
+
+    @property
+    def where(self) -> str:
+        """How errors name this unit: empty for a capture of one unit."""
+        return "" if self.engine.single_unit_hint else f"{self.folder}: "
+
+    def begin_forward(self, fwd: ForwardInputs, row: int, cols: slice | torch.Tensor) -> None:
+        tokens = fwd.tokens(row, cols)
+        self.token_ids = None if tokens is None or self.token_ids is None else self.token_ids + tokens
+        self.position_ids += fwd.positions(row, cols)
+        self.autocast = self.autocast or fwd.autocast
+        self._rows_now = len(torch.arange(fwd.q)[cols])
+
+    def add(self, layer: int, point: CapturePoint, x: torch.Tensor) -> None:
+        what = f"{self.where}layer {layer} {point.name}"
+        if x.dim() != 2:
+            raise CaptureError(f"{what}: expected (seq_len, hidden), got {tuple(x.shape)}")
+        if self.hidden is None:
+            self.hidden = int(x.shape[1])
+        if tuple(x.shape) != (self._rows_now, self.hidden):
+            raise CaptureError(
+                f"{what}: shape {tuple(x.shape)}, expected ({self._rows_now}, {self.hidden}); every point must be "
+                f"(seq_len, hidden_size)"
+            )
+        codes, lo, hi = fp.quantize_with_range(x, self.engine.scale_log2, what=what)
+        self._pending[point.name] = codes
+        self._dtypes[point.name] = x.dtype
+        self._range[point.name] = (lo, hi)
+        if point.name == POINTS[-1].name:  # block_output closes the layer
+            self._finish_layer(layer)
+
+    def _finish_layer(self, layer: int) -> None:
+        engine = self.engine
+        if all(p.name in self._pending for p in POINTS):
+            previous = self._previous[1] if self._previous and self._previous[0] == layer - 1 else None
+            results = run_identities(
+                engine.contract,
+                layer,
+                self._pending,
+                self._dtypes,
+                engine.scale_log2,
+                previous=None if previous is None else {"block_output": previous},
+                norms=engine.norms(layer),
+                files={p.name: p.file_name(layer) for p in POINTS},
+            )
+            for r in results:
+                self._merge_check(r)
+        for point in POINTS:
+            codes = self._pending.get(point.name)
+            if codes is None:
+                continue
+            host = codes.to("cpu").numpy()
+            engine.staging.append(f"{self.folder}/{point.file_name(layer)}", host)
+            lo, hi = self._range[point.name]
+            key = (layer, point.name)
+            rec = self.records.get(key)
+            if rec is None:
+                self.records[key] = _PointRecord(layer, point, self._dtypes[point.name], lo, hi, *host.shape)
+            else:
+                if rec.dtype != self._dtypes[point.name]:
+                    raise CaptureError(
+                        f"{self.where}layer {layer} {point.name}: dtype {self._dtypes[point.name]} in a later "
+                        f"forward, {rec.dtype} before; one unit must come from one dtype"
+                    )
+                rec.int_min, rec.int_max, rec.rows = (
+                    min(rec.int_min, lo),
+                    max(rec.int_max, hi),
+                    rec.rows + host.shape[0],
+                )
+        block_output = self._pending.get("block_output")
+        self._previous = (layer, block_output) if block_output is not None else None
+        self._pending, self._dtypes, self._range = {}, {}, {}
+        engine.layer_done()
+
+    def _merge_check(self, r: CheckResult) -> None:
+        """Keep the worst of a check over the forwards that fed this unit; token indices count from its start."""
+        if r.index and self.seq_len:
+            r = _replace(r, index=(r.index[0] + self.seq_len, *r.index[1:]))
+        key = (r.layer, r.check)
+        old = self.checks.get(key)
+        if old is None or (r.max_ratio or 0.0) > (old.max_ratio or 0.0):
+            self.checks[key] = r
+
+    def end_forward(self, fired: Counter[tuple[int, str]], layers: Sequence[int]) -> None:
+        """Close this unit's share of a forward: every requested point must have fired exactly once."""
+        for layer in layers:
+            for point in POINTS:
+                count = fired[(layer, point.name)]
+                if count != 1:
+                    self.failures.append(
+                        CheckResult(
+                            "completeness",
+                            False,
+                            f"fired {count} times in one forward, expected once",
+                            layer=layer,
+                            point=point.name,
+                            file=point.file_name(layer),
+                        )
+                    )
+        self.seq_len += self._rows_now
+        self._rows_now = 0
+        self._pending, self._dtypes, self._range, self._previous = {}, {}, {}, None
+
+    def seal(self) -> None:
+        """No more forwards for this unit: queue the end of each file (fsync, alias links, digest)."""
+        if self.sealed:
+            return
+        self.sealed = True
+        for (layer, _), rec in self.records.items():
+            self.engine.staging.seal(f"{self.folder}/{rec.point.file_name(layer)}", rec.point.alias_names(layer))
+
+    def all_failures(self) -> list[CheckResult]:
+        return self.failures + [c for c in self.checks.values() if not c.passed]
+
+    # -- manifest ---------------------------------------------------------------------------------
+
+    def rows(self, written: Mapping[str, Any]) -> list[dict[str, Any]]:
+        """Manifest rows, ``file`` relative to the unit's folder."""
+        engine = self.engine
+        by_lhs = {(c.layer, c.point): c for c in self.checks.values() if c.point is not None}
+        rows = []
+        for (layer, _), rec in sorted(self.records.items(), key=lambda kv: (kv[0][0], kv[1].point.file)):
+            w = written[f"{self.folder}/{rec.point.file_name(layer)}"]
+            check = by_lhs.get((layer, rec.point.name))
+            base = {
+                "sample": self.sample,
+                "step": self.step,
+                "phase": self.phase,
+                "layer": layer,
+                "point": rec.point.name,
+                "file": rec.point.file_name(layer),
+                "alias_of": None,
+                "rows": rec.rows,
+                "cols": rec.cols,
+                "dtype": "int32",
+                "scale_log2": engine.scale_log2,
+                "byte_size": w.byte_size,
+                "sha256": w.sha256,
+                "source_dtype": str(rec.dtype).removeprefix("torch."),
+                "int_min": rec.int_min,
+                "int_max": rec.int_max,
+                "headroom": max(-rec.int_min, rec.int_max) / fp.INT32_MAX,
+                "hf_module": engine.layout.module_path(layer, rec.point),
+                "hook": "forward_pre" if rec.point.hook == "pre" else "forward",
+                "check": check.check if check else None,
+                "max_dev_lsb": check.max_dev_lsb if check else None,
+                "max_dev_ratio": check.max_ratio if check else None,
+            }
+            rows.append(base)
+            for i, alias in enumerate(rec.point.alias_names(layer)):
+                rows.append(dict(base, point=alias_point_name(rec.point.name, i), file=alias, alias_of=base["file"]))
+        return rows
+
+    def metadata(self, common: Mapping[str, Any]) -> dict[str, Any]:
+        return {
+            **common,
+            "kind": "unit",
+            "unit": {"sample": self.sample, "step": self.step, "phase": self.phase, **self.info},
+            "tokens": {
+                "input_ids": self.token_ids,
+                "position_ids": self.position_ids,
+                "prompt_token_count": self.seq_len if self.prompt_token_count is None else self.prompt_token_count,
+                "seq_len": self.seq_len,
+                "pad_token_id": self.pad_token_id,
+            },
+            "runtime": {"autocast": self.autocast},
+        }
+
+
+# --------------------------------------------------------------------------------------------------
+# The engine
+
+
+Planner = Callable[[ForwardInputs], Sequence[Route]]
+
+
+@dataclass
+class _Forward:
+    inputs: ForwardInputs
+    routes: Sequence[Route]
+    fired: Counter[tuple[int, str]] = field(default_factory=Counter)
+    norms: dict[int, Any] = field(default_factory=dict)
+
+
+@dataclass
+class CaptureResult:
+    """What a finished capture holds, for the caller to report."""
+
+    out_dir: Path
+    seq_len: int  # the unit's seq_len; for a dataset, the longest unit's
+    hidden_size: int
+    layers: list[int]
+    scale_log2: int
+    max_abs_value: float  # largest |x| over every captured point
+    worst: tuple[int, str]  # (layer, point) where it occurs
+    checks: list[CheckResult] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # zkLLM limits the capture does not meet
+    units: list[dict[str, Any]] = field(default_factory=list)  # folder, sample, step, phase, seq_len per unit
+    mode: str = "forward"
+
+    @property
+    def headroom(self) -> float:
+        """Fraction of the int32 range the largest value uses (0.69 means 69%)."""
+        return fp.headroom(self.max_abs_value, self.scale_log2)
+
+    @property
+    def is_dataset(self) -> bool:
+        return bool(self.units) and self.units[0]["folder"] != ""
+
+
+class CaptureEngine:
+    """Hooks on one model and the units of one capture. Adapters give it a planner and say when to commit."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        out_dir: str | os.PathLike[str],
+        *,
+        mode: str,
+        layers: Sequence[int] | str | None = None,
+        scale_log2: int = 16,
+        overwrite: bool = False,
+        progress: bool = False,
+        stepped: bool = False,
+        extra_metadata: Mapping[str, Any] | None = None,
+        contract: str = "v1",
+    ):
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            raise CaptureError(
+                f"{type(model).__name__}: zkllm_hf hooks the model itself, and {type(model).__name__} runs "
+                f"replicas in worker threads; pass the wrapped model (.module) and run it on one device, or "
+                f"use device_map for a model that does not fit one"
+            )
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"capture needs a torch.nn.Module (a HF model), got {type(model).__name__}")
+        self.model = model
+        self.mode = mode
+        self.out_dir = Path(out_dir)
+        self.scale_log2 = fp.check_scale(scale_log2)
+        self.overwrite = overwrite
+        self.progress = progress
+        self.stepped = stepped  # units are sample-{b}/step-{k}/ even for one sample
+        self.extra_metadata = dict(extra_metadata or {})
+        self.contract = load_contract(contract)
+        self.layout = find_layout(model)
+        n = len(self.layout.layers)
+        if layers is None or isinstance(layers, str):
+            self.layers = parse_layers(layers, n)
+        else:
+            self.layers = parse_layers(",".join(str(int(i)) for i in layers), n) if layers else []
+        if not self.layers:
+            raise ValueError("layers is empty; pass None for every layer, or a spec such as '0-3,7'")
+        check_target(self.out_dir.absolute(), overwrite)  # refuse before any forward runs
+        self.single_unit_hint = not stepped  # names in errors: no unit prefix until a second unit appears
+        self.units: dict[tuple[int, int], UnitRecorder] = {}
+        self.failures: list[CheckResult] = []
+        self._staging: StagingDir | None = None
+        self._hooks: HookSet | None = None
+        self._planner: Planner | None = None
+        self._fwd: _Forward | None = None
+        self._broken: str | None = None
+        self._thread = threading.get_ident()
+        self._bar = None
+
+    # -- lifetime ---------------------------------------------------------------------------------
+
+    def attach(self, planner: Planner) -> None:
+        """Install the hooks; ``planner(inputs)`` routes each forward's rows to units (or to nothing)."""
+        self._planner = planner
+        self._hooks = attach(
+            self.model, self.layout, self.layers, self._on_point, self._on_model_input, self._on_model_output
+        )
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(desc="capturing layers", unit="layer")
+
+    def detach(self) -> None:
+        """Remove every hook (idempotent)."""
+        if self._hooks is not None:
+            self._hooks.remove()
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    @property
+    def attached(self) -> bool:
+        return bool(self._hooks)
+
+    @property
+    def staging(self) -> StagingDir:
+        if self._staging is None:
+            bytes_per_layer = len(POINTS) * 4 * int(getattr(self.model.config, "hidden_size", 4096))
+            # Host copies queued for the disk: two layers of the current forward's rows (at least 2048 of them).
+            self._staging = StagingDir(
+                self.out_dir, overwrite=self.overwrite, max_in_flight_bytes=2 * bytes_per_layer * 2048
+            )
+        return self._staging
+
+    def set_in_flight_rows(self, rows: int) -> None:
+        """Let at most two layers of ``rows`` rows wait for the disk."""
+        hidden = int(getattr(self.model.config, "hidden_size", 4096))
+        self.staging.max_in_flight_bytes = 2 * len(POINTS) * 4 * hidden * max(1, rows)
+
+    def abort(self) -> None:
+        """Drop everything staged and forget every unit; the target is left as it was."""
+        if self._staging is not None:
+            self._staging.abort()
+            self._staging = None
+        self.units.clear()
+        self.failures.clear()
+        self._fwd = None
+        self._broken = None
+
+    # -- units --------------------------------------------------------------------------------------
+
+    def unit(self, sample: int, step: int = 0, phase: str = "forward") -> UnitRecorder:
+        """The unit of (sample, step), created on first use."""
+        key = (sample, step)
+        u = self.units.get(key)
+        if u is None:
+            folder = f"sample-{sample}/step-{step}" if self.stepped else f"sample-{sample}"
+            u = self.units[key] = UnitRecorder(self, sample, step, phase, folder)
+            if len(self.units) > 1:
+                self.single_unit_hint = False
+        elif u.sealed:
+            raise CaptureError(f"{u.folder} was already completed; a unit cannot take rows after it is sealed")
+        return u
+
+    def drop(self, unit: UnitRecorder) -> None:
+        """Forget a unit and remove its staged files (a forward that was never committed)."""
+        self.units.pop((unit.sample, unit.step), None)
+        if self._staging is not None:
+            self._staging.remove(unit.folder)
+
+    def clone(self, source: UnitRecorder, sample: int) -> UnitRecorder:
+        """A sealed copy of ``source`` as another sample (rows duplicated before prefill: the same bytes,
+        computed once, hard-linked into the new unit's folder at commit)."""
+        if not source.sealed:
+            raise CaptureError(f"{source.folder} must be complete before it is shared")
+        u = self.unit(sample, source.step, source.phase)
+        for name in (
+            "token_ids",
+            "position_ids",
+            "prompt_token_count",
+            "pad_token_id",
+            "autocast",
+            "seq_len",
+            "hidden",
+            "records",
+            "checks",
+            "failures",
+        ):
+            setattr(u, name, getattr(source, name))
+        u.info = dict(source.info, copy_of=source.folder)
+        u.sealed = True
+        u._source = source  # type: ignore[attr-defined]
+        return u
+
+    def norms(self, layer: int) -> Mapping[str, tuple[torch.Tensor, float]] | None:
+        """The layer's norm weights and eps, read once per forward."""
+        cache = self._fwd.norms if self._fwd is not None else {}
+        if layer not in cache:
+            cache[layer] = self.layout.norms(layer, self.contract.norm_modules)
+        return cache[layer]
+
+    def layer_done(self) -> None:
+        if self._bar is not None:
+            self._bar.update(1)
+
+    # -- hooks ------------------------------------------------------------------------------------
+
+    def _on_model_input(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if module is not self.model or threading.get_ident() != self._thread:
+            raise CaptureError(
+                "the model ran as a replica or in another thread (nn.DataParallel, or Trainer with several GPUs): "
+                "zkllm_hf captures one model on one thread; run on one device (CUDA_VISIBLE_DEVICES=0) or use "
+                "device_map for a model that does not fit one"
+            )
+        if self._fwd is not None:  # the previous forward raised part-way: its units hold partial data
+            self._broken = self._broken or "a forward raised part-way through the capture"
+            self._fwd = None
+        if self._broken or self._planner is None:
+            return
+        inputs = _forward_inputs(self.model, args, kwargs)
+        routes = list(self._planner(inputs))
+        for r in routes:
+            r.unit.begin_forward(inputs, r.row, r.cols)
+        if routes:
+            self.set_in_flight_rows(sum(r.unit._rows_now for r in routes))
+        self._fwd = _Forward(inputs, routes)
+
+    def _on_model_output(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+        fwd, self._fwd = self._fwd, None
+        if fwd is None:
+            return
+        for r in fwd.routes:
+            r.unit.end_forward(fwd.fired, self.layers)
+
+    def _on_point(self, layer: int, point: CapturePoint, tensor: torch.Tensor) -> None:
+        fwd = self._fwd
+        if fwd is None or not fwd.routes:
+            return
+        key = (layer, point.name)
+        fwd.fired[key] += 1
+        if fwd.fired[key] > 1:
+            return  # reported as a completeness failure when the forward ends
+        if tensor.dim() == 2:
+            tensor = tensor.unsqueeze(0)
+        if tensor.dim() != 3 or tensor.shape[0] != fwd.inputs.batch:
+            raise CaptureError(
+                f"layer {layer} {point.name}: shape {tuple(tensor.shape)}, expected (batch {fwd.inputs.batch}, "
+                f"seq_len, hidden)"
+            )
+        for r in fwd.routes:
+            cols = r.cols if isinstance(r.cols, slice) else r.cols.to(tensor.device)
+            r.unit.add(layer, point, tensor[r.row, cols])
+
+    # -- commit -----------------------------------------------------------------------------------
+
+    def commit(self, *, dataset_metadata: Mapping[str, Any] | None = None) -> CaptureResult:
+        """Seal every unit, run the gate, write the manifests and move the capture into place."""
+        if self._broken:
+            raise CaptureError(f"nothing was emitted: {self._broken}")
+        if self._fwd is not None:
+            raise CaptureError("nothing was emitted: a forward is still running")
+        units = sorted(self.units.values(), key=lambda u: (u.sample, u.step))
+        if not units:
+            raise CaptureError("no forward was captured; nothing to emit")
+        for u in units:
+            u.seal()
+        staging = self.staging
+        written = {w.name: w for w in staging.wait()}
+        flat = len(units) == 1 and not self.stepped
+        for u in units:
+            source = getattr(u, "_source", None)
+            if source is not None:  # a shared unit: the same bytes, hard-linked under its own folder
+                (staging.path / u.folder).mkdir(parents=True, exist_ok=True)
+                for rec in u.records.values():
+                    for name in (rec.point.file_name(rec.layer), *rec.point.alias_names(rec.layer)):
+                        _link(staging.path / source.folder / name, staging.path / u.folder / name)
+                    written[f"{u.folder}/{rec.point.file_name(rec.layer)}"] = written[
+                        f"{source.folder}/{rec.point.file_name(rec.layer)}"
+                    ]
+        failures = list(self.failures)
+        for u in units:
+            failures += [_replace(f, unit=None if flat else u.folder) for f in u.all_failures()]
+        hidden = units[0].hidden or 0
+        expected_hidden = getattr(getattr(self.model, "config", None), "hidden_size", hidden)
+        if any(u.hidden != expected_hidden for u in units):
+            failures.append(CheckResult("shape", False, f"hidden size {hidden}, config says {expected_hidden}"))
+        common = self._common_metadata(hidden)
+        unit_tables = []
+        dataset_rows: list[dict[str, Any]] = []
+        for u in units:
+            rows = u.rows(written)
+            table = build_table(rows, u.metadata(common))
+            unit_tables.append((u, table))
+            failures += [
+                _replace(c, unit=None if flat else u.folder)
+                for c in self.contract.validate_manifest(table.to_pandas())
+                if not c.passed
+            ]
+            prefix = "" if flat else f"{u.folder}/"
+            dataset_rows += [
+                dict(r, file=prefix + r["file"], alias_of=None if r["alias_of"] is None else prefix + r["alias_of"])
+                for r in rows
+            ]
+        if not flat:
+            dataset_table = build_table(dataset_rows, {})
+            failures += [
+                _replace(c, unit=".")
+                for c in self.contract.validate_manifest(dataset_table.to_pandas())
+                if not c.passed
+            ]
+        staged = staging.path / units[0].folder if flat else staging.path
+        failures += [c for c in check_integrity(staged, dataset_rows) if not c.passed]
+        if failures:
+            raise ContractViolation(failures, context=f"capture into '{self.out_dir}'")
+        unit_meta = [
+            {
+                "folder": "" if flat else u.folder,
+                "sample": u.sample,
+                "step": u.step,
+                "phase": u.phase,
+                "seq_len": u.seq_len,
+            }
+            for u in units
+        ]
+
+        def write_all(root: Path) -> None:
+            if flat:
+                u, table = unit_tables[0]
+                for entry in list((root / u.folder).iterdir()):
+                    os.rename(entry, root / entry.name)
+                (root / u.folder).rmdir()
+                if u.folder.count("/"):
+                    (root / u.folder.split("/")[0]).rmdir()
+                write_manifest(table, root / MANIFEST_NAME)
+                return
+            for u, table in unit_tables:
+                write_manifest(table, root / u.folder / MANIFEST_NAME)
+            meta = {
+                **common,
+                **dict(dataset_metadata or {}),
+                "kind": "dataset",
+                "units": [dict(m, manifest_sha256=sha256_file(root / m["folder"] / MANIFEST_NAME)) for m in unit_meta],
+            }
+            write_manifest(build_table(dataset_rows, meta), root / MANIFEST_NAME)
+
+        out = staging.commit(write_all)
+        self._staging = None
+        self.detach()
+        records = [rec for u in units for rec in u.records.values()]
+        worst = max(records, key=lambda r: max(-r.int_min, r.int_max))
+        max_abs = max(-worst.int_min, worst.int_max) / 2**self.scale_log2
+        seq_len = max(u.seq_len for u in units)
+        config = getattr(self.model, "config", None)
+        result = CaptureResult(
+            out_dir=out,
+            seq_len=seq_len,
+            hidden_size=hidden,
+            layers=list(self.layers),
+            scale_log2=self.scale_log2,
+            max_abs_value=max_abs,
+            worst=(worst.layer, worst.point.name),
+            checks=[c for u in units for c in u.checks.values()],
+            warnings=zkllm_limit_warnings(seq_len, hidden, getattr(config, "intermediate_size", None)),
+            units=unit_meta,
+            mode=self.mode,
+        )
+        logger.info(
+            "captured %d unit(s) of %d layers into %s; largest |x| %.6g at layer %d %s uses %.1f%% of int32",
+            len(units),
+            len(self.layers),
+            out,
+            max_abs,
+            *result.worst,
+            100 * result.headroom,
+        )
+        return result
+
+    def _common_metadata(self, hidden: int) -> dict[str, Any]:
+        return {
+            "contract": {"name": "zkllm-hf-capture", "version": self.contract.version, "folder": self.contract.folder},
+            "versions": provenance.versions(),
+            "model": provenance.model_info(self.model),
+            "capture": {
+                "mode": self.mode,
+                "layers": list(self.layers),
+                "scale_log2": self.scale_log2,
+                "hidden_size": hidden,
+                "points": [p.name for p in POINTS],
+                "device": str(next((p.device for p in self.model.parameters()), "cpu")),
+                "created_utc": provenance.utc_now(),
+            },
+            "extra": self.extra_metadata,
+        }
+
+
+def _link(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)

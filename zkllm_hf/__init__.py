@@ -47,7 +47,22 @@ def capture(
     )
 
 
+def __getattr__(name: str) -> Any:
+    # The integrations import transformers' generation and Trainer machinery: load them on first use.
+    if name == "CaptureLogitsProcessor":
+        from .integrations.generation import CaptureLogitsProcessor
+
+        return CaptureLogitsProcessor
+    if name == "CaptureCallback":
+        from .integrations.trainer import CaptureCallback
+
+        return CaptureCallback
+    raise AttributeError(f"module 'zkllm_hf' has no attribute {name!r}")
+
+
 __all__ = [
+    "CaptureCallback",
+    "CaptureLogitsProcessor",
     "Capture",
     "CaptureDataset",
     "CaptureNotFinished",

@@ -169,6 +169,7 @@ class UnitRecorder:
         self.token_ids: list[int] | None = []
         self.position_ids: list[int] = []
         self.prompt_token_count: int | None = None  # default: seq_len
+        self.generated_token_count = 0  # tokens generate() chose that this unit holds
         self.pad_token_id: int | None = None
         self.info: dict[str, Any] = {}  # adapter-specific facts for the unit's metadata
         self.autocast: dict[str, Any] | None = None
@@ -345,6 +346,7 @@ class UnitRecorder:
                 "input_ids": self.token_ids,
                 "position_ids": self.position_ids,
                 "prompt_token_count": self.seq_len if self.prompt_token_count is None else self.prompt_token_count,
+                "generated_token_count": self.generated_token_count,
                 "seq_len": self.seq_len,
                 "pad_token_id": self.pad_token_id,
             },
@@ -528,6 +530,7 @@ class CaptureEngine:
             "token_ids",
             "position_ids",
             "prompt_token_count",
+            "generated_token_count",
             "pad_token_id",
             "autocast",
             "seq_len",

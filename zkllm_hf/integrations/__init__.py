@@ -1,0 +1,1 @@
+"""Adapters from Hugging Face entry points (``generate``, ``Trainer``) to the capture engine."""

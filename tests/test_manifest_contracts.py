@@ -59,7 +59,7 @@ def test_metadata_is_what_an_auditor_needs(captured):
     assert len(model["weights_fingerprint"]) == 64 and model["dtype"] == "float32"
     assert model["attn_implementation"] and model["quantization"] is None
     tokens = meta["tokens"]
-    assert tokens == {"input_ids": tiny_ids()[0].tolist(), "position_ids": list(range(16)),
+    assert tokens == {"input_ids": tiny_ids()[0].tolist(), "position_ids": list(range(16)), "generated_token_count": 0,
                       "prompt_token_count": 12, "seq_len": 16, "pad_token_id": 0}
     assert meta["kind"] == "unit" and meta["unit"] == {"sample": 0, "step": 0, "phase": "forward", "row": 0}
     assert meta["runtime"]["autocast"] == {"enabled": False, "dtype": "bfloat16", "grad_enabled": False}

@@ -348,7 +348,8 @@ class CaptureLogitsProcessor(LogitsProcessor):
             sequences = getattr(out, "sequences", out)
             if not isinstance(sequences, torch.Tensor) or sequences.dim() != 2:
                 raise TypeError(
-                    f"finalize() takes what generate() returned (a tensor or a GenerateOutput), got {type(out).__name__}"
+                    f"finalize() takes what generate() returned (a tensor or a GenerateOutput), "
+                    f"got {type(out).__name__}"
                 )
             sequences = sequences.to("cpu")
             prompt_len = int(self._prompt_len or 0)

@@ -31,6 +31,26 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
 # -- capture ---------------------------------------------------------------------------------------
 
 
+def _read_prompts(args: argparse.Namespace) -> list[str]:
+    """The prompts from --text, --text-file (one prompt) or --batch-file (one per non-empty line)."""
+    if args.text is not None:
+        return [args.text]
+    source = args.text_file if args.text_file is not None else args.batch_file
+    flag = "--text-file" if args.text_file is not None else "--batch-file"
+    try:
+        text = Path(source).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ValueError(f"{flag} {source}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{flag} {source}: not UTF-8 text (byte {exc.start}); convert it to UTF-8") from None
+    if args.text_file is not None:
+        return [text]
+    prompts = [line for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"--batch-file {source}: no prompts (one per line)")
+    return prompts
+
+
 def _cmd_capture(args: argparse.Namespace) -> int:
     import torch
 
@@ -38,7 +58,7 @@ def _cmd_capture(args: argparse.Namespace) -> int:
     from .contracts import ContractViolation
     from .fixed_point import FixedPointError
     from .hooks import UnsupportedModelError
-    from .models import ModelLoadError, load, tokenize
+    from .models import ModelLoadError, load, tokenize_batch
     from .session import CaptureError
     from .writer import check_target
 
@@ -47,14 +67,21 @@ def _cmd_capture(args: argparse.Namespace) -> int:
         import transformers
 
         transformers.utils.logging.disable_progress_bar()
-    if args.text_file is not None:
-        try:
-            text = Path(args.text_file).read_text(encoding="utf-8")
-        except OSError as exc:
-            _err(f"--text-file {args.text_file}: {exc.strerror}")
-            return EXIT_USAGE
-    else:
-        text = args.text
+    if args.mode is not None and args.generate is None:
+        _err("--mode applies to --generate N; add --generate, or drop --mode")
+        return EXIT_USAGE
+    mode = args.mode or "prefill"
+    if args.generate is not None and args.generate < 1:
+        _err(f"--generate {args.generate}: give a positive number of new tokens")
+        return EXIT_USAGE
+    if args.generate is not None and args.pad_to is not None and mode != "full":
+        _err(f"--pad-to applies to --mode full with --generate (the {mode} forwards are generate()'s own)")
+        return EXIT_USAGE
+    try:
+        prompts = _read_prompts(args)
+    except ValueError as exc:
+        _err(str(exc))
+        return EXIT_USAGE
     out = Path(args.out)
     try:
         check_target(out.absolute(), args.overwrite)  # refuse before spending time on the model
@@ -71,47 +98,89 @@ def _cmd_capture(args: argparse.Namespace) -> int:
             load_in_8bit=args.load_in_8bit,
             device=args.device,
         )
-        ids, prompt_len, pad_id = tokenize(loaded.tokenizer, text, args.pad_to)
+        # generate() wants left padding; a plain forward is exact with right padding (positions start at 0)
+        side = "left" if args.generate is not None else "right"
+        batch = tokenize_batch(loaded.tokenizer, prompts, None if args.generate is not None else args.pad_to, side=side)
     except (ModelLoadError, ValueError) as exc:
         _err(str(exc))
         return EXIT_USAGE
     model = loaded.model
     device = next(model.parameters()).device
-    say(f"loaded in {time.perf_counter() - t0:.1f} s; {prompt_len} prompt tokens, seq_len {ids.shape[1]}")
+    ids, mask = batch.input_ids.to(device), batch.attention_mask.to(device)
+    say(
+        f"loaded in {time.perf_counter() - t0:.1f} s; {len(prompts)} prompt(s) of "
+        f"{', '.join(map(str, batch.prompt_lengths))} tokens, seq_len {ids.shape[1]}"
+    )
+    extra = {
+        "source": loaded.source,
+        "cli": {
+            "dtype": args.dtype,
+            "device": args.device,
+            "load_in_4bit": args.load_in_4bit,
+            "load_in_8bit": args.load_in_8bit,
+            "generate": args.generate,
+        },
+    }
+    options = {"layers": args.layers, "scale_log2": args.scale_log2, "overwrite": args.overwrite}
     try:
-        with (
-            torch.inference_mode(),
-            capture(
-                model,
-                out,
-                layers=args.layers,
-                scale_log2=args.scale_log2,
-                overwrite=args.overwrite,
-                progress=not args.quiet,
-                prompt_length=prompt_len,
-                pad_token_id=pad_id,
-                extra_metadata={
-                    "source": loaded.source,
-                    "cli": {
-                        "dtype": args.dtype,
-                        "device": args.device,
-                        "load_in_4bit": args.load_in_4bit,
-                        "load_in_8bit": args.load_in_8bit,
-                    },
-                },
-            ) as session,
-        ):
-            model(input_ids=ids.to(device), attention_mask=torch.ones_like(ids).to(device), use_cache=False)
+        if args.generate is not None:
+            from transformers import LogitsProcessorList
+
+            from .integrations.generation import CaptureLogitsProcessor
+
+            with (
+                CaptureLogitsProcessor(
+                    model, out, mode=mode, pad_to=args.pad_to, extra_metadata=extra, **options
+                ) as proc,
+                torch.inference_mode(),
+            ):
+                generated = model.generate(
+                    input_ids=ids,
+                    attention_mask=mask,
+                    logits_processor=LogitsProcessorList([proc]),
+                    max_new_tokens=args.generate,
+                    do_sample=False,
+                    pad_token_id=batch.pad_token_id
+                    if batch.pad_token_id is not None
+                    else loaded.tokenizer.eos_token_id,
+                )
+                res = proc.finalize(generated)
+        else:
+            with (
+                torch.inference_mode(),
+                capture(
+                    model,
+                    out,
+                    progress=not args.quiet,
+                    prompt_length=batch.prompt_lengths,
+                    pad_token_id=batch.pad_token_id,
+                    extra_metadata=extra,
+                    **options,
+                ) as session,
+            ):
+                model(input_ids=ids, attention_mask=mask, use_cache=False)
+            res = session.result
     except (FixedPointError, ContractViolation, CaptureError, UnsupportedModelError) as exc:
         _err(str(exc))
         return EXIT_INVALID
     except (ValueError, FileExistsError) as exc:
         _err(str(exc))
         return EXIT_USAGE
-    res = session.result
     assert res is not None
-    print(f"wrote {len(res.layers)} layers x 8 files to {res.out_dir} in {time.perf_counter() - t0:.1f} s")
-    print(f"prover arguments: seq_len {res.seq_len}, hidden_size {res.hidden_size}, scale 2**{res.scale_log2}")
+    elapsed = time.perf_counter() - t0
+    if res.is_dataset:
+        print(
+            f"wrote {len(res.units)} units ({res.mode}) x {len(res.layers)} layers x 8 files to {res.out_dir} "
+            f"in {elapsed:.1f} s"
+        )
+        lens = sorted({u["seq_len"] for u in res.units})
+        print(
+            f"prover arguments: seq_len per unit ({', '.join(map(str, lens))}), hidden_size {res.hidden_size}, "
+            f"scale 2**{res.scale_log2}; each sample-*/ folder is one proof"
+        )
+    else:
+        print(f"wrote {len(res.layers)} layers x 8 files to {res.out_dir} in {elapsed:.1f} s")
+        print(f"prover arguments: seq_len {res.seq_len}, hidden_size {res.hidden_size}, scale 2**{res.scale_log2}")
     print(
         f"headroom: largest |x| {res.max_abs_value:.6g} (layer {res.worst[0]} {res.worst[1]}) uses "
         f"{100 * res.headroom:.1f}% of int32 at 2**{res.scale_log2}"
@@ -159,12 +228,15 @@ def _open_capture(path: str):
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from .points import POINTS
-    from .validate import validate
+    from .validate import CaptureDataset, validate
 
     cap = _open_capture(args.dir)
     if cap is None:
         return EXIT_INVALID
-    meta, report = cap.metadata, validate(args.dir)
+    report = validate(args.dir)
+    if isinstance(cap, CaptureDataset):
+        return _inspect_dataset(cap, report)
+    meta = cap.metadata
     model, tokens, capture = meta["model"], meta["tokens"], meta["capture"]
     ids = tokens.get("input_ids") or []
     shown = ", ".join(map(str, ids[:12])) + (f", ... ({len(ids)} in all)" if len(ids) > 12 else "")
@@ -239,6 +311,57 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return EXIT_OK if report.ok else EXIT_INVALID
 
 
+def _inspect_dataset(ds, report) -> int:
+    meta = ds.metadata
+    model, capture = meta["model"], meta["capture"]
+    gen = meta.get("generation") or {}
+    trainer = meta.get("trainer") or {}
+    how = ", ".join(
+        f"{k} {gen[k]}" for k in ("do_sample", "num_beams", "num_return_sequences", "max_new_tokens") if k in gen
+    )
+    how += f"; eos {gen.get('eos_token_id')}, pad {gen.get('pad_token_id')}" if gen else ""
+    how = how or (f"Trainer {trainer.get('on')}, first {trainer.get('max_samples')} samples" if trainer else "forward")
+    print(
+        _table(
+            ["field", "value"],
+            [
+                ["dataset", f"{len(ds)} units, mode {capture['mode']} ({how})"],
+                ["model", f"{model['class']} ({model.get('model_type')}) {model.get('name_or_path')}"],
+                ["weights", f"{model['dtype']}; fingerprint {str(model.get('weights_fingerprint'))[:16]}..."],
+                ["layers", _ranges(capture["layers"])],
+                ["scale", f"2**{capture['scale_log2']}"],
+                [
+                    "contract",
+                    f"v{meta['contract']['version']}: {'VALID' if report.ok else 'INVALID'} "
+                    f"({len(report.results)} checks, {len(report.failures)} failed)",
+                ],
+            ],
+        )
+    )
+    print()
+    rows = []
+    for _, unit in sorted(ds.units.items()):
+        tokens = unit.metadata["tokens"]
+        ids = tokens.get("input_ids") or []
+        shown = ", ".join(map(str, ids[:6])) + (", ..." if len(ids) > 6 else "")
+        bad = sum(1 for f in report.failures if f.unit == unit.path.relative_to(ds.path).as_posix())
+        rows.append(
+            [
+                unit.path.relative_to(ds.path).as_posix(),
+                unit.metadata["unit"]["phase"],
+                tokens["seq_len"],
+                f"[{shown}]",
+                "valid" if not bad else f"{bad} failed",
+            ]
+        )
+    print(_table(["unit", "phase", "seq_len", "tokens", "checks"], rows))
+    if report.failures:
+        print("\nfailures:")
+        for f in report.failures:
+            print(f"  - {f.describe()}")
+    return EXIT_OK if report.ok else EXIT_INVALID
+
+
 def _ranges(xs: Sequence[int]) -> str:
     out, start = [], None
     for i, x in enumerate(xs):
@@ -255,10 +378,18 @@ def _ranges(xs: Sequence[int]) -> str:
 
 def _cmd_plan(args: argparse.Namespace) -> int:
     from .profile import zkllm_limit_warnings
+    from .validate import CaptureDataset
 
     cap = _open_capture(args.dir)
     if cap is None:
         return EXIT_INVALID
+    if isinstance(cap, CaptureDataset):
+        first = next(iter(cap)).path
+        _err(
+            f"{args.dir} is a dataset of {len(cap)} units; zkLLM proves one unit at a time: run plan on a unit "
+            f"folder, e.g. {first}"
+        )
+        return EXIT_USAGE
     d, n = Path(args.dir), cap.seq_len
     print(f"# zkLLM commands for {d} (seq_len {n}, hidden {cap.hidden_size}); run from zkllm-ccs2024's folder.")
     print("# Each step reads captured inputs, never the prover's own outputs (DESIGN.md §6).")
@@ -298,10 +429,29 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    cap = sub.add_parser("capture", help="run one forward and write zkLLM .bin files, checked by the contracts")
+    cap = sub.add_parser(
+        "capture", help="run a forward (or generate) and write zkLLM .bin files, checked by the contracts"
+    )
     src = cap.add_mutually_exclusive_group(required=True)
     src.add_argument("--text", help="the prompt")
     src.add_argument("--text-file", help="read the prompt from this UTF-8 file")
+    src.add_argument(
+        "--batch-file", help="one prompt per line (UTF-8), run as one padded batch: one unit (sample-B/) per prompt"
+    )
+    cap.add_argument(
+        "--generate",
+        type=int,
+        default=None,
+        metavar="N",
+        help="generate N new tokens (greedy) and capture as --mode says, instead of one forward",
+    )
+    cap.add_argument(
+        "--mode",
+        choices=["prefill", "full", "steps"],
+        default=None,
+        help="with --generate: the prompt's forward (prefill, default), one forward over prompt + generated "
+        "tokens (full), or every forward (steps: sample-B/step-K/)",
+    )
     cap.add_argument(
         "--model",
         default=None,
@@ -314,13 +464,18 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         metavar="N",
-        help="pad at the end with the pad (or EOS) token to N tokens, e.g. 1024 for zkLLM attention",
+        help="pad at the end with the pad (or EOS) token to N tokens, e.g. 1024 for zkLLM attention "
+        "(with --generate: --mode full only)",
     )
-    cap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    cap.add_argument(
+        "--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="weights and compute dtype"
+    )
     quant = cap.add_mutually_exclusive_group()
     quant.add_argument("--load-in-4bit", action="store_true", help="bitsandbytes 4-bit weights")
     quant.add_argument("--load-in-8bit", action="store_true", help="bitsandbytes 8-bit weights")
-    cap.add_argument("--device", choices=["cpu", "cuda", "auto"], default="cpu")
+    cap.add_argument(
+        "--device", choices=["cpu", "cuda", "auto"], default="cpu", help="where to run (auto: accelerate device_map)"
+    )
     cap.add_argument("--scale-log2", type=int, default=16, metavar="K", help="fixed-point scale 2**K (default 16)")
     cap.add_argument("--overwrite", action="store_true", help="replace an existing capture in --out")
     cap.add_argument("--quiet", action="store_true", help="no progress bar or loading messages")

@@ -427,6 +427,7 @@ class CaptureEngine:
         self.overwrite = overwrite
         self.progress = progress
         self.stepped = stepped  # units are sample-{b}/step-{k}/ even for one sample
+        self.paddable = mode in ("forward", "full", "evaluate", "predict")  # can the user pad these forwards?
         self.extra_metadata = dict(extra_metadata or {})
         self.contract = load_contract(contract)
         self.layout = find_layout(model)
@@ -713,7 +714,9 @@ class CaptureEngine:
             max_abs_value=max_abs,
             worst=(worst.layer, worst.point.name),
             checks=[c for u in units for c in u.checks.values()],
-            warnings=zkllm_limit_warnings(seq_len, hidden, getattr(config, "intermediate_size", None)),
+            warnings=zkllm_limit_warnings(
+                seq_len, hidden, getattr(config, "intermediate_size", None), paddable=self.paddable
+            ),
             units=unit_meta,
             mode=self.mode,
         )

@@ -166,20 +166,58 @@ def load(
     return LoadedModel(model, tokenizer, source)
 
 
+@dataclass
+class Batch:
+    """Token ids of one or more prompts, ready for a forward or ``generate``."""
+
+    input_ids: torch.Tensor  # (rows, seq_len)
+    attention_mask: torch.Tensor  # 1 on real tokens (and on --pad-to padding, which the prover proves too)
+    prompt_lengths: list[int]  # real tokens per row
+    pad_token_id: int | None
+
+
+def pad_id_of(tokenizer: Any) -> int | None:
+    """The pad token id, else the EOS token id (Llama tokenizers often have no pad token)."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return None if pad is None else int(pad)
+
+
+def tokenize_batch(tokenizer: Any, texts: list[str], pad_to: int | None = None, *, side: str = "right") -> Batch:
+    """Tokenize prompts as one batch.
+
+    With ``pad_to``, every row is padded at the end to ``pad_to`` tokens, and the padding is part of what
+    is captured (mask 1; the prover needs seq_len ``pad_to``). Without it, rows are padded to the longest
+    on ``side`` with mask 0, so each row is de-padded back to its own tokens.
+    """
+    if side not in ("left", "right"):
+        raise ValueError(f"side {side!r}: 'left' or 'right'")
+    rows = [tokenizer(t)["input_ids"] for t in texts]
+    for i, ids in enumerate(rows):
+        if not ids:
+            where = f"prompt {i + 1}" if len(texts) > 1 else "the text"
+            raise ValueError(f"{where} tokenizes to zero tokens; give some text")
+    lengths = [len(r) for r in rows]
+    pad = pad_id_of(tokenizer)
+    width = max(lengths) if pad_to is None else pad_to
+    if pad_to is not None and width < max(lengths):
+        i = lengths.index(max(lengths))
+        whose = f"prompt {i + 1}'s" if len(texts) > 1 else "the prompt's"
+        raise ValueError(
+            f"--pad-to {pad_to} is below {whose} {max(lengths)} tokens; pass --pad-to {max(lengths)} or more, "
+            f"or shorten the text"
+        )
+    if width > min(lengths) and pad is None:
+        raise ValueError("the tokenizer has neither a pad nor an EOS token to pad with; drop --pad-to")
+    ids = torch.full((len(rows), width), pad if pad is not None else 0, dtype=torch.long)
+    mask = torch.ones_like(ids) if pad_to is not None else torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        at = slice(width - len(r), width) if side == "left" and pad_to is None else slice(0, len(r))
+        ids[i, at] = torch.tensor(r)
+        mask[i, at] = 1
+    return Batch(ids, mask, lengths, pad if width > min(lengths) else None)
+
+
 def tokenize(tokenizer: Any, text: str, pad_to: int | None = None) -> tuple[torch.Tensor, int, int | None]:
     """Token ids of ``text`` (batch 1), padded at the end to ``pad_to``; return (ids, prompt length, pad id)."""
-    ids = tokenizer(text, return_tensors="pt")["input_ids"]
-    n = int(ids.shape[1])
-    if n == 0:
-        raise ValueError("the text tokenizes to zero tokens; give some text")
-    if pad_to is None:
-        return ids, n, None
-    if pad_to < n:
-        raise ValueError(
-            f"--pad-to {pad_to} is below the prompt's {n} tokens; pass --pad-to {n} or more, or shorten the text"
-        )
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if pad_id is None:
-        raise ValueError("the tokenizer has neither a pad nor an EOS token to pad with; drop --pad-to")
-    padded = torch.cat([ids, torch.full((1, pad_to - n), int(pad_id), dtype=ids.dtype)], dim=1)
-    return padded, n, int(pad_id)
+    batch = tokenize_batch(tokenizer, [text], pad_to)
+    return batch.input_ids, batch.prompt_lengths[0], batch.pad_token_id

@@ -14,14 +14,24 @@ def next_power_of_two(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def zkllm_limit_warnings(seq_len: int, hidden_size: int, intermediate_size: int | None = None) -> list[str]:
-    """The zkLLM limits a capture of this shape does not meet, as readable warnings (empty if none)."""
+def zkllm_limit_warnings(
+    seq_len: int, hidden_size: int, intermediate_size: int | None = None, *, paddable: bool = True
+) -> list[str]:
+    """The zkLLM limits a capture of this shape does not meet, as readable warnings (empty if none).
+
+    ``paddable`` is False for captures of generate()'s own forwards (prefill, steps), which cannot be padded.
+    """
     out = []
     if not is_power_of_two(seq_len) or seq_len < ATTENTION_MIN_SEQ_LEN:
         target = max(ATTENTION_MIN_SEQ_LEN, next_power_of_two(seq_len))
+        fix = (
+            f"capture again with --pad-to {target}"
+            if paddable
+            else f"generate()'s own forwards cannot be padded: capture with --mode full --pad-to {target}"
+        )
         out.append(
             f"seq_len {seq_len} is not a power of two >= {ATTENTION_MIN_SEQ_LEN}, which zkLLM's "
-            f"self-attention proof needs; capture again with --pad-to {target}"
+            f"self-attention proof needs; {fix}"
         )
     if seq_len < FFN_MIN_SEQ_LEN_7B:
         out.append(f"seq_len {seq_len} is below {FFN_MIN_SEQ_LEN_7B}, the FFN table's minimum on LLaMA-2-7B")

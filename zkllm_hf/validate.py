@@ -226,11 +226,14 @@ def _validate(
     path: Path, model: torch.nn.Module | None, *, progress: bool, fingerprint: str | None = None
 ) -> ValidationReport:
     try:
+        if (path / MANIFEST_NAME).is_file():  # a dataset is checked unit by unit, even if some are unreadable
+            table, meta = read_manifest(path / MANIFEST_NAME)
+            if meta.get("kind") == "dataset":
+                return _validate_dataset(path, table, meta, model, progress=progress)
         cap = load_capture(path)
     except (CaptureNotFinished, OSError, pa.ArrowInvalid, ValueError, KeyError) as exc:
         return ValidationReport(path, [CheckResult("manifest", False, str(exc))])
-    if isinstance(cap, CaptureDataset):
-        return _validate_dataset(cap, model, progress=progress)
+    assert isinstance(cap, Capture)
     results: list[CheckResult] = []
     meta = cap.metadata
     report = ValidationReport(path, results, meta)
@@ -375,9 +378,10 @@ def _model_checks(model: torch.nn.Module, meta: Mapping[str, Any], fingerprint: 
     return out
 
 
-def _validate_dataset(ds: CaptureDataset, model: torch.nn.Module | None, *, progress: bool) -> ValidationReport:
+def _validate_dataset(
+    path: Path, table: pa.Table, meta: dict[str, Any], model: torch.nn.Module | None, *, progress: bool
+) -> ValidationReport:
     """The index (format, digest, schema), each unit on its own, and the index's agreement with every unit."""
-    path, meta = ds.path, ds.metadata
     results: list[CheckResult] = []
     report = ValidationReport(path, results, meta)
     index = lambda check, ok, msg="", **kw: CheckResult(check, ok, "" if ok else msg, unit=".", **kw)  # noqa: E731
@@ -391,7 +395,7 @@ def _validate_dataset(ds: CaptureDataset, model: torch.nn.Module | None, *, prog
             )
         )
         return report
-    rows = ds.manifest.to_pylist()
+    rows = table.to_pylist()
     results.append(
         index(
             "manifest_digest",
@@ -400,7 +404,7 @@ def _validate_dataset(ds: CaptureDataset, model: torch.nn.Module | None, *, prog
         )
     )
     contract = load_contract(meta["contract"]["folder"])
-    results += [replace(c, unit=".") for c in contract.validate_manifest(ds.manifest.to_pandas())]
+    results += [replace(c, unit=".") for c in contract.validate_manifest(table.to_pandas())]
     fingerprint = provenance.weights_fingerprint(model) if model is not None else None
     entries = _unit_entries(path, meta)
     listed = {e["folder"] for e in entries}
@@ -411,7 +415,7 @@ def _validate_dataset(ds: CaptureDataset, model: torch.nn.Module | None, *, prog
     for e in units:
         folder = e["folder"]
         unit_path = path / folder
-        digest = sha256_file(unit_path / MANIFEST_NAME)
+        digest = sha256_file(unit_path / MANIFEST_NAME) if (unit_path / MANIFEST_NAME).is_file() else None
         results.append(
             index(
                 "dataset_index",
@@ -436,7 +440,7 @@ def _validate_dataset(ds: CaptureDataset, model: torch.nn.Module | None, *, prog
             )
         keys = ("layer", "point", "rows", "cols", "byte_size", "sha256", "source_dtype", "int_min", "int_max")
         mine = {(r["file"].rpartition("/")[2], *(r[k] for k in keys)) for r in by_unit.pop(folder, [])}
-        theirs = {(r["file"], *(r[k] for k in keys)) for r in ds.units[(e["sample"], e["step"])].manifest.to_pylist()}
+        theirs = {(r["file"], *(r[k] for k in keys)) for r in read_manifest(unit_path / MANIFEST_NAME)[0].to_pylist()}
         results.append(
             index(
                 "dataset_index",

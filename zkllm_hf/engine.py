@@ -58,7 +58,6 @@ class ForwardInputs:
     mask: torch.Tensor | None  # (batch, q) bool on the CPU: which of this forward's columns are real; None: all
     position_ids: torch.Tensor | None  # (batch, q) on the CPU, or None when the model derives them
     training: bool
-    autocast: dict[str, Any]
 
     def real_columns(self, row: int) -> slice | torch.Tensor:
         """This forward's columns that hold real tokens of ``row``: a slice when contiguous (left or right
@@ -118,7 +117,6 @@ def _forward_inputs(model: nn.Module, args: tuple[Any, ...], kwargs: Mapping[str
                 tail = None
     pos = bound.get("position_ids")
     pos = pos[..., -q:].to("cpu") if isinstance(pos, torch.Tensor) and pos.dim() == 2 else None
-    device = ref.device.type
     return ForwardInputs(
         batch,
         q,
@@ -127,12 +125,15 @@ def _forward_inputs(model: nn.Module, args: tuple[Any, ...], kwargs: Mapping[str
         tail,
         pos,
         bool(getattr(model, "training", False)),
-        {
-            "enabled": torch.is_autocast_enabled(device),
-            "dtype": str(torch.get_autocast_dtype(device)).removeprefix("torch."),
-            "grad_enabled": torch.is_grad_enabled(),
-        },
     )
+
+
+def _autocast_state(device: str) -> dict[str, Any]:
+    return {
+        "enabled": torch.is_autocast_enabled(device),
+        "dtype": str(torch.get_autocast_dtype(device)).removeprefix("torch."),
+        "grad_enabled": torch.is_grad_enabled(),
+    }
 
 
 # --------------------------------------------------------------------------------------------------
@@ -194,7 +195,6 @@ class UnitRecorder:
         tokens = fwd.tokens(row, cols)
         self.token_ids = None if tokens is None or self.token_ids is None else self.token_ids + tokens
         self.position_ids += fwd.positions(row, cols)
-        self.autocast = self.autocast or fwd.autocast
         self._rows_now = len(torch.arange(fwd.q)[cols])
 
     def add(self, layer: int, point: CapturePoint, x: torch.Tensor) -> None:
@@ -366,6 +366,7 @@ class _Forward:
     inputs: ForwardInputs
     routes: Sequence[Route]
     fired: Counter[tuple[int, str]] = field(default_factory=Counter)
+    autocast_seen: bool = False
     norms: dict[int, Any] = field(default_factory=dict)
 
 
@@ -590,6 +591,11 @@ class CaptureEngine:
         fwd = self._fwd
         if fwd is None or not fwd.routes:
             return
+        if not fwd.autocast_seen:  # inside forward: a wrapper such as accelerate's enters autocast there
+            fwd.autocast_seen = True
+            state = _autocast_state(tensor.device.type)
+            for r in fwd.routes:
+                r.unit.autocast = r.unit.autocast or state
         key = (layer, point.name)
         fwd.fired[key] += 1
         if fwd.fired[key] > 1:

@@ -231,12 +231,13 @@ class UnitRecorder:
             )
             for r in results:
                 self._merge_check(r)
+        files = []
         for point in POINTS:
             codes = self._pending.get(point.name)
             if codes is None:
                 continue
             host = codes.to("cpu").numpy()
-            engine.staging.append(f"{self.folder}/{point.file_name(layer)}", host)
+            files.append((f"{self.folder}/{point.file_name(layer)}", host))
             lo, hi = self._range[point.name]
             key = (layer, point.name)
             rec = self.records.get(key)
@@ -253,6 +254,7 @@ class UnitRecorder:
                     max(rec.int_max, hi),
                     rec.rows + host.shape[0],
                 )
+        engine.staging.append_many(files)
         block_output = self._pending.get("block_output")
         self._previous = (layer, block_output) if block_output is not None else None
         self._pending, self._dtypes, self._range = {}, {}, {}
@@ -292,8 +294,12 @@ class UnitRecorder:
         if self.sealed:
             return
         self.sealed = True
-        for (layer, _), rec in self.records.items():
-            self.engine.staging.seal(f"{self.folder}/{rec.point.file_name(layer)}", rec.point.alias_names(layer))
+        self.engine.staging.seal_many(
+            [
+                (f"{self.folder}/{rec.point.file_name(layer)}", rec.point.alias_names(layer))
+                for (layer, _), rec in self.records.items()
+            ]
+        )
 
     def all_failures(self) -> list[CheckResult]:
         return self.failures + [c for c in self.checks.values() if not c.passed]
@@ -476,20 +482,21 @@ class CaptureEngine:
     def attached(self) -> bool:
         return bool(self._hooks)
 
+    # Host copies may wait for the disk up to two layers of the current forward, or this much if more:
+    # small forwards (decode steps) would otherwise run in lockstep with the writer thread.
+    MIN_IN_FLIGHT_BYTES = 8 << 20
+
     @property
     def staging(self) -> StagingDir:
         if self._staging is None:
-            bytes_per_layer = len(POINTS) * 4 * int(getattr(self.model.config, "hidden_size", 4096))
-            # Host copies queued for the disk: two layers of the current forward's rows (at least 2048 of them).
-            self._staging = StagingDir(
-                self.out_dir, overwrite=self.overwrite, max_in_flight_bytes=2 * bytes_per_layer * 2048
-            )
+            self._staging = StagingDir(self.out_dir, overwrite=self.overwrite)
         return self._staging
 
     def set_in_flight_rows(self, rows: int) -> None:
-        """Let at most two layers of ``rows`` rows wait for the disk."""
+        """Let at most two layers of ``rows`` rows (or ``MIN_IN_FLIGHT_BYTES``) wait for the disk."""
         hidden = int(getattr(self.model.config, "hidden_size", 4096))
-        self.staging.max_in_flight_bytes = 2 * len(POINTS) * 4 * hidden * max(1, rows)
+        two_layers = 2 * len(POINTS) * 4 * hidden * max(1, rows)
+        self.staging.max_in_flight_bytes = max(two_layers, self.MIN_IN_FLIGHT_BYTES)
 
     def abort(self) -> None:
         """Drop everything staged and forget every unit; the target is left as it was."""
@@ -649,25 +656,20 @@ class CaptureEngine:
         dataset_rows: list[dict[str, Any]] = []
         for u in units:
             rows = u.rows(written)
-            table = build_table(rows, u.metadata(common))
-            unit_tables.append((u, table))
-            failures += [
-                _replace(c, unit=None if flat else u.folder)
-                for c in self.contract.validate_manifest(table.to_pandas())
-                if not c.passed
-            ]
+            unit_tables.append((u, build_table(rows, u.metadata(common))))
             prefix = "" if flat else f"{u.folder}/"
             dataset_rows += [
                 dict(r, file=prefix + r["file"], alias_of=None if r["alias_of"] is None else prefix + r["alias_of"])
                 for r in rows
             ]
-        if not flat:
-            dataset_table = build_table(dataset_rows, {})
-            failures += [
-                _replace(c, unit=".")
-                for c in self.contract.validate_manifest(dataset_table.to_pandas())
-                if not c.passed
-            ]
+        # One pandera pass: a dataset's index holds every unit's rows (the schema checks a file's base name
+        # and its unit folder), so checking it checks each unit's manifest too.
+        checked = unit_tables[0][1] if flat else build_table(dataset_rows, {})
+        failures += [
+            _replace(c, unit=None if flat else (c.file.rpartition("/")[0] if c.file else "."))
+            for c in self.contract.validate_manifest(checked.to_pandas())
+            if not c.passed
+        ]
         staged = staging.path / units[0].folder if flat else staging.path
         failures += [c for c in check_integrity(staged, dataset_rows) if not c.passed]
         if failures:

@@ -106,8 +106,16 @@ class StagingDir:
 
     def append(self, name: str, codes: np.ndarray) -> None:
         """Queue ``codes`` (int32) to be appended to ``name`` as raw little-endian C-order bytes."""
-        data = np.ascontiguousarray(codes, dtype="<i4")
-        self._submit(self._append, name, data, nbytes=data.nbytes)
+        self.append_many([(name, codes)])
+
+    def append_many(self, items: list[tuple[str, np.ndarray]]) -> None:
+        """Queue several appends as one task (a layer's files): one hand-off to the writer thread."""
+        data = [(name, np.ascontiguousarray(codes, dtype="<i4")) for name, codes in items]
+        self._submit(self._append_many, data, nbytes=sum(d.nbytes for _, d in data))
+
+    def _append_many(self, items: list[tuple[str, np.ndarray]]) -> None:
+        for name, data in items:
+            self._append(name, data)
 
     def _append(self, name: str, data: np.ndarray) -> None:
         view = memoryview(data).cast("B")
@@ -119,14 +127,21 @@ class StagingDir:
             fh.write(view)
         self._hashes[name].update(view)
 
-    def write(self, name: str, codes: np.ndarray, aliases: tuple[str, ...] = ()) -> Future[WrittenFile]:
+    def write(self, name: str, codes: np.ndarray, aliases: tuple[str, ...] = ()) -> Future[list[WrittenFile]]:
         """Write a whole file at once: :meth:`append` then :meth:`seal`."""
         self.append(name, codes)
         return self.seal(name, aliases)
 
-    def seal(self, name: str, aliases: tuple[str, ...] = ()) -> Future[WrittenFile]:
+    def seal(self, name: str, aliases: tuple[str, ...] = ()) -> Future[list[WrittenFile]]:
         """Queue the end of ``name``: fsync it, link each alias (same folder) to it, and report its digest."""
-        return self._submit(self._seal, name, aliases)
+        return self.seal_many([(name, aliases)])
+
+    def seal_many(self, items: list[tuple[str, tuple[str, ...]]]) -> Future[list[WrittenFile]]:
+        """:meth:`seal` for several files (a unit's), as one task."""
+        return self._submit(self._seal_many, items)
+
+    def _seal_many(self, items: list[tuple[str, tuple[str, ...]]]) -> list[WrittenFile]:
+        return [self._seal(name, aliases) for name, aliases in items]
 
     def _seal(self, name: str, aliases: tuple[str, ...]) -> WrittenFile:
         path = self.path / name
@@ -152,7 +167,7 @@ class StagingDir:
 
     def wait(self) -> list[WrittenFile]:
         """Wait for every queued task; re-raise the first failure. Returns the sealed files, in order."""
-        return [r for r in (f.result() for f in self._futures) if isinstance(r, WrittenFile)]
+        return [w for f in self._futures if isinstance(r := f.result(), list) for w in r]
 
     def commit(self, write_manifests: Callable[[Path], None]) -> Path:
         """Wait for the writes, let ``write_manifests(staging_path)`` write the manifests last, then move

@@ -392,7 +392,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     d, n = Path(args.dir), cap.seq_len
     print(f"# zkLLM commands for {d} (seq_len {n}, hidden {cap.hidden_size}); run from zkllm-ccs2024's folder.")
-    print("# Each step reads captured inputs, never the prover's own outputs (DESIGN.md §6).")
+    print("# Each step reads captured inputs, never the prover's own outputs (docs/architecture.md §5).")
     for layer in cap.layers:
 
         def f(point: str, layer: int = layer) -> Path:

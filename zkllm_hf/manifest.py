@@ -1,4 +1,4 @@
-"""The Arrow manifest: one row per emitted file, provenance as JSON schema metadata (DESIGN.md §3)."""
+"""The Arrow manifest: one row per emitted file, provenance as JSON schema metadata (docs/architecture.md §3)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The capture-point table (DESIGN.md §1), as data, and the architectures it fits.
+"""The capture-point table (docs/architecture.md §1), as data, and the architectures it fits.
 
 Everything else reads this table: the hooks attach from it, the writer names files from it and the
 contracts name their checks after it. Adding a Llama-shaped architecture is one line in ``ARCHITECTURES``.
@@ -105,7 +105,7 @@ FILE_TEMPLATES: dict[str, str] = {
 }
 
 # Point names that are the left-hand side of an identity check, and the check's name.
-# (DESIGN.md §2: skip #1, skip #2, chain, both norms.)
+# (docs/architecture.md §2: skip #1, skip #2, chain, both norms.)
 SKIP_1 = ("post_attn_residual", "block_input", "attn_output")  # s = x + y
 SKIP_2 = ("block_output", "post_attn_residual", "mlp_output")
 NORMS = (

@@ -1,4 +1,4 @@
-"""What zkLLM's kernels accept (DESIGN.md §5), as pure functions of the capture's shape."""
+"""What zkLLM's kernels accept (docs/architecture.md §5), as pure functions of the capture's shape."""
 
 from __future__ import annotations
 

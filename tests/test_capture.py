@@ -316,3 +316,30 @@ def test_decoder_with_other_maths_is_refused_by_the_contracts(arch, tmp_path, ca
         assert {"skip_1", "skip_2"} <= failed
     assert f"model_type '{arch}' is not one zkllm_hf knows" in caplog.text
     assert not (tmp_path / arch).exists() and no_staging_left(tmp_path)
+
+
+def test_data_parallel_and_other_threads_are_refused(tiny, tmp_path):
+    """DataParallel runs replicas in worker threads, calling our hooks there: refused up front, and a forward
+    from another thread is refused too (nothing emitted)."""
+    import threading
+
+    for make in (lambda: zkllm_hf.capture(torch.nn.DataParallel(tiny), tmp_path / "dp"),
+                 lambda: zkllm_hf.CaptureLogitsProcessor(torch.nn.DataParallel(tiny), tmp_path / "dp")):
+        with pytest.raises(zkllm_hf.CaptureError, match="DataParallel.*one device"):
+            make()
+    errors = []
+
+    def forward():
+        try:
+            with torch.no_grad():
+                tiny(tiny_ids())
+        except zkllm_hf.CaptureError as exc:
+            errors.append(str(exc))
+
+    with pytest.raises(zkllm_hf.CaptureError, match="no forward"):
+        with zkllm_hf.capture(tiny, tmp_path / "thread"):
+            worker = threading.Thread(target=forward)
+            worker.start()
+            worker.join()
+    assert errors and "another thread" in errors[0]
+    assert not (tmp_path / "thread").exists() and no_staging_left(tmp_path)

@@ -640,10 +640,6 @@ def test_two_processors_in_one_generate(tiny, tmp_path):
     assert zkllm_hf.validate(tmp_path / "full", model=tiny).ok and zkllm_hf.validate(tmp_path / "steps").ok
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "generation.py _install_probe: restore() only deletes the instance attribute when it is still its own probe, "
-    "and a processor built later captured the earlier probe as its `original`; closing the processors in the order "
-    "they were built leaves the first probe installed on the model for good"))
 def test_closing_processors_in_build_order_removes_every_probe(tiny, tmp_path):
     before = warm_hook_count(tiny)
     first = zkllm_hf.CaptureLogitsProcessor(tiny, tmp_path / "a", mode="steps")
@@ -655,14 +651,10 @@ def test_closing_processors_in_build_order_removes_every_probe(tiny, tmp_path):
 
 
 # --------------------------------------------------------------------------------------------------
-# Bugs found while writing these tests (xfail, strict: they fail today and must pass once fixed)
+# Found while writing these tests: each was a bug, fixed since (the last one is a strict xfail until fixed)
 
 
 @pytest.mark.parametrize("mode", ["steps", "prefill"])
-@pytest.mark.xfail(strict=True, raises=TypeError, reason=(
-    "chunked prefill of a left-padded batch where a whole chunk of a row is padding: generation.py _plan routes "
-    "that row with fwd.real_columns(r) == slice(0, 0), the unit gets (0, hidden) arrays, and writer.py "
-    "StagingDir._append fails on memoryview(data).cast('B') of an empty array at finalize()"))
 def test_chunked_prefill_with_a_chunk_of_padding_only(tiny, tmp_path, mode):
     ids, mask = left_padded((7, 4))  # row 1: 3 pads, exactly the first chunk of 3
     runs = {}
@@ -694,11 +686,6 @@ def test_inputs_embeds_in_steps_and_prefill_is_refused(tiny, tmp_path):
         assert nothing_emitted(tmp_path / mode) and hooks_gone(tiny, before)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "mode='full' with generate(inputs_embeds=...): generate returns only the generated tokens, the processor's first "
-    "call sees a 0-wide input_ids so _prompt_len is 0, and _run_full forwards the generated tokens alone from "
-    "position 0: a unit of a forward that never ran, without its prompt, emitted as if valid. It should refuse "
-    "(the prompt's token ids are unknown)"))
 def test_full_mode_with_inputs_embeds_does_not_drop_the_prompt(tiny, tmp_path):
     prompt = tiny_ids(6)
     embeds = tiny.get_input_embeddings()(prompt).detach()

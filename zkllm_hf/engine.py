@@ -70,6 +70,10 @@ class ForwardInputs:
         lo, hi = int(idx[0]), int(idx[-1]) + 1
         return slice(lo, hi) if hi - lo == idx.numel() else idx
 
+    def width(self, cols: slice | torch.Tensor) -> int:
+        """How many of this forward's columns ``cols`` selects."""
+        return len(range(self.q)[cols]) if isinstance(cols, slice) else int(cols.numel())
+
     def tokens(self, row: int, cols: slice | torch.Tensor) -> list[int] | None:
         return None if self.input_ids is None else [int(t) for t in self.input_ids[row, cols].tolist()]
 
@@ -109,7 +113,8 @@ def _forward_inputs(model: nn.Module, args: tuple[Any, ...], kwargs: Mapping[str
             if batch > 1:
                 raise CaptureError(
                     f"attention_mask has shape {tuple(mask.shape)}; zkllm_hf de-pads a batch with the 2-D padding "
-                    f"mask (batch, seq_len). Pass that mask, or one row per forward"
+                    f"mask (batch, seq_len). Pass that mask, or one row per forward (generate() builds a 4-D mask "
+                    f"itself for cache_implementation='static': use the default dynamic cache to capture a batch)"
                 )
         else:
             tail = mask[:, -q:].to("cpu") != 0
@@ -195,7 +200,7 @@ class UnitRecorder:
         tokens = fwd.tokens(row, cols)
         self.token_ids = None if tokens is None or self.token_ids is None else self.token_ids + tokens
         self.position_ids += fwd.positions(row, cols)
-        self._rows_now = len(torch.arange(fwd.q)[cols])
+        self._rows_now = fwd.width(cols)
 
     def add(self, layer: int, point: CapturePoint, x: torch.Tensor) -> None:
         what = f"{self.where}layer {layer} {point.name}"
@@ -581,6 +586,12 @@ class CaptureEngine:
             return
         inputs = _forward_inputs(self.model, args, kwargs)
         routes = list(self._planner(inputs))
+        for r in routes:
+            if not inputs.width(r.cols):
+                raise CaptureError(
+                    f"batch row {r.row}: the attention mask marks no real token, so there is nothing to capture "
+                    f"for {r.unit.folder}; drop the empty row"
+                )
         for r in routes:
             r.unit.begin_forward(inputs, r.row, r.cols)
         if routes:

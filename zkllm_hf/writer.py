@@ -118,7 +118,7 @@ class StagingDir:
             self._append(name, data)
 
     def _append(self, name: str, data: np.ndarray) -> None:
-        view = memoryview(data).cast("B")
+        view = memoryview(data.reshape(-1)).cast("B")
         path = self.path / name
         if name not in self._hashes:
             path.parent.mkdir(parents=True, exist_ok=True)

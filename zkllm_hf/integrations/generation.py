@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -107,6 +108,7 @@ class CaptureLogitsProcessor(LogitsProcessor):
             tuple[int, torch.Tensor | None]
         ] = []  # (positions, real-token mask) per prompt forward
         self._prompt_len: int | None = None
+        self._prompt_ids_unknown = False  # the prompt came as inputs_embeds
         self._done: list[bool] = []
         self._pending: list[UnitRecorder] = []  # decode units of the forward awaiting its processor call
         self._full_unit: UnitRecorder | None = None
@@ -135,41 +137,27 @@ class CaptureLogitsProcessor(LogitsProcessor):
     # -- seeing the generate() call -----------------------------------------------------------------
 
     def _install_probe(self):
-        """Wrap the model's ``_get_logits_processor`` (generate calls it once, before any forward, with its
-        generation config and the user's processor list) to learn that a generate() with us has begun."""
-        model = self.model
-        name = "_get_logits_processor"
-        original = getattr(model, name, None)
-        if original is None:
+        """Learn that a generate() with this processor has begun: generate calls the model's
+        ``_get_logits_processor`` once, before any forward, with its generation config and the user's
+        processor list. One shared probe per model serves every live processor (see :func:`_probe`)."""
+        if getattr(self.model, "_get_logits_processor", None) is None:
             logger.warning(
-                "%s has no %s: cannot see the generation config; capturing every forward from now on",
-                type(model).__name__,
-                name,
+                "%s has no _get_logits_processor: cannot see the generation config; capturing every forward "
+                "from now on",
+                type(self.model).__name__,
             )
             self._armed = True
             return lambda: None
-        own = name in vars(model)
+        return _probe(self.model, self)
 
-        def probe(*args: Any, **kwargs: Any) -> Any:
-            config = kwargs.get("generation_config", args[0] if args else None)
-            user = kwargs.get("logits_processor", args[4] if len(args) > 4 else None)
-            if user is not None and any(p is self for p in user):
-                try:
-                    self._arm(config)
-                except CaptureError as exc:
-                    self._error = exc
-                    raise
-            return original(*args, **kwargs)
-
-        setattr(model, name, probe)
-
-        def restore() -> None:
-            if own:
-                setattr(model, name, original)
-            elif vars(model).get(name) is probe:
-                delattr(model, name)
-
-        return restore
+    def _observe(self, config: Any, user: Any) -> None:
+        """Called by the model's probe at the start of every generate() call."""
+        if user is not None and any(p is self for p in user):
+            try:
+                self._arm(config)
+            except CaptureError as exc:
+                self._error = exc
+                raise
 
     def _arm(self, config: Any) -> None:
         if self._closed:
@@ -245,14 +233,18 @@ class CaptureLogitsProcessor(LogitsProcessor):
                 raise self._fail(f"a prompt forward of {fwd.batch} rows followed one of {self._batch}")
             self._prefill_q += fwd.q
             self._prompt_masks.append((fwd.q, fwd.mask))
+            self._prompt_ids_unknown |= fwd.input_ids is None
             if self.mode == "full" or k:
                 return []
             group = self._expand if self.mode == "prefill" else self._returns
             routes = []
             for r in range(0, fwd.batch, group):  # rows duplicated before prefill are captured once
+                cols = fwd.real_columns(r)
+                if not fwd.width(cols):  # a chunk of this row's prompt that is all padding
+                    continue
                 unit = self.engine.unit(r // group if self.mode == "prefill" else r, 0, "prefill")
                 unit.info["row"] = r
-                routes.append(Route(r, fwd.real_columns(r), unit))
+                routes.append(Route(r, cols, unit))
             return routes
         if self.mode != "steps":
             return []
@@ -305,6 +297,11 @@ class CaptureLogitsProcessor(LogitsProcessor):
             )
         if k == 0:
             self._prompt_len = width
+            if self._prompt_ids_unknown:
+                raise self._fail(
+                    "generate(inputs_embeds=...) gives the prompt as embeddings: its token ids are unknown, and a "
+                    "capture records the tokens it proves. Pass input_ids"
+                )
             if self._prefill_q != width:
                 raise self._fail(
                     f"the prompt's forward(s) covered {self._prefill_q} positions but the prompt has {width} "
@@ -352,6 +349,11 @@ class CaptureLogitsProcessor(LogitsProcessor):
                     f"got {type(out).__name__}"
                 )
             sequences = sequences.to("cpu")
+            if self._prompt_ids_unknown:
+                raise CaptureError(
+                    "generate(inputs_embeds=...) returns only the generated tokens, so the prompt's token ids are "
+                    "unknown and mode='full' cannot run the whole sequence; pass input_ids. Nothing was emitted"
+                )
             prompt_len = int(self._prompt_len or 0)
             if sequences.shape[1] <= prompt_len:
                 raise CaptureError(f"the sequences have {sequences.shape[1]} tokens, the prompt alone {prompt_len}")
@@ -459,3 +461,39 @@ class CaptureLogitsProcessor(LogitsProcessor):
         if meta.get("do_sample"):
             meta["seed"] = torch.initial_seed()  # torch's default generator, which sampling draws from
         return meta
+
+
+# One probe per model, shared by its live processors, so that closing them in any order restores the model.
+_LIVE: weakref.WeakKeyDictionary[nn.Module, list[CaptureLogitsProcessor]] = weakref.WeakKeyDictionary()
+_NAME = "_get_logits_processor"
+
+
+def _probe(model: nn.Module, proc: CaptureLogitsProcessor):
+    """Register ``proc`` with ``model``'s probe (installing it for the first processor); return its removal."""
+    live = _LIVE.get(model)
+    if live is None:
+        live = _LIVE[model] = []
+        own = vars(model).get(_NAME)  # someone else's instance attribute, put back when the last one leaves
+        original = getattr(model, _NAME)
+
+        def probe(*args: Any, **kwargs: Any) -> Any:
+            config = kwargs.get("generation_config", args[0] if args else None)
+            user = kwargs.get("logits_processor", args[4] if len(args) > 4 else None)
+            for p in list(_LIVE.get(model, ())):
+                p._observe(config, user)
+            return original(*args, **kwargs)
+
+        probe.restore = lambda: setattr(model, _NAME, own) if own is not None else vars(model).pop(_NAME, None)
+        setattr(model, _NAME, probe)
+    live.append(proc)
+
+    def remove() -> None:
+        if proc in live:
+            live.remove(proc)
+        if not live:
+            probe_now = vars(model).get(_NAME)
+            _LIVE.pop(model, None)
+            if probe_now is not None and hasattr(probe_now, "restore"):
+                probe_now.restore()
+
+    return remove

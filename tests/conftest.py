@@ -46,6 +46,11 @@ def tiny_ids(n: int = 16, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, TINY["vocab_size"], (1, n), generator=g)
 
 
+def count_hooks(model) -> int:
+    """How many forward and pre-forward hooks the model's modules carry (torch keeps them in these dicts)."""
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
 def read_zkllm(path: Path, seq_len: int, hidden: int) -> np.ndarray:
     """Read a .bin exactly the way zkLLM's scripts do."""
     return np.fromfile(path, dtype=np.int32).reshape(seq_len, hidden)

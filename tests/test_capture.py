@@ -8,11 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_tiny, read_zkllm, tiny_ids
+from conftest import count_hooks, make_tiny, read_zkllm, tiny_ids
 
 import zkllm_hf
 from zkllm_hf import engine as engine_mod
-from zkllm_hf.hooks import count_hooks
 from zkllm_hf.points import FILES_PER_LAYER, POINTS
 from zkllm_hf.provenance import weights_fingerprint
 
@@ -122,7 +121,8 @@ def test_layer_subset(tiny, tmp_path):
     res, _ = run_capture(tiny, tmp_path / "sub", layers="0,2")
     names = {p.name for p in (tmp_path / "sub").glob("*.bin")}
     assert {n.split("-")[1] for n in names} == {"0", "2"}
-    assert not any(c.check == "chain" for c in res.checks)  # layer 1 was not captured
+    chain = [c for c in res.checks if c.check == "chain"]  # layer 1 was not captured: layer 2's chain is skipped
+    assert [(c.layer, c.skipped) for c in chain] == [(2, "layer 1 is not in the capture")] and not chain[0].passed
     assert zkllm_hf.validate(tmp_path / "sub", model=tiny).ok
 
 

@@ -35,9 +35,13 @@ def make_tiny(arch: str = "llama", seed: int = 0, dtype: torch.dtype = torch.flo
     config_cls, model_cls = classes[arch]
     torch.manual_seed(seed)
     model = model_cls(config_cls(**{**TINY, **overrides}))
-    # Random init gives a tiny residual stream; widen the embeddings so values span many binades.
+    # Random init gives a tiny residual stream; widen the embeddings so values span many binades. Norm weights
+    # start at 1.0: make each distinct, so a check reading the wrong norm's weight fails.
     with torch.no_grad():
         model.get_input_embeddings().weight.mul_(50)
+        for name, module in model.named_modules():
+            if name.endswith("norm") or name.endswith("layernorm"):
+                module.weight.uniform_(0.5, 1.5)
     return model.to(dtype).eval()
 
 

@@ -402,7 +402,7 @@ class CaptureResult:
     scale_log2: int
     max_abs_value: float  # largest |x| over every captured point
     worst: tuple[int, str]  # (layer, point) where it occurs
-    checks: list[CheckResult] = field(default_factory=list)
+    checks: list[CheckResult] = field(default_factory=list)  # every check the gate ran, by contract name
     warnings: list[str] = field(default_factory=list)  # zkLLM limits the capture does not meet
     units: list[dict[str, Any]] = field(default_factory=list)  # folder, sample, step, phase, seq_len per unit
     mode: str = "forward"
@@ -411,6 +411,11 @@ class CaptureResult:
     def headroom(self) -> float:
         """Fraction of the int32 range the largest value uses (0.69 means 69%)."""
         return fp.headroom(self.max_abs_value, self.scale_log2)
+
+    @property
+    def skipped(self) -> list[CheckResult]:
+        """The checks that could not run, each with its reason (never counted as passed)."""
+        return [c for c in self.checks if c.skipped is not None]
 
     @property
     def is_dataset(self) -> bool:
@@ -707,14 +712,15 @@ class CaptureEngine:
                 dict(r, file=prefix + r["file"], alias_of=None if r["alias_of"] is None else prefix + r["alias_of"])
                 for r in rows
             ]
+        index_results: list[CheckResult] = []
         if not flat:
             index = build_table(dataset_rows, {})
             subject = CaptureSubject(index.to_pylist(), index, table_metadata(index))
-            failures += [
+            index_results += [
                 _replace(c, unit=(c.file.rpartition("/")[0] if c.file else "."))
                 for c in run_capture_checks(contract, subject, kinds=frozenset({"manifest_schema"}))
-                if c.failed
             ]
+            failures += [c for c in index_results if c.failed]
         if failures:
             raise ContractViolation(failures, context=f"capture into '{self.out_dir}'")
         unit_meta = [
@@ -755,7 +761,8 @@ class CaptureEngine:
             ]
             results = run_capture_checks(contract, subject, kinds=INDEX_KINDS - {"manifest_schema"})
             results += run_dataset_checks(contract, root, dataset_rows, meta, entries)
-            bad = [_replace(r, unit=r.unit or ".") for r in results if r.failed]
+            index_results.extend(_replace(r, unit=r.unit or ".") for r in results)
+            bad = [r for r in index_results if r.failed]
             if bad:
                 raise ContractViolation(bad, context=f"capture into '{self.out_dir}'")
             write_manifest(index, root / MANIFEST_NAME)
@@ -776,7 +783,7 @@ class CaptureEngine:
             scale_log2=self.scale_log2,
             max_abs_value=max_abs,
             worst=(worst.layer, worst.point.name),
-            checks=[tag(c, u) for u in units for c in u.results],
+            checks=[tag(c, u) for u in units for c in u.results] + index_results,
             warnings=zkllm_limit_warnings(
                 seq_len, hidden, getattr(config, "intermediate_size", None), paddable=self.paddable
             ),

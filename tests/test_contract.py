@@ -187,7 +187,8 @@ def test_a_failed_move_puts_the_previous_capture_back(tmp_path, monkeypatch):
     rename = writer_mod.os.rename
 
     def failing(src, dst):
-        if ".zkllm-staging-" in str(src):
+        if Path(dst) == out and ".zkllm-staging-" in str(src):  # the final move, after the old one moved aside
+            assert not out.exists()
             raise OSError(28, "No space left on device")
         return rename(src, dst)
 

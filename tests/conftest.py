@@ -35,15 +35,24 @@ def make_tiny(arch: str = "llama", seed: int = 0, dtype: torch.dtype = torch.flo
     config_cls, model_cls = classes[arch]
     torch.manual_seed(seed)
     model = model_cls(config_cls(**{**TINY, **overrides}))
-    # Random init gives a tiny residual stream; widen the embeddings so values span many binades.
+    # Random init gives a tiny residual stream; widen the embeddings so values span many binades. Norm weights
+    # start at 1.0: make each distinct, so a check reading the wrong norm's weight fails.
     with torch.no_grad():
         model.get_input_embeddings().weight.mul_(50)
+        for name, module in model.named_modules():
+            if name.endswith("norm") or name.endswith("layernorm"):
+                module.weight.uniform_(0.5, 1.5)
     return model.to(dtype).eval()
 
 
 def tiny_ids(n: int = 16, seed: int = 1) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, TINY["vocab_size"], (1, n), generator=g)
+
+
+def count_hooks(model) -> int:
+    """How many forward and pre-forward hooks the model's modules carry (torch keeps them in these dicts)."""
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
 
 
 def read_zkllm(path: Path, seq_len: int, hidden: int) -> np.ndarray:

@@ -167,7 +167,7 @@ def test_dataset_tamper_cases(tiny, dataset):
     (dataset / "sample-1" / "manifest.arrow").write_bytes(saved)
     # a stray folder, and a missing unit
     (dataset / "sample-7").mkdir()
-    assert ("completeness", ".") in failed(dataset)
+    assert ("dataset_index", ".") in failed(dataset)
     os.rmdir(dataset / "sample-7")
     shutil.rmtree(dataset / "sample-0")
     report = zkllm_hf.validate(dataset)

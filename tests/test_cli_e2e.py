@@ -5,11 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import read_zkllm
+from conftest import count_hooks, read_zkllm
 
 import zkllm_hf
 from zkllm_hf.cli import main
-from zkllm_hf.hooks import count_hooks
 from zkllm_hf.points import POINTS, POINTS_BY_NAME
 
 pytestmark = pytest.mark.slow

@@ -116,6 +116,19 @@ def test_edited_manifest_row(cap):
     assert [f.file for f in failures(report, "range")] == ["layer-1-block-output.bin"]
 
 
+@pytest.mark.parametrize("field, delta", [("int_min", -1), ("int_min", 1), ("int_max", 1), ("int_max", -1)])
+def test_range_bounds_are_checked_both_ends(cap, field, delta):
+    """A careful forger who recomputes the digest still cannot move either recorded bound."""
+
+    def edit(rows):
+        row = next(r for r in rows if r["file"] == "layer-2-ffn-activation.bin")
+        row[field] += delta
+
+    rewrite_manifest(cap, edit, keep_digest=True)
+    bad = failures(zkllm_hf.validate(cap))
+    assert [(f.check, f.file) for f in bad] == [("range", "layer-2-ffn-activation.bin")]
+
+
 def test_edited_row_with_recomputed_digest_is_still_caught(cap):
     def edit(rows):
         row = next(r for r in rows if r["file"] == "layer-0-self-attn-activation.bin")
@@ -160,7 +173,9 @@ def test_wrong_scale_everywhere_is_caught_by_the_model(cap, model):
 
 
 def test_other_model_weights(cap):
-    other = make_tiny(seed=5)  # random init leaves every norm weight at 1: only the fingerprint differs
+    other = make_tiny()
+    with torch.no_grad():  # a weight no check recomputes: only the fingerprint differs
+        other.model.layers[1].mlp.down_proj.weight[0, 0] += 1.0
     assert {f.check for f in zkllm_hf.validate(cap, model=other).failures} == {"weights_fingerprint"}
     with torch.no_grad():
         other.model.layers[2].input_layernorm.weight.mul_(1.05)

@@ -27,12 +27,14 @@ def capture(
     prompt_length: int | Sequence[int] | None = None,
     pad_token_id: int | None = None,
     extra_metadata: Mapping[str, Any] | None = None,
+    contract: str = "v1",
 ) -> CaptureSession:
     """Capture the next forward of ``model`` into ``out_dir`` as zkLLM ``.bin`` files.
 
     Use as a context manager: ``with capture(model, "activations"): model(**inputs)``. Hooks attach on
     enter and are removed on exit; the files appear only if the whole capture passed its contracts.
-    ``layers`` is None (all), a list of indices or a spec such as ``"0-3,7"``.
+    ``layers`` is None (all), a list of indices or a spec such as ``"0-3,7"``. ``contract`` is a packaged
+    contract (``"v1"``) or a folder holding ``capture.yaml``.
     """
     return CaptureSession(
         model,
@@ -44,6 +46,7 @@ def capture(
         prompt_length=prompt_length,
         pad_token_id=pad_token_id,
         extra_metadata=extra_metadata,
+        contract=contract,
     )
 
 

@@ -1,30 +1,38 @@
 """The data contracts: load ``contracts/vN`` and run its checks on tensors in memory or files on disk.
 
-``contracts/v1/capture.yaml`` names the tensor checks; this module registers the functions behind them.
-``contracts/v1/manifest.yaml`` is a pandera schema whose custom checks are registered here too, through
-``pandera.extensions``. The capture gate and ``zkllm-hf validate`` both run what this module returns, so a
-capture is valid by exactly one definition.
+``contracts/v1/capture.yaml`` lists every check a capture must pass; each entry names a ``kind``, an
+implementation registered here, and carries its parameters. ``contracts/v1/manifest.yaml`` is a pandera
+schema whose custom checks are registered here too, through ``pandera.extensions``. The capture gate and
+``zkllm-hf validate`` run the same entries through the same functions, so a capture is valid by exactly one
+definition: an entry removed from the contract is removed from both, a changed parameter changes both.
+
+Scopes: ``layer`` checks see one layer's int32 codes (the identities); ``file`` checks see each file once
+(integrity and range, from one read); ``capture`` checks see a manifest, its metadata and, when given, the
+model; ``dataset`` checks see a dataset's index and its units.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 import yaml
 from tqdm.auto import tqdm
 
 from . import fixed_point as fp
-from .points import FILE_TEMPLATES, POINTS
-from .writer import sha256_file
+from .manifest import FORMAT_VERSION, rows_digest
+from .points import FILE_TEMPLATES, POINTS, alias_point_name
+from .writer import MANIFEST_NAME, sha256_file
 
 DEFAULT_CONTRACT = "v1"
 
@@ -64,6 +72,11 @@ class CheckResult:
     tolerance_lsb: float | None = None
     index: tuple[int, ...] | None = None
     unit: str | None = None  # the unit folder in a dataset (``sample-1/step-2``), "." for the index
+    skipped: str | None = None  # why the check did not run; a skipped check is neither passed nor failed
+
+    @property
+    def failed(self) -> bool:
+        return not self.passed and self.skipped is None
 
     def describe(self) -> str:
         where = [self.unit] if self.unit else []
@@ -74,6 +87,8 @@ class CheckResult:
         if self.file:
             where.append(f"({self.file})")
         text = f"{self.check}: {' '.join(where) or 'capture'}"
+        if self.skipped is not None:
+            return f"{text}: skipped: {self.skipped}"
         if self.max_dev_lsb is not None:
             at = f" at token {self.index[0]}, dim {self.index[1]}" if self.index and len(self.index) == 2 else ""
             text += (
@@ -98,78 +113,84 @@ class ContractViolation(ValueError):
 
 
 # --------------------------------------------------------------------------------------------------
-# Tensor checks: registered by tolerance kind, named and parameterised by the contract.
+# The registry: each contract entry's ``kind`` names one of these.
 
-Tensors = Mapping[str, torch.Tensor]
-IdentityFn = Callable[..., fp.Deviation]
-_IDENTITIES: dict[str, IdentityFn] = {}
+SCOPES = ("capture", "file", "layer", "dataset")
+_KINDS: dict[str, tuple[str, Callable[..., Any]]] = {}
 
 
-def register_identity(kind: str) -> Callable[[IdentityFn], IdentityFn]:
-    """Register the function behind a contract's ``tolerance: <kind>``."""
+def register_check(kind: str, scope: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Register the implementation behind contract entries of ``kind``."""
+    if scope not in SCOPES:
+        raise ValueError(f"scope {scope!r}; one of {SCOPES}")
 
-    def deco(fn: IdentityFn) -> IdentityFn:
-        _IDENTITIES[kind] = fn
+    def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
+        _KINDS[kind] = (scope, fn)
         return fn
 
     return deco
 
 
-@register_identity("sum")
-def _sum(
-    lhs: torch.Tensor, terms: Sequence[torch.Tensor], *, lhs_dtype: torch.dtype, scale_log2: int, **_: Any
-) -> fp.Deviation:
-    return fp.sum_deviation(terms[0], terms[1], lhs, lhs_dtype, scale_log2)
-
-
-@register_identity("exact")
-def _exact(lhs: torch.Tensor, terms: Sequence[torch.Tensor], **_: Any) -> fp.Deviation:
-    return fp.equal_deviation(lhs, terms[0])
-
-
-@register_identity("rmsnorm")
-def _rmsnorm(
-    lhs: torch.Tensor,
-    terms: Sequence[torch.Tensor],
-    *,
-    lhs_dtype: torch.dtype,
-    term_dtypes: Sequence[torch.dtype],
-    scale_log2: int,
-    norm: tuple[torch.Tensor, float],
-    **_: Any,
-) -> fp.Deviation:
-    weight, eps = norm
-    return fp.rmsnorm_deviation(terms[0], lhs, weight, eps, term_dtypes[0], lhs_dtype, scale_log2)
-
-
 @dataclass(frozen=True)
-class IdentitySpec:
+class CheckSpec:
+    """One contract entry."""
+
     name: str
-    lhs: str
-    terms: tuple[str, ...]
-    tolerance: str
-    module: str | None = None
+    kind: str
+    scope: str
+    params: Mapping[str, Any] = field(default_factory=dict)  # everything else in the entry
     needs_model: bool = False
-    previous_layer: bool = False  # the terms are the previous layer's points
+    doc: str = ""
+
+    @property
+    def lhs(self) -> str:
+        return str(self.params["lhs"])
+
+    @property
+    def terms(self) -> tuple[str, ...]:
+        return tuple(self.params.get("terms", ()))
+
+    @property
+    def module(self) -> str | None:
+        return self.params.get("module")
+
+    @property
+    def previous_layer(self) -> bool:
+        return bool(self.params.get("previous_layer", False))
 
 
 @dataclass(frozen=True)
 class Contract:
     """A loaded, versioned contract."""
 
-    version: str  # e.g. "1.0.0"
-    folder: str  # e.g. "v1"
+    name: str  # e.g. "zkllm-hf-capture"
+    version: str  # e.g. "1.2.0"
+    folder: str  # "v1" for a packaged contract, else the folder's absolute path
     format_version: int
-    checks: tuple[str, ...]
-    identities: tuple[IdentitySpec, ...]
+    checks: tuple[CheckSpec, ...]
     manifest_schema: Any = field(repr=False)
+
+    def scope(self, scope: str) -> tuple[CheckSpec, ...]:
+        return tuple(c for c in self.checks if c.scope == scope)
+
+    def has(self, name: str) -> bool:
+        return any(c.name == name for c in self.checks)
+
+    @property
+    def identities(self) -> tuple[CheckSpec, ...]:
+        return self.scope("layer")
 
     @property
     def norm_modules(self) -> tuple[str, ...]:
-        """The norm modules whose weights the model-dependent checks need."""
+        """The norm modules whose weights the model-dependent layer checks need."""
         return tuple(s.module for s in self.identities if s.module)
 
-    def validate_manifest(self, frame: pd.DataFrame) -> list[CheckResult]:
+    @property
+    def identity(self) -> dict[str, Any]:
+        """How manifests name this contract."""
+        return {"name": self.name, "version": self.version, "folder": self.folder}
+
+    def validate_manifest(self, frame: pd.DataFrame, name: str = "manifest_schema") -> list[CheckResult]:
         """Run the pandera manifest schema; every failure becomes a :class:`CheckResult`."""
         import pandera.errors
 
@@ -185,60 +206,98 @@ class Contract:
                 column = case.get("column")
                 results.append(
                     CheckResult(
-                        "manifest_schema",
+                        name,
                         False,
                         f"column {column!r} failed {case.get('check')!s} (value {case.get('failure_case')!r})",
                         file=file,
                     )
                 )
             return results
-        return [CheckResult("manifest_schema", True)]
+        return [CheckResult(name, True)]
 
 
 @functools.cache
 def load_contract(folder: str = DEFAULT_CONTRACT) -> Contract:
-    """Load and check ``contracts/<folder>``: every check it names must be registered here."""
+    """Load and check a contract: a packaged one by name (``"v1"``), or a folder holding ``capture.yaml``.
+
+    Every entry's kind must be registered, with the scope it declares, and the contract's format version
+    must be the one this zkllm-hf writes.
+    """
     import pandera.pandas as pa
 
     _register_manifest_checks()
-    base = contracts_root() / folder
-    if not base.is_dir():
+    base = Path(folder) if ("/" in folder or os.sep in folder) else contracts_root() / folder
+    if not (base / "capture.yaml").is_file():
         known = sorted(p.name for p in contracts_root().iterdir() if p.is_dir())
-        raise ValueError(f"contract {folder!r} does not exist; known contracts: {known}")
+        raise ValueError(f"contract {folder!r} does not exist; known contracts: {known}, or a folder with capture.yaml")
     spec = yaml.safe_load((base / "capture.yaml").read_text())
+    where = f"contract {folder}"
     if list(spec["points"]) != [p.name for p in POINTS]:
+        raise ValueError(f"{where} names points {spec['points']}, the point table has {[p.name for p in POINTS]}")
+    if int(spec["format_version"]) != FORMAT_VERSION:
         raise ValueError(
-            f"contract {folder} names points {spec['points']}, the point table has {[p.name for p in POINTS]}"
+            f"{where} describes manifest format {spec['format_version']}; this zkllm-hf writes format "
+            f"{FORMAT_VERSION}. Use a contract for format {FORMAT_VERSION}, or a zkllm-hf that matches"
         )
-    identities = []
-    for entry in spec["tensor_checks"]:
-        if "tolerance" not in entry:
-            continue
-        if entry["tolerance"] not in _IDENTITIES:
-            raise ValueError(
-                f"contract {folder} check {entry['name']!r} uses tolerance "
-                f"{entry['tolerance']!r}, which no registered check implements"
-            )
-        identities.append(
-            IdentitySpec(
-                entry["name"],
-                entry["lhs"],
-                tuple(entry["terms"]),
-                entry["tolerance"],
-                entry.get("module"),
-                bool(entry.get("needs_model", False)),
-                bool(entry.get("previous_layer", False)),
-            )
-        )
+    checks = []
+    for entry in spec["checks"]:
+        entry = dict(entry)
+        name, kind, scope = entry.pop("name"), entry.pop("kind", None), entry.pop("scope", None)
+        if kind not in _KINDS:
+            raise ValueError(f"{where} check {name!r} has kind {kind!r}, which no registered check implements")
+        if scope != _KINDS[kind][0]:
+            raise ValueError(f"{where} check {name!r}: kind {kind!r} runs at scope {_KINDS[kind][0]!r}, not {scope!r}")
+        needs_model, doc = bool(entry.pop("needs_model", False)), str(entry.pop("doc", ""))
+        checks.append(CheckSpec(name, kind, scope, entry, needs_model, doc))
+    names = [c.name for c in checks]
+    if len(set(names)) != len(names):
+        raise ValueError(f"{where} names a check twice: {names}")
     schema = pa.DataFrameSchema.from_yaml(base / spec["manifest_schema"])
+    folder_id = folder if base.parent == contracts_root() and base.name == folder else str(base.resolve())
     return Contract(
-        str(spec["version"]),
-        folder,
-        int(spec["format_version"]),
-        tuple(e["name"] for e in spec["tensor_checks"]),
-        tuple(identities),
-        schema,
+        str(spec["contract"]), str(spec["version"]), folder_id, int(spec["format_version"]), tuple(checks), schema
     )
+
+
+# --------------------------------------------------------------------------------------------------
+# Layer checks: the identities on one layer's int32 codes.
+
+Tensors = Mapping[str, torch.Tensor]
+
+
+@register_check("sum", "layer")
+def _sum(
+    spec: CheckSpec,
+    lhs: torch.Tensor,
+    terms: Sequence[torch.Tensor],
+    *,
+    lhs_dtype: torch.dtype,
+    scale_log2: int,
+    **_: Any,
+) -> fp.Deviation:
+    tolerance = {k: float(spec.params[k]) for k in ("quantisation_lsb", "rounding_ulps") if k in spec.params}
+    return fp.sum_deviation(terms[0], terms[1], lhs, lhs_dtype, scale_log2, **tolerance)
+
+
+@register_check("exact", "layer")
+def _exact(spec: CheckSpec, lhs: torch.Tensor, terms: Sequence[torch.Tensor], **_: Any) -> fp.Deviation:
+    return fp.equal_deviation(lhs, terms[0])
+
+
+@register_check("rmsnorm", "layer")
+def _rmsnorm(
+    spec: CheckSpec,
+    lhs: torch.Tensor,
+    terms: Sequence[torch.Tensor],
+    *,
+    lhs_dtype: torch.dtype,
+    term_dtypes: Sequence[torch.dtype],
+    scale_log2: int,
+    norm: tuple[torch.Tensor, float],
+    **_: Any,
+) -> fp.Deviation:
+    weight, eps = norm
+    return fp.rmsnorm_deviation(terms[0], lhs, weight, eps, term_dtypes[0], lhs_dtype, scale_log2)
 
 
 def run_identities(
@@ -249,30 +308,39 @@ def run_identities(
     scale_log2: int,
     *,
     previous: Tensors | None = None,
-    norms: Mapping[str, tuple[torch.Tensor, float]] | None = None,
+    norms: Mapping[str, tuple[torch.Tensor, float] | str] | str | None = None,
     files: Mapping[str, str] | None = None,
 ) -> list[CheckResult]:
-    """Run every identity of the contract on one layer's int32 codes.
+    """Run the contract's layer checks on one layer's int32 codes.
 
     ``tensors`` maps point names to (seq_len, hidden) int32 codes on any one device. Checks across layers
-    (the chain) run when ``previous`` holds layer L-1's codes of their terms, the norms when ``norms`` maps
-    each norm module to its ``(weight, eps)``.
+    (the chain) use ``previous``, layer L-1's codes; at layer 0 they do not apply, and when L-1 is absent
+    they are reported as skipped. Model checks use ``norms``, mapping each norm module to its ``(weight,
+    eps)`` or to the reason it could not be read; a string (or None) is the reason for all of them.
     """
     results = []
     for spec in contract.identities:
-        source = previous if spec.previous_layer else tensors
-        if source is None:
+        where = {"layer": layer, "point": spec.lhs, "file": (files or {}).get(spec.lhs)}
+        if spec.previous_layer and previous is None:
+            if layer > 0:
+                results.append(
+                    CheckResult(spec.name, False, skipped=f"layer {layer - 1} is not in the capture", **where)
+                )
             continue
-        terms = [source[t] for t in spec.terms]
         extra: dict[str, Any] = {}
         if spec.needs_model:
-            if norms is None:
+            norm = norms.get(spec.module) if isinstance(norms, Mapping) else (norms or "no model was given")
+            if not isinstance(norm, tuple):
+                results.append(CheckResult(spec.name, False, skipped=str(norm), **where))
                 continue
-            extra["norm"] = norms[spec.module]
+            extra["norm"] = norm
+        source = previous if spec.previous_layer else tensors
+        terms = [source[t] for t in spec.terms]
         device = tensors[spec.lhs].device
         if device.type == "mps":  # no float64 there
             device = torch.device("cpu")
-        dev = _IDENTITIES[spec.tolerance](
+        dev = _KINDS[spec.kind][1](
+            spec,
             tensors[spec.lhs].to(device),
             [t.to(device) for t in terms],
             lhs_dtype=dtypes[spec.lhs],
@@ -284,42 +352,309 @@ def run_identities(
             CheckResult(
                 spec.name,
                 dev.ok,
-                layer=layer,
-                point=spec.lhs,
-                file=(files or {}).get(spec.lhs),
                 max_dev_lsb=dev.max_dev_lsb,
                 max_ratio=dev.max_ratio,
                 tolerance_lsb=dev.tolerance_lsb,
                 index=dev.index,
+                **where,
             )
         )
     return results
 
 
-def check_integrity(folder: Path, rows: Sequence[Mapping[str, Any]], *, progress: bool = False) -> list[CheckResult]:
-    """Every file of ``rows`` exists in ``folder`` with the recorded byte size and SHA-256 (one result each).
+# --------------------------------------------------------------------------------------------------
+# File checks: each file read once, for its size, digest and int range.
 
-    ``progress`` shows a bar on a terminal.
-    """
 
-    def check(row: Mapping[str, Any]) -> CheckResult:
-        where = {"layer": int(row["layer"]), "point": str(row["point"]), "file": str(row["file"])}
-        path = folder / row["file"]
-        if not path.is_file():
-            return CheckResult("integrity", False, "file is missing", **where)
-        size = path.stat().st_size
-        if size != row["byte_size"]:
-            return CheckResult("integrity", False, f"{size} bytes, manifest says {row['byte_size']}", **where)
-        digest = sha256_file(path)
-        if digest != row["sha256"]:
-            return CheckResult(
-                "integrity", False, f"sha256 {digest[:12]}..., manifest says {row['sha256'][:12]}...", **where
-            )
-        return CheckResult("integrity", True, **where)
+@register_check("integrity", "file")
+def _integrity(spec: CheckSpec, row: Mapping[str, Any], data: bytes | None, problem: str | None) -> CheckResult:
+    where = _where(row)
+    if data is None:
+        return CheckResult(spec.name, False, problem or "file is unreadable", **where)
+    if len(data) != row["byte_size"]:
+        return CheckResult(spec.name, False, f"{len(data)} bytes, manifest says {row['byte_size']}", **where)
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != row["sha256"]:
+        return CheckResult(spec.name, False, f"sha256 {digest[:12]}..., manifest says {row['sha256'][:12]}...", **where)
+    return CheckResult(spec.name, True, **where)
+
+
+@register_check("range", "file")
+def _range(spec: CheckSpec, row: Mapping[str, Any], data: bytes | None, problem: str | None) -> CheckResult:
+    where = _where(row)
+    if data is None or len(data) % 4:
+        return CheckResult(spec.name, False, skipped=f"no int32 data to read ({problem or 'truncated file'})", **where)
+    codes = np.frombuffer(data, dtype="<i4")
+    if not codes.size:
+        return CheckResult(spec.name, False, "file holds no values", **where)
+    lo, hi = int(codes.min()), int(codes.max())
+    ok = (lo, hi) == (row["int_min"], row["int_max"]) and lo > -(2**31)
+    message = "" if ok else f"data spans [{lo}, {hi}], manifest says [{row['int_min']}, {row['int_max']}]"
+    if lo == -(2**31):
+        message += "; -2**31 is outside the symmetric int32 range zkLLM uses"
+    return CheckResult(spec.name, ok, message, **where)
+
+
+def _where(row: Mapping[str, Any]) -> dict[str, Any]:
+    return {"layer": int(row["layer"]), "point": str(row["point"]), "file": str(row["file"])}
+
+
+def inside(folder: Path, name: str) -> Path | None:
+    """``folder / name`` if ``name`` is a plain relative path that stays inside ``folder``, else None."""
+    if not name or name.startswith(("/", "\\")) or ".." in Path(name).parts or Path(name).is_absolute():
+        return None
+    path = folder / name
+    try:
+        if not path.resolve().is_relative_to(folder.resolve()):
+            return None
+    except OSError:
+        return None
+    return path
+
+
+def run_file_checks(
+    contract: Contract, folder: Path, rows: Sequence[Mapping[str, Any]], *, progress: bool = False
+) -> list[CheckResult]:
+    """The contract's file checks, each file read once (on threads). ``progress`` shows a bar on a terminal."""
+    specs = contract.scope("file")
+    if not specs:
+        return []
+
+    def check(row: Mapping[str, Any]) -> list[CheckResult]:
+        path = inside(folder, str(row["file"]))
+        data, problem = None, None
+        if path is None:
+            problem = "the path leaves the capture folder; refusing to open it"
+        elif not path.is_file():
+            problem = "file is missing"
+        else:
+            data = path.read_bytes()
+        return [_KINDS[s.kind][1](s, row, data, problem) for s in specs]
 
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        done = pool.map(check, rows)
-        return list(tqdm(done, total=len(rows), desc="checksums", unit="file", disable=None if progress else True))
+        done = tqdm(
+            pool.map(check, rows), total=len(rows), desc="files", unit="file", disable=None if progress else True
+        )
+        return [r for results in done for r in results]
+
+
+# --------------------------------------------------------------------------------------------------
+# Capture checks: a manifest, its metadata, and the model when one is given.
+
+
+@dataclass
+class CaptureSubject:
+    """What the capture-scope checks look at: a unit's manifest (in memory or read back) and its folder."""
+
+    rows: list[dict[str, Any]]
+    table: Any  # pyarrow.Table
+    metadata: Mapping[str, Any]
+    folder: Path | None = None  # where the files lie, to find files the manifest does not list
+    model: Any = None
+    fingerprint: Callable[[], str] | None = None  # the model's weights fingerprint, computed at most once
+    fired: Sequence[CheckResult] = ()  # completeness failures the gate's hooks saw (points firing twice)
+
+
+def run_capture_checks(
+    contract: Contract,
+    subject: CaptureSubject,
+    *,
+    kinds: frozenset[str] | None = None,
+    skip: frozenset[str] = frozenset(),
+) -> list[CheckResult]:
+    """The contract's capture checks on one manifest (only ``kinds`` if given, never ``skip``)."""
+    results: list[CheckResult] = []
+    for spec in contract.scope("capture"):
+        if (kinds is not None and spec.kind not in kinds) or spec.kind in skip:
+            continue
+        if spec.needs_model and subject.model is None:
+            results.append(CheckResult(spec.name, False, skipped="no model was given (pass model=, or --model)"))
+            continue
+        results += _KINDS[spec.kind][1](spec, subject, contract)
+    return results
+
+
+@register_check("format_version", "capture")
+def _format_version(spec: CheckSpec, s: CaptureSubject, contract: Contract) -> list[CheckResult]:
+    found = s.metadata.get("format_version")
+    ok = found == contract.format_version
+    return [
+        CheckResult(
+            spec.name,
+            ok,
+            ""
+            if ok
+            else f"format_version {found!r}; contract {contract.version} reads "
+            f"{contract.format_version}: use a zkllm-hf that matches",
+        )
+    ]
+
+
+@register_check("manifest_schema", "capture")
+def _manifest_schema(spec: CheckSpec, s: CaptureSubject, contract: Contract) -> list[CheckResult]:
+    return contract.validate_manifest(s.table.to_pandas(), spec.name)
+
+
+@register_check("manifest_digest", "capture")
+def _manifest_digest(spec: CheckSpec, s: CaptureSubject, contract: Contract) -> list[CheckResult]:
+    ok = rows_digest(s.rows, s.metadata) == s.metadata.get("manifest_digest")
+    return [CheckResult(spec.name, ok, "" if ok else "rows or metadata were edited after the capture wrote them")]
+
+
+def _capture_dims(meta: Mapping[str, Any]) -> tuple[int, int, int, list[int]]:
+    capture, tokens = meta["capture"], meta["tokens"]
+    return (
+        int(capture["scale_log2"]),
+        int(tokens["seq_len"]),
+        int(capture["hidden_size"]),
+        [int(x) for x in capture["layers"]],
+    )
+
+
+@register_check("shape", "capture")
+def _shape(spec: CheckSpec, s: CaptureSubject, contract: Contract) -> list[CheckResult]:
+    scale, seq_len, hidden, _ = _capture_dims(s.metadata)
+    results = []
+    config_hidden = getattr(getattr(s.model, "config", None), "hidden_size", None)
+    if config_hidden is not None and config_hidden != hidden:
+        results.append(CheckResult(spec.name, False, f"hidden size {hidden}, the model's config says {config_hidden}"))
+    for row in s.rows:
+        problems = []
+        if row["scale_log2"] != scale:
+            problems.append(f"scale_log2 {row['scale_log2']}, metadata says {scale}")
+        if (row["rows"], row["cols"]) != (seq_len, hidden):
+            problems.append(f"shape ({row['rows']}, {row['cols']}), metadata says ({seq_len}, {hidden})")
+        results.append(CheckResult(spec.name, not problems, "; ".join(problems), **_where(row)))
+    return results
+
+
+@register_check("completeness", "capture")
+def _completeness(spec: CheckSpec, s: CaptureSubject, contract: Contract) -> list[CheckResult]:
+    _, _, _, layers = _capture_dims(s.metadata)
+    results = [replace(f, check=spec.name) for f in s.fired]
+    listed = {(r["layer"], r["point"]) for r in s.rows}
+    for layer in layers:
+        for p in POINTS:
+            for name in [p.name] + [alias_point_name(p.name, i) for i in range(len(p.aliases))]:
+                if (layer, name) not in listed:
+                    results.append(
+                        CheckResult(
+                            spec.name,
+                            False,
+                            "missing from the manifest",
+                            layer=layer,
+                            point=name,
+                            file=expected_file(name, layer),
+                        )
+                    )
+    if s.folder is not None:
+        for name in sorted({f.name for f in s.folder.glob("*.bin")} - {r["file"] for r in s.rows}):
+            results.append(CheckResult(spec.name, False, "file is not in the manifest", file=name))
+    if not results:
+        results.append(CheckResult(spec.name, True))
+    return results
+
+
+@register_check("config", "capture")
+def _config(spec: CheckSpec, s: CaptureSubject, contract: Contract) -> list[CheckResult]:
+    from .provenance import config_sha256
+
+    ok = config_sha256(getattr(s.model, "config", None)) == s.metadata.get("model", {}).get("config_sha256")
+    return [CheckResult(spec.name, ok, "" if ok else "model config differs from the captured model's")]
+
+
+@register_check("weights_fingerprint", "capture")
+def _weights_fingerprint(spec: CheckSpec, s: CaptureSubject, contract: Contract) -> list[CheckResult]:
+    from .provenance import weights_fingerprint
+
+    now = s.fingerprint() if s.fingerprint is not None else weights_fingerprint(s.model)
+    recorded = s.metadata.get("model", {}).get("weights_fingerprint")
+    ok = now == recorded
+    message = (
+        ""
+        if ok
+        else (
+            f"model weights {now[:12]}..., capture recorded {str(recorded)[:12]}...; pass the model that was captured"
+        )
+    )
+    return [CheckResult(spec.name, ok, message)]
+
+
+# --------------------------------------------------------------------------------------------------
+# Dataset checks: an index and the units it lists.
+
+INDEX_KINDS = frozenset({"format_version", "manifest_schema", "manifest_digest"})  # capture checks on an index
+
+
+@register_check("dataset_index", "dataset")
+def _dataset_index(
+    spec: CheckSpec,
+    path: Path,
+    rows: Sequence[Mapping[str, Any]],
+    meta: Mapping[str, Any],
+    units: Sequence[Mapping[str, Any]],
+) -> list[CheckResult]:
+    """Each unit's manifest is the one the index recorded, and the index's rows for it are its rows.
+
+    ``units`` are the index's unit entries, each with ``rows`` (the unit manifest's rows, or None if it
+    could not be read) and ``metadata``.
+    """
+    results = []
+    index = lambda ok, msg="", **kw: CheckResult(spec.name, ok, "" if ok else msg, unit=".", **kw)  # noqa: E731
+    by_unit: dict[str, list[Mapping[str, Any]]] = {}
+    for r in rows:
+        by_unit.setdefault(str(r["file"]).rpartition("/")[0], []).append(r)
+    keys = ("layer", "point", "rows", "cols", "byte_size", "sha256", "source_dtype", "int_min", "int_max")
+    for e in units:
+        folder = e["folder"]
+        manifest = path / folder / MANIFEST_NAME
+        digest = sha256_file(manifest) if manifest.is_file() else None
+        results.append(
+            index(
+                digest == e.get("manifest_sha256"),
+                "the unit's manifest is missing or differs from the one the index recorded",
+                file=f"{folder}/{MANIFEST_NAME}",
+            )
+        )
+        unit_rows, unit_meta = e.get("rows"), e.get("metadata") or {}
+        mine = by_unit.pop(folder, [])
+        if unit_rows is None:
+            continue
+        said = unit_meta.get("unit", {})
+        if (said.get("sample"), said.get("step")) != (e["sample"], e["step"]):
+            results.append(
+                index(
+                    False,
+                    f"{folder} says it is sample {said.get('sample')}, step {said.get('step')}; "
+                    f"the index says {e['sample']}, {e['step']}",
+                )
+            )
+        a = {(str(r["file"]).rpartition("/")[2], *(r[k] for k in keys)) for r in mine}
+        b = {(str(r["file"]), *(r[k] for k in keys)) for r in unit_rows}
+        results.append(index(a == b, f"{len(a ^ b)} file row(s) of {folder} differ between the index and the unit"))
+    for folder, stray in sorted(by_unit.items()):
+        results.append(
+            index(False, f"{len(stray)} row(s) name files in {folder or 'the top folder'}, which is not a listed unit")
+        )
+    listed = {e["folder"] for e in units}
+    on_disk = {p.relative_to(path).as_posix() for p in path.glob("sample-*") if p.is_dir()}
+    on_disk |= {p.relative_to(path).as_posix() for p in path.glob("sample-*/step-*") if p.is_dir()}
+    for folder in sorted(on_disk - listed - {f.split("/")[0] for f in listed}):
+        results.append(index(False, f"folder {folder} is not a unit the index lists"))
+    for name in sorted(p.name for p in path.glob("*.bin")):
+        results.append(index(False, "file is not in any unit", file=name))
+    return results
+
+
+def run_dataset_checks(
+    contract: Contract,
+    path: Path,
+    rows: Sequence[Mapping[str, Any]],
+    meta: Mapping[str, Any],
+    units: Sequence[Mapping[str, Any]],
+) -> list[CheckResult]:
+    """The contract's dataset checks on an index (``rows``, ``meta``) and its ``units``."""
+    return [r for spec in contract.scope("dataset") for r in _KINDS[spec.kind][1](spec, path, rows, meta, units)]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -27,9 +27,19 @@ from torch import nn
 
 from . import fixed_point as fp
 from . import provenance
-from .contracts import CheckResult, ContractViolation, check_integrity, load_contract, run_identities
+from .contracts import (
+    INDEX_KINDS,
+    CaptureSubject,
+    CheckResult,
+    ContractViolation,
+    load_contract,
+    run_capture_checks,
+    run_dataset_checks,
+    run_file_checks,
+    run_identities,
+)
 from .hooks import HookSet, attach, find_layout
-from .manifest import build_table, write_manifest
+from .manifest import build_table, table_metadata, write_manifest
 from .points import POINTS, CapturePoint, alias_point_name, parse_layers
 from .profile import zkllm_limit_warnings
 from .writer import MANIFEST_NAME, StagingDir, check_target, sha256_file
@@ -183,7 +193,8 @@ class UnitRecorder:
         self.hidden: int | None = None
         self.records: dict[tuple[int, str], _PointRecord] = {}
         self.checks: dict[tuple[int, str], CheckResult] = {}
-        self.failures: list[CheckResult] = []
+        self.failures: list[CheckResult] = []  # points that did not fire exactly once (completeness)
+        self.results: list[CheckResult] = []  # every check the gate ran on this unit
         self.sealed = False
         self._rows_now = 0  # rows of the forward in progress
         self._pending: dict[str, torch.Tensor] = {}
@@ -306,9 +317,6 @@ class UnitRecorder:
             ]
         )
 
-    def all_failures(self) -> list[CheckResult]:
-        return self.failures + [c for c in self.checks.values() if not c.passed]
-
     # -- manifest ---------------------------------------------------------------------------------
 
     def rows(self, written: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -362,6 +370,13 @@ class UnitRecorder:
                 "pad_token_id": self.pad_token_id,
             },
             "runtime": {"autocast": self.autocast},
+            "checks": {
+                "skipped": [
+                    {"check": c.check, "layer": c.layer, "point": c.point, "reason": c.skipped}
+                    for c in self.checks.values()
+                    if c.skipped is not None
+                ]
+            },
         }
 
 
@@ -392,7 +407,7 @@ class CaptureResult:
     scale_log2: int
     max_abs_value: float  # largest |x| over every captured point
     worst: tuple[int, str]  # (layer, point) where it occurs
-    checks: list[CheckResult] = field(default_factory=list)
+    checks: list[CheckResult] = field(default_factory=list)  # every check the gate ran, by contract name
     warnings: list[str] = field(default_factory=list)  # zkLLM limits the capture does not meet
     units: list[dict[str, Any]] = field(default_factory=list)  # folder, sample, step, phase, seq_len per unit
     mode: str = "forward"
@@ -401,6 +416,11 @@ class CaptureResult:
     def headroom(self) -> float:
         """Fraction of the int32 range the largest value uses (0.69 means 69%)."""
         return fp.headroom(self.max_abs_value, self.scale_log2)
+
+    @property
+    def skipped(self) -> list[CheckResult]:
+        """The checks that could not run, each with its reason (never counted as passed)."""
+        return [c for c in self.checks if c.skipped is not None]
 
     @property
     def is_dataset(self) -> bool:
@@ -632,7 +652,17 @@ class CaptureEngine:
     # -- commit -----------------------------------------------------------------------------------
 
     def commit(self, *, dataset_metadata: Mapping[str, Any] | None = None) -> CaptureResult:
-        """Seal every unit, run the gate, write the manifests and move the capture into place."""
+        """Seal every unit, run the gate, write the manifests and move the capture into place.
+
+        On any failure nothing is emitted and everything staged is dropped.
+        """
+        try:
+            return self._commit(dataset_metadata)
+        except BaseException:
+            self.abort()
+            raise
+
+    def _commit(self, dataset_metadata: Mapping[str, Any] | None) -> CaptureResult:
         if self._broken:
             raise CaptureError(f"nothing was emitted: {self._broken}")
         if self._fwd is not None:
@@ -655,34 +685,53 @@ class CaptureEngine:
                     written[f"{u.folder}/{rec.point.file_name(rec.layer)}"] = written[
                         f"{source.folder}/{rec.point.file_name(rec.layer)}"
                     ]
-        failures = list(self.failures)
-        for u in units:
-            failures += [_replace(f, unit=None if flat else u.folder) for f in u.all_failures()]
         hidden = units[0].hidden or 0
-        expected_hidden = getattr(getattr(self.model, "config", None), "hidden_size", hidden)
-        if any(u.hidden != expected_hidden for u in units):
-            failures.append(CheckResult("shape", False, f"hidden size {hidden}, config says {expected_hidden}"))
         common = self._common_metadata(hidden)
+        fingerprint = common["model"]["weights_fingerprint"]  # computed once, for the metadata and the check
+        contract = self.contract
+        tag = (lambda r, u: r) if flat else (lambda r, u: _replace(r, unit=u.folder))  # noqa: E731
+        # The gate: the contract's capture and file checks on each staged unit, as validate runs them from
+        # disk, plus the layer checks already run in memory as each layer completed. In a dataset the
+        # manifest schema runs once, on the index, which holds every unit's rows.
+        skip = frozenset() if flat else frozenset({"manifest_schema"})
+        failures: list[CheckResult] = list(self.failures)
         unit_tables = []
         dataset_rows: list[dict[str, Any]] = []
         for u in units:
             rows = u.rows(written)
-            unit_tables.append((u, build_table(rows, u.metadata(common))))
+            meta = u.metadata(common)
+            table = build_table(rows, meta)
+            unit_tables.append((u, table))
+            # as validate reads it back: the rows in manifest order, the metadata through JSON
+            subject = CaptureSubject(
+                table.to_pylist(),
+                table,
+                table_metadata(table),
+                staging.path / u.folder,
+                self.model,
+                lambda: fingerprint,
+                u.failures,
+            )
+            u.results = (
+                list(u.checks.values())
+                + run_capture_checks(contract, subject, skip=skip)
+                + run_file_checks(contract, staging.path / u.folder, rows)
+            )
+            failures += [tag(r, u) for r in u.results if r.failed]
             prefix = "" if flat else f"{u.folder}/"
             dataset_rows += [
                 dict(r, file=prefix + r["file"], alias_of=None if r["alias_of"] is None else prefix + r["alias_of"])
                 for r in rows
             ]
-        # One pandera pass: a dataset's index holds every unit's rows (the schema checks a file's base name
-        # and its unit folder), so checking it checks each unit's manifest too.
-        checked = unit_tables[0][1] if flat else build_table(dataset_rows, {})
-        failures += [
-            _replace(c, unit=None if flat else (c.file.rpartition("/")[0] if c.file else "."))
-            for c in self.contract.validate_manifest(checked.to_pandas())
-            if not c.passed
-        ]
-        staged = staging.path / units[0].folder if flat else staging.path
-        failures += [c for c in check_integrity(staged, dataset_rows) if not c.passed]
+        index_results: list[CheckResult] = []
+        if not flat:
+            index = build_table(dataset_rows, {})
+            subject = CaptureSubject(index.to_pylist(), index, table_metadata(index))
+            index_results += [
+                _replace(c, unit=(c.file.rpartition("/")[0] if c.file else "."))
+                for c in run_capture_checks(contract, subject, kinds=frozenset({"manifest_schema"}))
+            ]
+            failures += [c for c in index_results if c.failed]
         if failures:
             raise ContractViolation(failures, context=f"capture into '{self.out_dir}'")
         unit_meta = [
@@ -714,7 +763,20 @@ class CaptureEngine:
                 "kind": "dataset",
                 "units": [dict(m, manifest_sha256=sha256_file(root / m["folder"] / MANIFEST_NAME)) for m in unit_meta],
             }
-            write_manifest(build_table(dataset_rows, meta), root / MANIFEST_NAME)
+            index = build_table(dataset_rows, meta)
+            # The index's own checks, as validate runs them, before it is written and the folder moves.
+            subject = CaptureSubject(index.to_pylist(), index, table_metadata(index))
+            entries = [
+                dict(m, rows=table.to_pylist(), metadata=table_metadata(table))
+                for m, (_, table) in zip(meta["units"], unit_tables)
+            ]
+            results = run_capture_checks(contract, subject, kinds=INDEX_KINDS - {"manifest_schema"})
+            results += run_dataset_checks(contract, root, dataset_rows, meta, entries)
+            index_results.extend(_replace(r, unit=r.unit or ".") for r in results)
+            bad = [r for r in index_results if r.failed]
+            if bad:
+                raise ContractViolation(bad, context=f"capture into '{self.out_dir}'")
+            write_manifest(index, root / MANIFEST_NAME)
 
         out = staging.commit(write_all)
         self._staging = None
@@ -732,7 +794,7 @@ class CaptureEngine:
             scale_log2=self.scale_log2,
             max_abs_value=max_abs,
             worst=(worst.layer, worst.point.name),
-            checks=[c for u in units for c in u.checks.values()],
+            checks=[tag(c, u) for u in units for c in u.results] + index_results,
             warnings=zkllm_limit_warnings(
                 seq_len, hidden, getattr(config, "intermediate_size", None), paddable=self.paddable
             ),
@@ -752,7 +814,7 @@ class CaptureEngine:
 
     def _common_metadata(self, hidden: int) -> dict[str, Any]:
         return {
-            "contract": {"name": "zkllm-hf-capture", "version": self.contract.version, "folder": self.contract.folder},
+            "contract": self.contract.identity,
             "versions": provenance.versions(),
             "model": provenance.model_info(self.model),
             "capture": {

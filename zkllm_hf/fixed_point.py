@@ -122,15 +122,23 @@ def ulp(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return binade * info.eps
 
 
-def sum_tolerance(q_sum: torch.Tensor, dtype: torch.dtype, scale_log2: int) -> torch.Tensor:
+def sum_tolerance(
+    q_sum: torch.Tensor,
+    dtype: torch.dtype,
+    scale_log2: int,
+    *,
+    quantisation_lsb: float = 1.5,
+    rounding_ulps: float = 0.5,
+) -> torch.Tensor:
     """Per-element bound, in LSB, on ``|q(x + y) - (q(x) + q(y))|`` when the model added in ``dtype``.
 
-    The model's add rounds to half an ulp of the sum; quantising three values adds 1.5 LSB. The sum's
-    magnitude is taken from its code, widened by the half LSB its own rounding may have removed.
+    The model's add rounds to half an ulp of the sum (``rounding_ulps``); quantising three values adds
+    1.5 LSB (``quantisation_lsb``). The sum's magnitude is taken from its code, widened by the half LSB its
+    own rounding may have removed.
     """
     scale = float(2**scale_log2)
     magnitude = (q_sum.to(torch.float64).abs() + 0.5) / scale
-    return 1.5 + 0.5 * ulp(magnitude, dtype) * scale
+    return quantisation_lsb + rounding_ulps * ulp(magnitude, dtype) * scale
 
 
 @dataclass(frozen=True)
@@ -157,11 +165,11 @@ def _worst(dev: torch.Tensor, tol: torch.Tensor) -> Deviation:
 
 
 def sum_deviation(
-    q_x: torch.Tensor, q_y: torch.Tensor, q_sum: torch.Tensor, dtype: torch.dtype, scale_log2: int
+    q_x: torch.Tensor, q_y: torch.Tensor, q_sum: torch.Tensor, dtype: torch.dtype, scale_log2: int, **tolerance: float
 ) -> Deviation:
-    """How far ``q_sum`` is from ``q_x + q_y``, against :func:`sum_tolerance`."""
+    """How far ``q_sum`` is from ``q_x + q_y``, against :func:`sum_tolerance` (``tolerance``: its parameters)."""
     dev = (q_sum.to(torch.int64) - q_x.to(torch.int64) - q_y.to(torch.int64)).abs().to(torch.float64)
-    return _worst(dev, sum_tolerance(q_sum, dtype, scale_log2))
+    return _worst(dev, sum_tolerance(q_sum, dtype, scale_log2, **tolerance))
 
 
 def equal_deviation(q_a: torch.Tensor, q_b: torch.Tensor) -> Deviation:

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .points import ARCHITECTURES, POINTS, SUPPORTED_MODEL_TYPES, CapturePoint
+from .weights import norm_params
 
 logger = logging.getLogger(__name__)
 
@@ -42,14 +43,14 @@ class DecoderLayout:
         block = self.layers[layer]
         return block if not name else getattr(block, name)
 
-    def norms(self, layer: int, modules: Iterable[str]) -> dict[str, tuple[torch.Tensor, float]] | None:
-        """``{module: (weight, eps)}`` of the named RMSNorms of one layer; None if any cannot be read."""
-        out = {}
+    def norms(self, layer: int, modules: Iterable[str]) -> dict[str, tuple[torch.Tensor, float] | str]:
+        """``{module: (weight, eps)}`` of the named RMSNorms of one layer, or why each cannot be read."""
+        out: dict[str, tuple[torch.Tensor, float] | str] = {}
         for name in modules:
             params = norm_params(self.module(layer, name))
-            if params is None:
-                logger.warning("layer %d %s: weight not readable (offloaded?); norm checks skipped", layer, name)
-                return None
+            if isinstance(params, str):
+                logger.warning("layer %d %s: %s; its norm check is skipped", layer, name, params)
+                params = f"{self.layers_path}.{layer}.{name}: {params}"
             out[name] = params
         return out
 
@@ -185,35 +186,3 @@ def _register(module: nn.Module, point: CapturePoint, layer: int, on_capture: On
         on_capture(layer, point, _output_tensor(output))
 
     return module.register_forward_hook(post, with_kwargs=True)
-
-
-def offloaded_tensor(module: nn.Module, attr: str) -> torch.Tensor | None:
-    """``module.<attr>``, read from accelerate's offload map when ``device_map`` left it on the meta device.
-
-    With offloading, accelerate keeps the parameter on the meta device between forwards and the real
-    tensor in the module hook's ``weights_map``. None if no readable tensor is found.
-    """
-    tensor = getattr(module, attr, None)
-    if isinstance(tensor, torch.Tensor) and tensor.device.type == "meta":
-        weights_map = getattr(getattr(module, "_hf_hook", None), "weights_map", None)
-        try:
-            tensor = weights_map[attr] if weights_map is not None else None
-        except KeyError:
-            tensor = None
-    if not isinstance(tensor, torch.Tensor) or tensor.device.type == "meta":
-        return None
-    return tensor
-
-
-def norm_params(module: nn.Module) -> tuple[torch.Tensor, float] | None:
-    """An RMSNorm's ``(weight, eps)``, wherever its weight lives; None if it cannot be read."""
-    weight = offloaded_tensor(module, "weight")
-    eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
-    if weight is None or eps is None:
-        return None
-    return weight, float(eps)
-
-
-def count_hooks(model: nn.Module) -> int:
-    """How many forward and pre-forward hooks the model's modules carry (for tests and sanity checks)."""
-    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())

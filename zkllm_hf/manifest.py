@@ -76,6 +76,12 @@ def write_manifest(table: pa.Table, path: str | os.PathLike[str]) -> None:
     os.replace(tmp, path)
 
 
+def table_metadata(table: pa.Table) -> dict[str, Any]:
+    """The decoded ``zkllm_hf`` metadata of a manifest table."""
+    raw = (table.schema.metadata or {}).get(METADATA_KEY)
+    return json.loads(raw) if raw is not None else {}
+
+
 def read_manifest(path: str | os.PathLike[str]) -> tuple[pa.Table, dict[str, Any]]:
     """Read ``manifest.arrow``; return the table and its decoded metadata."""
     with pa.memory_map(str(path), "r") as source:

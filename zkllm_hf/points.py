@@ -104,16 +104,6 @@ FILE_TEMPLATES: dict[str, str] = {
     **{alias_point_name(p.name, i): a for p in POINTS for i, a in enumerate(p.aliases)},
 }
 
-# Point names that are the left-hand side of an identity check, and the check's name.
-# (docs/architecture.md §2: skip #1, skip #2, chain, both norms.)
-SKIP_1 = ("post_attn_residual", "block_input", "attn_output")  # s = x + y
-SKIP_2 = ("block_output", "post_attn_residual", "mlp_output")
-NORMS = (
-    # (output point, input point, norm module)
-    ("input_layernorm_output", "block_input", "input_layernorm"),
-    ("ffn_input", "post_attn_residual", "post_attention_layernorm"),
-)
-
 
 @dataclass(frozen=True)
 class Architecture:

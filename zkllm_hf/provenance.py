@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .hooks import offloaded_tensor
+from .weights import read_tensor
 
 FINGERPRINT_ALGORITHM = "sha256(name|dtype|shape|sha256(bytes)) over the state dict, sorted by name"
 
@@ -30,7 +30,7 @@ def _materialize(model: nn.Module, name: str, t: torch.Tensor) -> torch.Tensor:
     if t.device.type != "meta":
         return t
     module_name, _, attr = name.rpartition(".")
-    real = offloaded_tensor(model.get_submodule(module_name), attr)
+    real = read_tensor(model.get_submodule(module_name), attr)
     if real is None:
         raise ValueError(f"weights fingerprint: {name} is on the meta device and its offloaded copy cannot be read")
     return real

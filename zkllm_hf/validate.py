@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -17,16 +18,20 @@ from tqdm.auto import tqdm
 
 from . import provenance
 from .contracts import (
+    INDEX_KINDS,
+    CaptureSubject,
     CheckResult,
-    check_integrity,
-    expected_file,
+    inside,
     load_contract,
+    run_capture_checks,
+    run_dataset_checks,
+    run_file_checks,
     run_identities,
 )
 from .hooks import find_layout
-from .manifest import FORMAT_VERSION, read_manifest, rows_digest
-from .points import POINTS, alias_point_name
-from .writer import MANIFEST_NAME, PARTIAL_MARKER, sha256_file
+from .manifest import read_manifest
+from .points import POINTS
+from .writer import MANIFEST_NAME, PARTIAL_MARKER
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
@@ -167,7 +172,11 @@ def load_capture(path: str | os.PathLike[str]) -> Capture | CaptureDataset:
 
 @dataclass
 class ValidationReport:
-    """Every check ``validate`` ran on one capture folder; ``ok`` iff none failed."""
+    """Every check ``validate`` ran on one capture folder, by contract name; ``ok`` iff none failed.
+
+    A check that could not run (no model given, a weight that cannot be read) is listed as skipped, with
+    the reason, and never counts as passed.
+    """
 
     path: Path
     results: list[CheckResult]
@@ -175,7 +184,11 @@ class ValidationReport:
 
     @property
     def failures(self) -> list[CheckResult]:
-        return [r for r in self.results if not r.passed]
+        return [r for r in self.results if r.failed]
+
+    @property
+    def skipped(self) -> list[CheckResult]:
+        return [r for r in self.results if r.skipped is not None]
 
     @property
     def ok(self) -> bool:
@@ -184,8 +197,17 @@ class ValidationReport:
     def summary(self) -> dict[str, dict[str, int]]:
         out: dict[str, dict[str, int]] = {}
         for r in self.results:
-            entry = out.setdefault(r.check, {"passed": 0, "failed": 0})
-            entry["passed" if r.passed else "failed"] += 1
+            entry = out.setdefault(r.check, {"passed": 0, "failed": 0, "skipped": 0})
+            entry["skipped" if r.skipped is not None else "passed" if r.passed else "failed"] += 1
+        return out
+
+    def skip_reasons(self) -> dict[str, list[str]]:
+        """Each skipped check's distinct reasons."""
+        out: dict[str, list[str]] = {}
+        for r in self.skipped:
+            reasons = out.setdefault(r.check, [])
+            if r.skipped not in reasons:
+                reasons.append(str(r.skipped))
         return out
 
     def to_json(self) -> str:
@@ -195,6 +217,7 @@ class ValidationReport:
                 "ok": self.ok,
                 "summary": self.summary(),
                 "failures": [f.to_dict() for f in self.failures],
+                "skipped": self.skip_reasons(),
             },
             indent=2,
             default=str,
@@ -203,8 +226,13 @@ class ValidationReport:
     def __str__(self) -> str:
         head = f"{self.path}: {'VALID' if self.ok else 'INVALID'}"
         lines = [head] + [
-            f"  {name:<22} {c['passed']:>5} passed  {c['failed']:>5} failed" for name, c in self.summary().items()
+            f"  {name:<22} {c['passed']:>5} passed  {c['failed']:>5} failed"
+            + (f"  {c['skipped']:>5} skipped" if c["skipped"] else "")
+            for name, c in self.summary().items()
         ]
+        if self.skipped:
+            lines.append("skipped (not checked):")
+            lines += [f"  - {name}: {reason}" for name, reasons in self.skip_reasons().items() for reason in reasons]
         if self.failures:
             lines.append("failures:")
             lines += [f"  - {f.describe()}" for f in self.failures]
@@ -212,120 +240,79 @@ class ValidationReport:
 
 
 def validate(
-    path: str | os.PathLike[str], model: torch.nn.Module | None = None, *, progress: bool = False
+    path: str | os.PathLike[str],
+    model: torch.nn.Module | None = None,
+    *,
+    progress: bool = False,
+    contract: str | None = None,
 ) -> ValidationReport:
-    """Re-check a capture from disk: manifest contract, sizes, checksums, range, completeness, identities.
+    """Re-check a capture (a unit or a dataset) from disk against every check of its contract.
 
-    With ``model``, also recompute both RMSNorms with its weights and compare its weights fingerprint.
-    ``progress`` shows bars over files and layers on a terminal.
+    With ``model``, also recompute both RMSNorms with its weights and compare its config and weights
+    fingerprint; without it those checks are reported as skipped. ``progress`` shows bars on a terminal.
+    A manifest naming a contract outside the package is refused unless ``contract`` names that folder:
+    a capture cannot choose a laxer contract for itself.
     """
-    return _validate(Path(path), model, progress=progress)
+    return _validate(Path(path), model, progress=progress, trusted=contract)
+
+
+def _contract_of(meta: Mapping[str, Any], trusted: str | None):
+    folder = str(meta["contract"]["folder"])
+    packaged = not ("/" in folder or os.sep in folder)
+    if not packaged and (trusted is None or Path(trusted).resolve() != Path(folder).resolve()):
+        raise ValueError(
+            f"the manifest names the contract at {folder!r}, which is not one zkllm-hf ships; pass "
+            f"contract={folder!r} (--contract) if you trust it"
+        )
+    return load_contract(folder)
 
 
 def _validate(
-    path: Path, model: torch.nn.Module | None, *, progress: bool, fingerprint: str | None = None
+    path: Path,
+    model: torch.nn.Module | None,
+    *,
+    progress: bool,
+    fingerprint: Any = None,
+    trusted: str | None = None,
 ) -> ValidationReport:
     try:
         if (path / MANIFEST_NAME).is_file():  # a dataset is checked unit by unit, even if some are unreadable
             table, meta = read_manifest(path / MANIFEST_NAME)
             if meta.get("kind") == "dataset":
-                return _validate_dataset(path, table, meta, model, progress=progress)
+                return _validate_dataset(path, table, meta, model, progress=progress, trusted=trusted)
         cap = load_capture(path)
-    except (CaptureNotFinished, OSError, pa.ArrowInvalid, ValueError, KeyError) as exc:
+        contract = _contract_of(cap.metadata, trusted)
+        scale = int(cap.metadata["capture"]["scale_log2"])
+        layers = [int(x) for x in cap.metadata["capture"]["layers"]]
+    except (CaptureNotFinished, OSError, pa.ArrowInvalid, ValueError, KeyError, TypeError) as exc:
         return ValidationReport(path, [CheckResult("manifest", False, str(exc))])
     assert isinstance(cap, Capture)
-    results: list[CheckResult] = []
-    meta = cap.metadata
+    meta, rows = cap.metadata, cap.manifest.to_pylist()
+    if model is not None and fingerprint is None:
+        fingerprint = functools.cache(lambda: provenance.weights_fingerprint(model))
+    subject = CaptureSubject(rows, cap.manifest, meta, path, model, fingerprint)
+    results = run_capture_checks(contract, subject)
     report = ValidationReport(path, results, meta)
-    rows = cap.manifest.to_pylist()
-
-    # The manifest itself: format, digest, pandera contract, agreement with its own metadata.
-    if meta.get("format_version") != FORMAT_VERSION:
-        results.append(
-            CheckResult(
-                "manifest",
-                False,
-                f"format_version {meta.get('format_version')!r}, this "
-                f"zkllm-hf reads {FORMAT_VERSION}; upgrade zkllm-hf",
-            )
-        )
-        return report
-    try:
-        contract = load_contract(meta["contract"]["folder"])
-        capture_meta, tokens = meta["capture"], meta["tokens"]
-        scale, seq_len, hidden = (
-            int(capture_meta["scale_log2"]),
-            int(tokens["seq_len"]),
-            int(capture_meta["hidden_size"]),
-        )
-        layers = [int(x) for x in capture_meta["layers"]]
-    except (KeyError, TypeError, ValueError) as exc:
-        results.append(CheckResult("manifest", False, f"metadata is incomplete or unreadable: {exc!r}"))
-        return report
-    digest = rows_digest(rows, meta)
-    results.append(
-        CheckResult(
-            "manifest_digest",
-            digest == meta.get("manifest_digest"),
-            ""
-            if digest == meta.get("manifest_digest")
-            else "rows or metadata were edited after the capture wrote them",
-        )
-    )
-    results += contract.validate_manifest(cap.manifest.to_pandas())
-    for row in rows:
-        where = {"layer": row["layer"], "point": row["point"], "file": row["file"]}
-        problems = []
-        if row["scale_log2"] != scale:
-            problems.append(f"scale_log2 {row['scale_log2']}, metadata says {scale}")
-        if (row["rows"], row["cols"]) != (seq_len, hidden):
-            problems.append(f"shape ({row['rows']}, {row['cols']}), metadata says ({seq_len}, {hidden})")
-        results.append(CheckResult("shape", not problems, "; ".join(problems), **where))
-
-    # Completeness: every point (and alias) of every requested layer, and no stray .bin files.
-    listed = {(r["layer"], r["point"]) for r in rows}
-    for layer in layers:
-        for p in POINTS:
-            names = [p.name] + [alias_point_name(p.name, i) for i in range(len(p.aliases))]
-            for name in names:
-                if (layer, name) not in listed:
-                    results.append(
-                        CheckResult(
-                            "completeness",
-                            False,
-                            "missing from the manifest",
-                            layer=layer,
-                            point=name,
-                            file=expected_file(name, layer),
-                        )
-                    )
-    extra = sorted({f.name for f in path.glob("*.bin")} - {r["file"] for r in rows})
-    for name in extra:
-        results.append(CheckResult("completeness", False, "file is not in the manifest", file=name))
-    if not any(r.check == "completeness" for r in results):
-        results.append(CheckResult("completeness", True))
-
-    # Integrity, then range and identities on the files that are whole.
-    results += check_integrity(path, rows, progress=progress)
+    if any(r.check == "format_version" and r.failed for r in results):
+        return report  # a format this contract does not describe: nothing else can be read reliably
+    results += run_file_checks(contract, path, rows, progress=progress)
+    # The layer checks, on every file of the right size (a changed file also shows in what it breaks).
     readable = {
         (row["layer"], row["point"])
         for row in rows
-        if (path / row["file"]).is_file() and (path / row["file"]).stat().st_size == row["byte_size"]
+        if (p := inside(path, row["file"])) is not None
+        and p.is_file()
+        and p.stat().st_size == row["byte_size"]
     }
     layout = find_layout(model) if model is not None else None
-    if model is not None:
-        results += _model_checks(model, meta, fingerprint)
-    # One read per file: its range, then the layer's identities once all of its points are whole.
     previous: tuple[int, dict[str, torch.Tensor]] | None = None
     all_layers = sorted(set(layers) | {r["layer"] for r in rows})
     for layer in tqdm(all_layers, desc="identities", unit="layer", disable=None if progress else True):
-        tensors = {}
-        for p in POINTS:
-            if (layer, p.name) in readable:
-                tensors[p.name] = torch.from_numpy(np.array(cap.codes(layer, p.name)))
-                results.append(_range_check(cap.rows[(layer, p.name)], tensors[p.name]))
+        tensors = {
+            p.name: torch.from_numpy(np.array(cap.codes(layer, p.name))) for p in POINTS if (layer, p.name) in readable
+        }
         dtypes = {n: _DTYPES.get(cap.rows[(layer, n)]["source_dtype"]) for n in tensors}
-        if len(tensors) < len(POINTS) or None in dtypes.values():  # the schema check reports a bad dtype
+        if len(tensors) < len(POINTS) or None in dtypes.values():  # reported by integrity or the schema
             previous = None
             continue
         norms = layout.norms(layer, contract.norm_modules) if layout is not None else None
@@ -337,132 +324,41 @@ def _validate(
             dtypes,
             scale,
             previous=prev,
-            norms=norms,
+            norms=norms if norms is not None else "no model was given (pass model=, or --model)",
             files={n: cap.rows[(layer, n)]["file"] for n in tensors},
         )
         previous = (layer, tensors)
     return report
 
 
-def _range_check(row: Mapping[str, Any], codes: torch.Tensor) -> CheckResult:
-    lo, hi = (int(v) for v in torch.aminmax(codes))
-    ok = (lo, hi) == (row["int_min"], row["int_max"]) and lo > -(2**31)
-    return CheckResult(
-        "range",
-        ok,
-        "" if ok else f"data spans [{lo}, {hi}], manifest says [{row['int_min']}, {row['int_max']}]",
-        layer=row["layer"],
-        point=row["point"],
-        file=row["file"],
-    )
-
-
-def _model_checks(model: torch.nn.Module, meta: Mapping[str, Any], fingerprint: str | None = None) -> list[CheckResult]:
-    recorded = meta.get("model", {})
-    out = []
-    fp_now = fingerprint or provenance.weights_fingerprint(model)
-    ok = fp_now == recorded.get("weights_fingerprint")
-    out.append(
-        CheckResult(
-            "weights_fingerprint",
-            ok,
-            ""
-            if ok
-            else f"model weights {fp_now[:12]}..., capture recorded "
-            f"{str(recorded.get('weights_fingerprint'))[:12]}...; pass the model that was captured",
-        )
-    )
-    cfg = provenance.config_sha256(getattr(model, "config", None))
-    ok = cfg == recorded.get("config_sha256")
-    out.append(CheckResult("config", ok, "" if ok else "model config differs from the captured model's"))
-    return out
-
-
 def _validate_dataset(
-    path: Path, table: pa.Table, meta: dict[str, Any], model: torch.nn.Module | None, *, progress: bool
+    path: Path,
+    table: pa.Table,
+    meta: dict[str, Any],
+    model: torch.nn.Module | None,
+    *,
+    progress: bool,
+    trusted: str | None,
 ) -> ValidationReport:
-    """The index (format, digest, schema), each unit on its own, and the index's agreement with every unit."""
-    results: list[CheckResult] = []
-    report = ValidationReport(path, results, meta)
-    index = lambda check, ok, msg="", **kw: CheckResult(check, ok, "" if ok else msg, unit=".", **kw)  # noqa: E731
-    if meta.get("format_version") != FORMAT_VERSION:
-        results.append(
-            index(
-                "manifest",
-                False,
-                f"format_version {meta.get('format_version')!r}, this zkllm-hf "
-                f"reads {FORMAT_VERSION}; upgrade zkllm-hf",
-            )
-        )
-        return report
+    """The index (its capture checks), each unit on its own, and the contract's dataset checks."""
+    contract = _contract_of(meta, trusted)
     rows = table.to_pylist()
-    results.append(
-        index(
-            "manifest_digest",
-            rows_digest(rows, meta) == meta.get("manifest_digest"),
-            "rows or metadata were edited after the capture wrote them",
-        )
-    )
-    contract = load_contract(meta["contract"]["folder"])
-    results += [replace(c, unit=".") for c in contract.validate_manifest(table.to_pandas())]
-    fingerprint = provenance.weights_fingerprint(model) if model is not None else None
-    entries = _unit_entries(path, meta)
-    listed = {e["folder"] for e in entries}
-    by_unit: dict[str, list[dict[str, Any]]] = {}
-    for r in rows:
-        by_unit.setdefault(str(r["file"]).rpartition("/")[0], []).append(r)
-    units = tqdm(entries, desc="units", unit="unit", disable=None if progress else True)
-    for e in units:
+    subject = CaptureSubject(rows, table, meta, path)
+    results = [replace(r, unit=".") for r in run_capture_checks(contract, subject, kinds=INDEX_KINDS)]
+    report = ValidationReport(path, results, meta)
+    if any(r.check == "format_version" and r.failed for r in results):
+        return report
+    fingerprint = functools.cache(lambda: provenance.weights_fingerprint(model)) if model is not None else None
+    entries = []
+    for e in tqdm(_unit_entries(path, meta), desc="units", unit="unit", disable=None if progress else True):
         folder = e["folder"]
-        unit_path = path / folder
-        digest = sha256_file(unit_path / MANIFEST_NAME) if (unit_path / MANIFEST_NAME).is_file() else None
-        results.append(
-            index(
-                "dataset_index",
-                digest == e.get("manifest_sha256"),
-                "the unit's manifest differs from the one the index recorded",
-                file=f"{folder}/{MANIFEST_NAME}",
-            )
-        )
-        sub = _validate(unit_path, model, progress=False, fingerprint=fingerprint)
+        sub = _validate(path / folder, model, progress=False, fingerprint=fingerprint, trusted=trusted)
         results += [replace(r, unit=folder) for r in sub.results]
-        if sub.metadata is None:
-            continue
-        unit_meta = sub.metadata.get("unit", {})
-        if (unit_meta.get("sample"), unit_meta.get("step")) != (e["sample"], e["step"]):
-            results.append(
-                index(
-                    "dataset_index",
-                    False,
-                    f"{folder} says it is sample {unit_meta.get('sample')}, "
-                    f"step {unit_meta.get('step')}; the index says {e['sample']}, {e['step']}",
-                )
-            )
-        keys = ("layer", "point", "rows", "cols", "byte_size", "sha256", "source_dtype", "int_min", "int_max")
-        mine = {(r["file"].rpartition("/")[2], *(r[k] for k in keys)) for r in by_unit.pop(folder, [])}
-        theirs = {(r["file"], *(r[k] for k in keys)) for r in read_manifest(unit_path / MANIFEST_NAME)[0].to_pylist()}
-        results.append(
-            index(
-                "dataset_index",
-                mine == theirs,
-                f"{len(mine ^ theirs)} file row(s) of {folder} differ between the index and the unit",
-            )
-        )
-    for folder, stray in sorted(by_unit.items()):
-        results.append(
-            index(
-                "dataset_index",
-                False,
-                f"{len(stray)} row(s) name files in {folder or 'the top folder'}, which is not a listed unit",
-            )
-        )
-    on_disk = {p.relative_to(path).as_posix() for p in path.glob("sample-*") if p.is_dir()}
-    on_disk |= {p.relative_to(path).as_posix() for p in path.glob("sample-*/step-*") if p.is_dir()}
-    parents = {f.split("/")[0] for f in listed}
-    for folder in sorted(on_disk - listed - parents):
-        results.append(index("completeness", False, f"folder {folder} is not a unit the index lists"))
-    for name in sorted(p.name for p in path.glob("*.bin")):
-        results.append(index("completeness", False, "file is not in any unit", file=name))
+        unit_rows = None
+        if (path / folder / MANIFEST_NAME).is_file() and sub.metadata is not None:
+            unit_rows = read_manifest(path / folder / MANIFEST_NAME)[0].to_pylist()
+        entries.append(dict(e, rows=unit_rows, metadata=sub.metadata))
+    results += run_dataset_checks(contract, path, rows, meta, entries)
     return report
 
 

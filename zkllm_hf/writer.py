@@ -116,6 +116,7 @@ class StagingDir:
     def _append_many(self, items: list[tuple[str, np.ndarray]]) -> None:
         for name, data in items:
             self._append(name, data)
+        items.clear()  # drop the arrays before the task's end frees room for more: memory stays within the bound
 
     def _append(self, name: str, data: np.ndarray) -> None:
         view = memoryview(data.reshape(-1)).cast("B")

@@ -1,0 +1,88 @@
+"""A small mutation pass: plant each known-dangerous bug in a copy of the package and run the fast tests.
+
+Run from the repository root: ``python tests/mutation_pass.py [--jobs 2]``. Each mutant must make at least
+one test fail ("killed"); a survivor means a test is missing. Results are recorded in tests/README.md.
+The slow tests (real model) are left out: every mutant here is reachable from the tiny-model tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# (what the bug does, file, the exact text it replaces, the text it plants)
+MUTANTS = [
+    ("the gate never runs the chain check", "zkllm_hf/engine.py",
+     'previous=None if previous is None else {"block_output": previous},', "previous=None,"),
+    ("the gate skips the pandera manifest schema", "zkllm_hf/engine.py",
+     'skip = frozenset() if flat else frozenset({"manifest_schema"})', 'skip = frozenset({"manifest_schema"})'),
+    ("the gate skips re-reading the staged files (integrity, range)", "zkllm_hf/engine.py",
+     "+ run_file_checks(contract, staging.path / u.folder, rows)", "+ []"),
+    ("the range check ignores int_min", "zkllm_hf/contracts.py",
+     'ok = (lo, hi) == (row["int_min"], row["int_max"]) and lo > -(2**31)', 'ok = hi == row["int_max"]'),
+    ("attach() leaves hooks behind when a registration fails", "zkllm_hf/hooks.py",
+     "    except BaseException:\n        hooks.remove()\n        raise", "    except BaseException:\n        raise"),
+    ("a failed move does not put the previous capture back", "zkllm_hf/writer.py",
+     "            if old is not None:  # put the previous capture back\n                os.rename(old, self.out_dir)",
+     "            pass"),
+    ("the writer's queue is unbounded", "zkllm_hf/engine.py",
+     "two_layers = 2 * len(POINTS) * 4 * hidden * max(1, rows)", "two_layers = 1 << 40"),
+    ("the norm checks read the other norm's weight", "zkllm_hf/hooks.py",
+     "params = norm_params(self.module(layer, name))",
+     'params = norm_params(self.module(layer, "post_attention_layernorm"))'),
+    ("an unreadable norm weight counts as a pass", "zkllm_hf/contracts.py",
+     "results.append(CheckResult(spec.name, False, skipped=str(norm), **where))",
+     "results.append(CheckResult(spec.name, True, **where))"),
+    ("validate ignores a contract entry's parameters", "zkllm_hf/contracts.py",
+     'tolerance = {k: float(spec.params[k]) for k in ("quantisation_lsb", "rounding_ulps") if k in spec.params}',
+     "tolerance = {}"),
+    ("a manifest may name its own (laxer) contract", "zkllm_hf/validate.py",
+     "if not packaged and (trusted is None or Path(trusted).resolve() != Path(folder).resolve()):",
+     "if False:"),
+]
+
+
+def run(mutant: tuple[str, str, str, str], jobs: int) -> tuple[str, bool, float, str]:
+    what, file, old, new = mutant
+    with tempfile.TemporaryDirectory(prefix="zkllm-mutant-") as tmp:
+        copy = Path(tmp) / "repo"
+        shutil.copytree(ROOT, copy, ignore=shutil.ignore_patterns(".venv", ".git", ".tox", "__pycache__", "*.egg-info",
+                                                                   ".zkllm-test-cache", ".hypothesis"))
+        target = copy / file
+        text = target.read_text()
+        if text.count(old) != 1:
+            return what, False, 0.0, f"mutation site not found exactly once in {file}"
+        target.write_text(text.replace(old, new))
+        env = dict(os.environ, PYTHONPATH=str(copy), HF_HUB_OFFLINE="1")
+        start = time.perf_counter()
+        cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-m", "not slow", "-p", "no:cacheprovider", "-n", str(jobs)]
+        proc = subprocess.run(cmd, cwd=copy, env=env, capture_output=True, text=True)
+        failed = [line for line in proc.stdout.splitlines() if line.startswith("FAILED")]
+        return what, proc.returncode != 0, time.perf_counter() - start, failed[0] if failed else proc.stdout[-200:]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--jobs", type=int, default=2, help="pytest-xdist workers per mutant")
+    parser.add_argument("-k", dest="only", default="", help="run only the mutants whose description has this text")
+    args = parser.parse_args()
+    survivors = 0
+    chosen = [m for m in MUTANTS if args.only in m[0]]
+    for mutant in chosen:
+        what, killed, seconds, detail = run(mutant, args.jobs)
+        survivors += not killed
+        print(f"{'KILLED ' if killed else 'SURVIVED'} {seconds:6.1f}s  {what}\n          {detail}", flush=True)
+    print(f"{len(chosen) - survivors}/{len(chosen)} mutants killed")
+    return 1 if survivors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -9,11 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY, make_tiny, read_zkllm, tiny_ids
+from conftest import TINY, count_hooks, make_tiny, read_zkllm, tiny_ids
 from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 import zkllm_hf
-from zkllm_hf.hooks import count_hooks
 from zkllm_hf.manifest import read_manifest
 from zkllm_hf.points import FILES_PER_LAYER, POINTS, POINTS_BY_NAME
 
@@ -651,7 +650,7 @@ def test_closing_processors_in_build_order_removes_every_probe(tiny, tmp_path):
 
 
 # --------------------------------------------------------------------------------------------------
-# Found while writing these tests: each was a bug, fixed since (the last one is a strict xfail until fixed)
+# Found while writing these tests: each was a bug, fixed since
 
 
 @pytest.mark.parametrize("mode", ["steps", "prefill"])
@@ -702,11 +701,6 @@ def test_full_mode_with_inputs_embeds_does_not_drop_the_prompt(tiny, tmp_path):
     assert unit.seq_len == 6 + out.shape[1]
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "engine.py CaptureEngine.commit: a capture of one unit is written flat and its manifest gets only "
-    "u.metadata(common); the dataset_metadata argument (CaptureLogitsProcessor's 'generation' record: sampling "
-    "settings, seed, eos/pad, disable_compile_forced) is dropped, so a one-prompt prefill/full capture records "
-    "none of it"))
 def test_one_prompt_capture_records_the_generation_config(tiny, tmp_path):
     proc = zkllm_hf.CaptureLogitsProcessor(tiny, tmp_path / "one", mode="prefill")
     torch.manual_seed(99)

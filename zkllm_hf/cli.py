@@ -210,7 +210,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     except ModelLoadError as exc:
         _err(str(exc))
         return EXIT_USAGE
-    report = validate(args.dir, model=model, progress=True)  # bars on a terminal only
+    report = validate(args.dir, model=model, progress=True, contract=args.contract)  # bars on a terminal only
     print(report.to_json() if args.json else report)
     return EXIT_OK if report.ok else EXIT_INVALID
 
@@ -489,6 +489,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="also recompute the RMSNorms and compare the weights fingerprint ('default' for SmolLM2)",
     )
     val.add_argument("--json", action="store_true", help="print the report as JSON")
+    val.add_argument(
+        "--contract",
+        default=None,
+        metavar="DIR",
+        help="trust this contract folder when the manifest names it (packaged contracts need no flag)",
+    )
     val.set_defaults(func=_cmd_validate)
 
     ins = sub.add_parser("inspect", help="summarise a capture folder")

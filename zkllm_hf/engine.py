@@ -699,8 +699,8 @@ class CaptureEngine:
         dataset_rows: list[dict[str, Any]] = []
         for u in units:
             rows = u.rows(written)
-            meta = u.metadata(common)
-            table = build_table(rows, meta)
+            # each unit carries how it was made (the generation config, the Trainer's settings) too
+            table = build_table(rows, {**u.metadata(common), **dict(dataset_metadata or {})})
             unit_tables.append((u, table))
             # as validate reads it back: the rows in manifest order, the metadata through JSON
             subject = CaptureSubject(

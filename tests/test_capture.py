@@ -158,9 +158,34 @@ def test_existing_output_is_refused_and_untouched(tiny, tmp_path):
     (out / "keep.txt").write_text("mine")
     with pytest.raises(FileExistsError, match="not empty.*--overwrite"):
         zkllm_hf.capture(tiny, out).__enter__()
-    with pytest.raises(FileExistsError, match="not a zkllm-hf capture"):
+    with pytest.raises(FileExistsError, match="not a finished zkllm-hf capture"):
         zkllm_hf.capture(tiny, out, overwrite=True).__enter__()
     assert [p.name for p in out.iterdir()] == ["keep.txt"] and no_staging_left(tmp_path)
+    (out / "PARTIAL").write_text("")  # a stray marker does not make a user's folder a capture
+    with pytest.raises(FileExistsError, match="not a finished zkllm-hf capture"):
+        zkllm_hf.capture(tiny, out, overwrite=True).__enter__()
+    assert sorted(p.name for p in out.iterdir()) == ["PARTIAL", "keep.txt"]
+
+
+def test_overwrite_never_deletes_a_file_the_capture_did_not_write(tiny, tmp_path):
+    out = tmp_path / "cap"
+    run_capture(tiny, out, layers="0")
+    (out / "notes.txt").write_text("mine")
+    (out / "extra").mkdir()
+    with pytest.raises(FileExistsError, match=r"does not list \(extra/, notes.txt\).*--overwrite only"):
+        run_capture(tiny, out, layers="1", overwrite=True)
+    assert (out / "notes.txt").read_text() == "mine" and zkllm_hf.validate(out).ok and no_staging_left(tmp_path)
+    (out / "notes.txt").unlink()
+    (out / "extra").rmdir()
+    ids = torch.cat([tiny_ids(), tiny_ids(seed=2)])  # a dataset replaces a capture, and is replaced in turn
+    with torch.no_grad(), zkllm_hf.capture(tiny, out, overwrite=True):
+        tiny(input_ids=ids)
+    (out / "sample-1" / "mine.bin").write_bytes(b"x")
+    with pytest.raises(FileExistsError, match="sample-1/mine.bin"):
+        run_capture(tiny, out, overwrite=True)
+    (out / "sample-1" / "mine.bin").unlink()
+    run_capture(tiny, out, overwrite=True)
+    assert zkllm_hf.validate(out).ok and not list(out.glob("sample-*"))
 
 
 def test_overwrite_replaces_a_capture(tiny, tmp_path):

@@ -248,3 +248,39 @@ def test_unknown_source_dtype_is_reported_not_raised(cap):
     report = zkllm_hf.validate(cap)
     assert {f.check for f in report.failures} == {"manifest_schema"}
     assert not any(r.check.startswith("skip") and r.layer == 1 for r in report.results)
+
+
+@pytest.mark.parametrize("kind", ["dotdot", "absolute", "symlink"])
+def test_manifest_paths_cannot_leave_the_capture(cap, tmp_path, kind, monkeypatch, capsys):
+    """A row naming a file outside the capture is refused by name and never opened, even when the outside
+    file holds exactly the bytes the row's checksum expects and the forger recomputed the digest."""
+    from pathlib import Path
+
+    victim = tmp_path / "victim.bin"
+    victim.write_bytes((cap / "layer-0-mlp-output.bin").read_bytes())
+    name = {"dotdot": "../victim.bin", "absolute": str(victim), "symlink": "layer-0-mlp-output.bin"}[kind]
+    if kind == "symlink":
+        (cap / name).unlink()
+        (cap / name).symlink_to(victim)
+
+    def edit(rows):
+        next(r for r in rows if r["file"] == "layer-0-mlp-output.bin")["file"] = name
+
+    rewrite_manifest(cap, edit, keep_digest=True)
+    opened = []
+    read_bytes, memmap = Path.read_bytes, np.memmap.__new__
+    monkeypatch.setattr(Path, "read_bytes", lambda self: opened.append(self.resolve()) or read_bytes(self))
+    monkeypatch.setattr(np.memmap, "__new__", lambda cls, f, *a, **k: opened.append(Path(f).resolve())
+                        or memmap(cls, f, *a, **k))
+    report = zkllm_hf.validate(cap)
+    contained = failures(report, "containment")
+    assert [(f.file, f.layer, f.point) for f in contained] == [(name, 0, "mlp_output")]
+    assert "outside the capture folder" in contained[0].message and "not opened" in contained[0].message
+    assert victim.resolve() not in opened and opened  # the other files were read
+    with pytest.raises(zkllm_hf.UnsafeManifestError, match=r"layer 0 mlp_output names file .*refusing to open"):
+        zkllm_hf.load_capture(cap)
+    for command in ("inspect", "plan"):
+        assert main([command, str(cap)]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "refusing to open it" in err[0]
+    assert victim.resolve() not in opened

@@ -13,7 +13,15 @@ from .engine import CaptureError, CaptureResult
 from .fixed_point import FixedPointError
 from .hooks import UnsupportedModelError
 from .session import CaptureSession
-from .validate import Capture, CaptureDataset, CaptureNotFinished, ValidationReport, load_capture, validate
+from .validate import (
+    Capture,
+    CaptureDataset,
+    CaptureNotFinished,
+    UnsafeManifestError,
+    ValidationReport,
+    load_capture,
+    validate,
+)
 
 
 def capture(
@@ -69,6 +77,7 @@ __all__ = [
     "Capture",
     "CaptureDataset",
     "CaptureNotFinished",
+    "UnsafeManifestError",
     "ValidationReport",
     "load_capture",
     "validate",

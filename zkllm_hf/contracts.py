@@ -422,10 +422,10 @@ def run_file_checks(
 
     def check(row: Mapping[str, Any]) -> list[CheckResult]:
         path = inside(folder, str(row["file"]))
+        if path is None:  # never opened: the containment check names the row
+            return []
         data, problem = None, None
-        if path is None:
-            problem = "the path leaves the capture folder; refusing to open it"
-        elif not path.is_file():
+        if not path.is_file():
             problem = "file is missing"
         else:
             data = path.read_bytes()
@@ -472,6 +472,19 @@ def run_capture_checks(
             continue
         results += _KINDS[spec.kind][1](spec, subject, contract)
     return results
+
+
+@register_check("containment", "capture")
+def _containment(spec: CheckSpec, s: CaptureSubject, contract: Contract) -> list[CheckResult]:
+    if s.folder is None:  # an index in memory: its unit folders are checked by the dataset checks
+        return []
+    bad = [
+        CheckResult(spec.name, False, "names a file outside the capture folder (.., an absolute path or a symlink "
+                    "leaving it); it was not opened", **_where(row))
+        for row in s.rows
+        if inside(s.folder, str(row["file"])) is None
+    ]
+    return bad or [CheckResult(spec.name, True)]
 
 
 @register_check("format_version", "capture")

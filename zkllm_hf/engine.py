@@ -194,6 +194,7 @@ class UnitRecorder:
         self.records: dict[tuple[int, str], _PointRecord] = {}
         self.checks: dict[tuple[int, str], CheckResult] = {}
         self.failures: list[CheckResult] = []  # points that did not fire exactly once (completeness)
+        self.source: UnitRecorder | None = None  # the unit whose files this one shares (duplicated prompts)
         self.results: list[CheckResult] = []  # every check the gate ran on this unit
         self.sealed = False
         self._rows_now = 0  # rows of the forward in progress
@@ -473,7 +474,6 @@ class CaptureEngine:
         check_target(self.out_dir.absolute(), overwrite)  # refuse before any forward runs
         self.single_unit_hint = not stepped  # names in errors: no unit prefix until a second unit appears
         self.units: dict[tuple[int, int], UnitRecorder] = {}
-        self.failures: list[CheckResult] = []
         self._staging: StagingDir | None = None
         self._hooks: HookSet | None = None
         self._planner: Planner | None = None
@@ -529,7 +529,6 @@ class CaptureEngine:
             self._staging.abort()
             self._staging = None
         self.units.clear()
-        self.failures.clear()
         self._fwd = None
         self._broken = None
 
@@ -576,7 +575,7 @@ class CaptureEngine:
             setattr(u, name, getattr(source, name))
         u.info = dict(source.info, copy_of=source.folder)
         u.sealed = True
-        u._source = source  # type: ignore[attr-defined]
+        u.source = source
         return u
 
     def norms(self, layer: int) -> Mapping[str, tuple[torch.Tensor, float]] | None:
@@ -676,7 +675,7 @@ class CaptureEngine:
         written = {w.name: w for w in staging.wait()}
         flat = len(units) == 1 and not self.stepped
         for u in units:
-            source = getattr(u, "_source", None)
+            source = u.source
             if source is not None:  # a shared unit: the same bytes, hard-linked under its own folder
                 (staging.path / u.folder).mkdir(parents=True, exist_ok=True)
                 for rec in u.records.values():
@@ -694,7 +693,7 @@ class CaptureEngine:
         # disk, plus the layer checks already run in memory as each layer completed. In a dataset the
         # manifest schema runs once, on the index, which holds every unit's rows.
         skip = frozenset() if flat else frozenset({"manifest_schema"})
-        failures: list[CheckResult] = list(self.failures)
+        failures: list[CheckResult] = []
         unit_tables = []
         dataset_rows: list[dict[str, Any]] = []
         for u in units:

@@ -126,8 +126,10 @@ _INDEX = re.compile(r"^-?\d+$")
 
 def parse_layers(spec: str | None, num_layers: int) -> list[int]:
     """Parse a layer spec such as ``"all"``, ``"0-3,7"`` or ``"-1"`` into sorted layer indices."""
-    if spec is None or spec.strip().lower() in ("", "all"):
+    if spec is None or spec.strip().lower() == "all":
         return list(range(num_layers))
+    if not spec.strip():
+        raise ValueError("layer spec '' is empty; use 'all', or indices and ranges such as '0-3,7'")
     chosen: set[int] = set()
     for part in (p.strip() for p in spec.split(",")):
         if m := _RANGE.match(part):

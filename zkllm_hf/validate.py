@@ -40,6 +40,17 @@ class CaptureNotFinished(FileNotFoundError):
     """The folder is not a finished capture."""
 
 
+class UnsafeManifestError(ValueError):
+    """A manifest names a file outside its capture folder (``..``, an absolute path, a symlink leaving it)."""
+
+
+def _unsafe(folder: Path, row: Mapping[str, Any]) -> str:
+    return (
+        f"{folder}: manifest row layer {row.get('layer')} {row.get('point')} names file {row.get('file')!r}, which is "
+        f"not a file inside the capture folder; refusing to open it (the manifest was crafted or damaged)"
+    )
+
+
 class _LazyArrays(Mapping[tuple[int, str], np.ndarray]):
     def __init__(self, capture: Capture, make):
         self._capture, self._make = capture, make
@@ -82,7 +93,10 @@ class Capture:
     def codes(self, layer: int, point: str) -> np.memmap:
         """The int32 codes of one point, memory-mapped read-only, shape (rows, cols) as the manifest says."""
         row = self.rows[(layer, point)]
-        return np.memmap(self.path / row["file"], dtype="<i4", mode="r", shape=(row["rows"], row["cols"]))
+        path = inside(self.path, str(row["file"]))
+        if path is None:
+            raise UnsafeManifestError(_unsafe(self.path, row))
+        return np.memmap(path, dtype="<i4", mode="r", shape=(row["rows"], row["cols"]))
 
     def values(self, layer: int, point: str) -> np.ndarray:
         """The float64 values the codes stand for (``codes / 2**scale_log2``), computed on access."""
@@ -145,8 +159,14 @@ def _unit_entries(path: Path, meta: Mapping[str, Any]) -> list[dict[str, Any]]:
 
 
 def load_capture(path: str | os.PathLike[str]) -> Capture | CaptureDataset:
-    """Open a finished capture folder (one with ``manifest.arrow``) for reading: a unit, or a dataset of units."""
-    path = Path(path)
+    """Open a finished capture folder (one with ``manifest.arrow``) for reading: a unit, or a dataset of units.
+
+    Raises :class:`UnsafeManifestError` if a manifest row names a file outside its folder.
+    """
+    return _load(Path(path), check_paths=True)
+
+
+def _load(path: Path, *, check_paths: bool) -> Capture | CaptureDataset:
     if not path.is_dir():
         raise CaptureNotFinished(f"'{path}' is not a directory; pass a capture folder written by zkllm-hf capture")
     manifest = path / MANIFEST_NAME
@@ -161,12 +181,16 @@ def load_capture(path: str | os.PathLike[str]) -> Capture | CaptureDataset:
     if meta.get("kind") == "dataset":
         units = {}
         for e in _unit_entries(path, meta):
-            unit = load_capture(path / e["folder"])
+            unit = _load(path / e["folder"], check_paths=check_paths)
             if not isinstance(unit, Capture):
                 raise ValueError(f"{path / e['folder']}: a dataset's unit cannot itself be a dataset")
             units[(int(e["sample"]), int(e["step"]))] = unit
         return CaptureDataset(path, table, meta, units)
-    rows = {(int(r["layer"]), str(r["point"])): r for r in table.to_pylist()}
+    listed = table.to_pylist()
+    for row in listed if check_paths else ():
+        if inside(path, str(row["file"])) is None:
+            raise UnsafeManifestError(_unsafe(path, row))
+    rows = {(int(r["layer"]), str(r["point"])): r for r in listed}
     return Capture(path, table, meta, rows)
 
 
@@ -280,7 +304,7 @@ def _validate(
             table, meta = read_manifest(path / MANIFEST_NAME)
             if meta.get("kind") == "dataset":
                 return _validate_dataset(path, table, meta, model, progress=progress, trusted=trusted)
-        cap = load_capture(path)
+        cap = _load(path, check_paths=False)  # the contract's containment check names every unsafe row
         contract = _contract_of(cap.metadata, trusted)
         scale = int(cap.metadata["capture"]["scale_log2"])
         layers = [int(x) for x in cap.metadata["capture"]["layers"]]
@@ -298,8 +322,8 @@ def _validate(
     results += run_file_checks(contract, path, rows, progress=progress)
     # The layer checks, on every file of the right size (a changed file also shows in what it breaks).
     readable = {
-        (row["layer"], row["point"])
-        for row in rows
+        key
+        for key, row in cap.rows.items()
         if (p := inside(path, row["file"])) is not None
         and p.is_file()
         and p.stat().st_size == row["byte_size"]
@@ -362,4 +386,12 @@ def _validate_dataset(
     return report
 
 
-__all__ = ["Capture", "CaptureDataset", "CaptureNotFinished", "ValidationReport", "load_capture", "validate"]
+__all__ = [
+    "Capture",
+    "CaptureDataset",
+    "CaptureNotFinished",
+    "UnsafeManifestError",
+    "ValidationReport",
+    "load_capture",
+    "validate",
+]

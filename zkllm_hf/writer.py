@@ -37,7 +37,8 @@ class WrittenFile:
 
 
 def check_target(out_dir: Path, overwrite: bool) -> None:
-    """Refuse a target that exists and is not empty, unless ``overwrite`` and it is a capture itself."""
+    """Refuse a target that exists and is not empty, unless ``overwrite`` and it is a finished capture that
+    holds nothing but the files its manifests list (so replacing it deletes nothing zkllm-hf did not write)."""
     if not out_dir.exists():
         return
     if not out_dir.is_dir():
@@ -50,11 +51,43 @@ def check_target(out_dir: Path, overwrite: bool) -> None:
             f"output directory '{out_dir}' exists and is not empty ({len(entries)} entries); pass "
             f"--overwrite (overwrite=True) to replace it, or choose another --out"
         )
-    if not (out_dir / MANIFEST_NAME).is_file() and not (out_dir / PARTIAL_MARKER).exists():
+    if not (out_dir / MANIFEST_NAME).is_file():
         raise FileExistsError(
-            f"output directory '{out_dir}' is not a zkllm-hf capture (no {MANIFEST_NAME}); refusing to "
+            f"output directory '{out_dir}' is not a finished zkllm-hf capture (no {MANIFEST_NAME}); refusing to "
             f"replace it even with --overwrite. Remove it yourself or choose another --out"
         )
+    foreign = sorted(set(_files_below(out_dir)) - _capture_files(out_dir))
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise FileExistsError(
+            f"output directory '{out_dir}' holds files its manifest does not list ({shown}); --overwrite only "
+            f"replaces a capture holding nothing else. Move them away or choose another --out"
+        )
+
+
+def _files_below(folder: Path) -> list[str]:
+    out = []
+    for root, dirs, files in os.walk(folder):
+        rel = Path(root).relative_to(folder)
+        out += [(rel / name).as_posix() for name in files]
+        out += [(rel / name).as_posix() + "/" for name in dirs if not any(os.scandir(Path(root) / name))]
+    return out
+
+
+def _capture_files(folder: Path) -> set[str]:
+    """Every file a finished capture's manifests list (a dataset's index, its units, their files)."""
+    from .manifest import read_manifest
+
+    try:
+        table, meta = read_manifest(folder / MANIFEST_NAME)
+    except (OSError, ValueError) as exc:
+        raise FileExistsError(
+            f"output directory '{folder}': its {MANIFEST_NAME} cannot be read ({exc}); refusing to replace it"
+        ) from None
+    names = {MANIFEST_NAME} | {str(f) for f in table.column("file").to_pylist()}
+    for unit in meta.get("units", []) if meta.get("kind") == "dataset" else []:
+        names.add(f"{unit.get('folder')}/{MANIFEST_NAME}")
+    return names
 
 
 class StagingDir:

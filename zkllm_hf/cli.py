@@ -19,7 +19,9 @@ EXIT_CODES = """exit codes:
   1    the capture is invalid, or a contract was violated
   2    usage or input error
   3    environment or I/O error (disk full, read-only folder, unreadable model files)
-  130  interrupted (Ctrl-C); 143  terminated (SIGTERM). Nothing half-written is left as a capture."""
+  130  interrupted (Ctrl-C)
+  143  terminated (SIGTERM)
+An interrupted or failed capture leaves nothing that looks like a capture."""
 
 
 def _err(msg: str) -> None:

@@ -71,7 +71,7 @@ def _cmd_capture(args: argparse.Namespace) -> int:
     from .models import ModelLoadError, load, tokenize_batch
     from .points import parse_layers
     from .session import CaptureError
-    from .writer import check_target
+    from .writer import TargetLock, check_target
 
     say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
     if args.quiet:
@@ -96,6 +96,7 @@ def _cmd_capture(args: argparse.Namespace) -> int:
     out = Path(args.out)
     try:
         check_target(out.absolute(), args.overwrite)  # refuse before spending time on the model
+        TargetLock(out.absolute()).release()  # fail fast if another capture is writing there
         parse_layers(args.layers, 1 << 20)  # the spec's syntax; its range once the model is loaded
     except (FileExistsError, ValueError) as exc:
         _err(str(exc).replace("layer spec", "--layers"))

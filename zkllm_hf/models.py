@@ -8,17 +8,17 @@ under a second.
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 import shutil
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .writer import sha256_file
+from .writer import TargetLock, leftover_name, sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -61,37 +61,87 @@ def default_gguf() -> Path:
     raise ModelLoadError(f"package {DEFAULT_MODEL_PACKAGE} holds no .gguf file; reinstall {DEFAULT_MODEL_PIP}")
 
 
+CACHE_RECORD = "zkllm_hf_cache.json"  # in each converted folder: its source and the SHA-256 of every file
+
+
 def convert_gguf(gguf: Path, *, cache: Path | None = None) -> tuple[Path, str]:
-    """Convert a GGUF model once into a safetensors folder keyed by the file's SHA-256.
+    """Convert a GGUF model once into a safetensors folder keyed by the file's SHA-256, and verify it.
 
-    Returns the folder and the file's SHA-256.
+    The folder records the SHA-256 of every file it holds when it is written; each later use checks them.
+    A folder that fails (changed, truncated, unreadable, or from an interrupted conversion) is converted
+    again, saying so. Returns the folder and the GGUF's SHA-256.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     digest = sha256_file(gguf)
     target = (cache or cache_root()) / f"{gguf.stem}-{digest[:16]}"
-    if (target / "config.json").is_file():
+    if verify_cache(target) is None:
         return target, digest
-    logger.info("converting %s to safetensors in %s (once)", gguf.name, target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
+    lock = TargetLock(target, wait=True)  # one conversion at a time; a dead one's temp folder is removed
     try:
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model.hf_quantizer = None  # the GGUF weights are dequantised on load; save them as plain tensors
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        model.config.zkllm_hf_source = {"gguf_file": gguf.name, "gguf_sha256": digest}
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        problem = verify_cache(target)  # another process may have converted it while we waited
+        if problem is None:
+            return target, digest
+        if target.exists():
+            logger.warning(
+                "the converted model in %s is unusable (%s); converting %s again", target, problem, gguf.name
+            )
+            doomed = leftover_name(target, "old")
+            os.rename(target, doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
+        logger.info("converting %s to safetensors in %s (once)", gguf.name, target)
+        tmp = leftover_name(target, "tmp")
         try:
+            _convert_into(gguf, tmp, digest)
+            files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+            record = {"gguf_file": gguf.name, "gguf_sha256": digest, "files": files}
+            (tmp / CACHE_RECORD).write_text(json.dumps(record, indent=1, sort_keys=True))
             os.rename(tmp, target)
-        except OSError:  # another process finished first
-            if not (target / "config.json").is_file():
-                raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        lock.release()
     return target, digest
+
+
+def verify_cache(folder: Path) -> str | None:
+    """None if ``folder`` holds a complete conversion whose files match their record, else what is wrong."""
+    try:
+        record = json.loads((folder / CACHE_RECORD).read_text())
+        files = dict(record["files"])
+    except FileNotFoundError:
+        return "missing" if not folder.exists() else f"no {CACHE_RECORD} (an interrupted or older conversion)"
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return f"{CACHE_RECORD} is unreadable ({exc})"
+    if "config.json" not in files:
+        return "the record lists no config.json"
+    for name, want in files.items():
+        path = folder / name
+        try:
+            got = sha256_file(path)
+        except OSError as exc:
+            return f"{name} cannot be read ({exc.strerror or exc})"
+        if got != want:
+            return f"{name} changed since it was written (sha256 {got[:12]}..., recorded {want[:12]}...)"
+    return None
+
+
+def _convert_into(gguf: Path, folder: Path, digest: str) -> None:
+    """Load the GGUF (dequantised to float32) and save it, with its tokenizer, as safetensors in ``folder``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model.hf_quantizer = None  # the GGUF weights are dequantised on load; save them as plain tensors
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.config.zkllm_hf_source = {"gguf_file": gguf.name, "gguf_sha256": digest}
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def _cache_provenance(folder: Path) -> dict[str, Any]:
+    """The converted folder that was loaded, and the SHA-256 of each of its files (verified just before)."""
+    record = json.loads((folder / CACHE_RECORD).read_text())
+    return {"converted_folder": str(folder), "converted_files_sha256": record["files"]}
 
 
 def resolve(name: str | None) -> tuple[str, dict[str, Any]]:
@@ -104,13 +154,19 @@ def resolve(name: str | None) -> tuple[str, dict[str, Any]]:
             "package": DEFAULT_MODEL_PIP,
             "gguf_file": gguf.name,
             "gguf_sha256": digest,
+            **_cache_provenance(folder),
         }
     path = Path(name).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
             raise ModelLoadError(f"--model {name}: no such .gguf file")
         folder, digest = convert_gguf(path.resolve())
-        return str(folder), {"kind": "gguf", "gguf_file": str(path.resolve()), "gguf_sha256": digest}
+        return str(folder), {
+            "kind": "gguf",
+            "gguf_file": str(path.resolve()),
+            "gguf_sha256": digest,
+            **_cache_provenance(folder),
+        }
     if path.exists():
         if not (path / "config.json").is_file():
             raise ModelLoadError(

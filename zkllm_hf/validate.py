@@ -31,7 +31,7 @@ from .contracts import (
 from .hooks import find_layout
 from .manifest import read_manifest
 from .points import POINTS
-from .writer import MANIFEST_NAME, PARTIAL_MARKER
+from .writer import MANIFEST_NAME, PARTIAL_MARKER, clean_leftovers
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
@@ -277,7 +277,9 @@ def validate(
     A manifest naming a contract outside the package is refused unless ``contract`` names that folder:
     a capture cannot choose a laxer contract for itself.
     """
-    return _validate(Path(path), model, progress=progress, trusted=contract)
+    path = Path(path)
+    clean_leftovers(path)  # a dead capture's staging or half-deleted old folder, beside this one
+    return _validate(path, model, progress=progress, trusted=contract)
 
 
 def _contract_of(meta: Mapping[str, Any], trusted: str | None):

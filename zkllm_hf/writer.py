@@ -8,9 +8,11 @@ model's forward overlaps the disk and memory held stays bounded whatever the lay
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import logging
 import os
+import re
 import shutil
 import threading
 import uuid
@@ -26,7 +28,6 @@ logger = logging.getLogger(__name__)
 
 PARTIAL_MARKER = "PARTIAL"
 MANIFEST_NAME = "manifest.arrow"
-_STAGING_TAG = ".zkllm-staging-"
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,92 @@ class WrittenFile:
     name: str
     sha256: str
     byte_size: int
+
+
+class TargetBusyError(FileExistsError):
+    """Another process is writing to the same output folder."""
+
+
+class TargetLock:
+    """An exclusive lock on one output folder, held while a capture (or a cache conversion) writes it.
+
+    The lock is ``flock`` on a hidden file beside the target (``.NAME.zkllm-lock``, removed on release), so
+    the kernel releases it when its process dies, however it dies. Whoever takes the lock therefore knows
+    that hidden leftovers of that target (staging, old-capture and temp folders) belong to a dead process,
+    and removes them, saying so. Where ``fcntl`` is missing (Windows) the lock is a no-op.
+    """
+
+    def __init__(self, target: Path, *, wait: bool = False):
+        self.target = Path(target).absolute()
+        self.path = self.target.parent / f".{self.target.name}.zkllm-lock"
+        self.removed: list[Path] = []
+        self._fd: int | None = None
+        self.target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - not on this platform
+            return
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+                os.close(fd)
+                raise TargetBusyError(
+                    f"another capture is writing to '{self.target}' (process {holder}); wait for it to finish "
+                    f"or choose another --out"
+                ) from None
+            try:  # the holder we waited for may have removed the file: lock the one that is there now
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+        self.removed = remove_leftovers(self.target)
+
+    def release(self) -> None:
+        if self._fd is not None:
+            self.path.unlink(missing_ok=True)
+            os.close(self._fd)  # closing the descriptor releases the flock
+            self._fd = None
+
+
+_LEFTOVER = re.compile(r"\.zkllm-(staging|old|tmp)-(\d+)-[0-9a-f]+$")
+
+
+def leftover_name(target: Path, kind: str) -> Path:
+    """A hidden sibling of ``target`` owned by this process: ``.NAME.zkllm-KIND-PID-RANDOM``."""
+    return target.parent / f".{target.name}.zkllm-{kind}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+
+
+def remove_leftovers(target: Path) -> list[Path]:
+    """Remove hidden leftovers of ``target`` whose process is gone (call it holding the target's lock)."""
+    target = Path(target).absolute()
+    removed = []
+    prefix = f".{target.name}.zkllm-"
+    for entry in target.parent.glob(f"{glob.escape(prefix)}*"):
+        m = _LEFTOVER.search(entry.name)
+        if not m:
+            continue
+        shutil.rmtree(entry, ignore_errors=True)
+        removed.append(entry)
+        logger.warning("removed %s, left by an interrupted zkllm-hf process (pid %s)", entry, m[2])
+    return removed
+
+
+def clean_leftovers(target: Path) -> list[Path]:
+    """Remove dead processes' leftovers of ``target`` if no capture is writing to it now (validate uses it)."""
+    try:
+        lock = TargetLock(target)
+    except OSError:  # busy (a capture is writing: nothing there is a leftover), or a read-only folder
+        return []
+    lock.release()
+    return lock.removed
 
 
 def check_target(out_dir: Path, overwrite: bool) -> None:
@@ -107,10 +194,14 @@ class StagingDir:
         self.overwrite = overwrite
         self.max_in_flight_bytes = max_in_flight_bytes
         check_target(self.out_dir, overwrite)
-        self.out_dir.parent.mkdir(parents=True, exist_ok=True)
-        self.path = self.out_dir.parent / f".{self.out_dir.name}{_STAGING_TAG}{uuid.uuid4().hex[:12]}"
-        self.path.mkdir()
-        (self.path / PARTIAL_MARKER).write_text("zkllm-hf capture in progress; not a finished capture\n")
+        self._lock = TargetLock(self.out_dir)  # fails fast if another capture writes there; cleans up dead ones
+        try:
+            self.path = leftover_name(self.out_dir, "staging")
+            self.path.mkdir()
+            (self.path / PARTIAL_MARKER).write_text("zkllm-hf capture in progress; not a finished capture\n")
+        except BaseException:
+            self._lock.release()
+            raise
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zkllm-writer")
         self._budget = threading.Condition()
         self._in_flight = 0
@@ -214,7 +305,7 @@ class StagingDir:
         check_target(self.out_dir, self.overwrite)  # the target may have changed during the forward
         old = None
         if self.out_dir.exists():
-            old = self.out_dir.parent / f".{self.out_dir.name}.zkllm-old-{uuid.uuid4().hex[:12]}"
+            old = leftover_name(self.out_dir, "old")
             os.rename(self.out_dir, old)
         try:
             os.rename(self.path, self.out_dir)
@@ -224,8 +315,11 @@ class StagingDir:
             raise
         _fsync_dir(self.out_dir.parent)
         self._closed = True
-        if old is not None:
+        if old is not None:  # unmark it first: a half-deleted old capture must never look finished
+            (old / PARTIAL_MARKER).write_text("a replaced zkllm-hf capture being deleted\n")
+            (old / MANIFEST_NAME).unlink(missing_ok=True)
             shutil.rmtree(old, ignore_errors=True)
+        self._lock.release()
         return self.out_dir
 
     def abort(self) -> None:
@@ -237,6 +331,7 @@ class StagingDir:
             fut.cancel()
         self._pool.shutdown(wait=True, cancel_futures=True)
         shutil.rmtree(self.path, ignore_errors=True)
+        self._lock.release()
 
 
 def _fsync_dir(path: Path) -> None:

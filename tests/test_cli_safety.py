@@ -122,3 +122,43 @@ def test_help_documents_the_exit_codes(capsys):
     text = capsys.readouterr().out
     codes = {line.split()[0] for line in text.splitlines() if line.startswith("  ") and line.split()[0].isdigit()}
     assert codes == {"0", "1", "2", "3", "130", "143"}
+
+
+def test_corrupt_model_files_are_one_line_and_exit_3(tiny_dir, tmp_path, capsys):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_dir, broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # truncated
+    assert capture(broken, tmp_path / "out", "--text", "the fox") == 3
+    line = one_line(capsys)
+    assert "cannot be loaded" in line and "truncated or corrupt" in line and str(broken) in line
+    assert nothing_left(tmp_path / "out")
+
+
+def test_a_manifest_missing_a_column_is_one_line(tiny_dir, tmp_path, capsys):
+    from zkllm_hf.manifest import read_manifest, write_manifest
+
+    out = tmp_path / "cap"
+    assert capture(tiny_dir, out, "--text", "the fox") == 0
+    table, _ = read_manifest(out / "manifest.arrow")
+    write_manifest(table.drop_columns(["sha256"]).replace_schema_metadata(table.schema.metadata),
+                   out / "manifest.arrow")
+    capsys.readouterr()
+    assert main(["validate", str(out)]) == 1
+    report = capsys.readouterr().out
+    assert "lacks column(s) ['sha256']" in report and "Traceback" not in report
+    assert main(["inspect", str(out)]) == 1
+    assert "lacks column(s) ['sha256']" in one_line(capsys)
+
+
+def test_four_bit_capture_validates_end_to_end(tiny_dir, tmp_path, capsys):
+    pytest.importorskip("bitsandbytes")
+    out = tmp_path / "q4"
+    assert capture(tiny_dir, out, "--text", "the quick brown fox", "--load-in-4bit") == 0
+    meta = zkllm_hf.load_capture(out).metadata
+    assert meta["model"]["quantization"]["load_in_4bit"] is True
+    assert main(["validate", str(out), "--model", str(tiny_dir)]) == 0  # loaded in 4-bit, from the manifest
+    capsys.readouterr()
+    assert main(["validate", str(out), "--model", str(tiny_dir), "--dtype", "float32"]) == 1

@@ -68,7 +68,7 @@ def _cmd_capture(args: argparse.Namespace) -> int:
     from .contracts import ContractViolation
     from .fixed_point import FixedPointError
     from .hooks import UnsupportedModelError
-    from .models import ModelLoadError, load, tokenize_batch
+    from .models import ModelFilesError, ModelLoadError, load, tokenize_batch
     from .points import parse_layers
     from .session import CaptureError
     from .writer import TargetLock, check_target
@@ -114,6 +114,9 @@ def _cmd_capture(args: argparse.Namespace) -> int:
         # generate() wants left padding; a plain forward is exact with right padding (positions start at 0)
         side = "left" if args.generate is not None else "right"
         batch = tokenize_batch(loaded.tokenizer, prompts, None if args.generate is not None else args.pad_to, side=side)
+    except ModelFilesError as exc:
+        _err(str(exc))
+        return EXIT_ENVIRONMENT
     except (ModelLoadError, ValueError) as exc:
         _err(str(exc))
         return EXIT_USAGE
@@ -238,14 +241,14 @@ def _load_model_for_check(args: argparse.Namespace):
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
-    from .models import ModelLoadError
+    from .models import ModelFilesError, ModelLoadError
     from .validate import validate
 
     try:
         model = _load_model_for_check(args)
     except ModelLoadError as exc:
         _err(str(exc))
-        return EXIT_USAGE
+        return EXIT_ENVIRONMENT if isinstance(exc, ModelFilesError) else EXIT_USAGE
     report = validate(args.dir, model=model, progress=True, contract=args.contract)  # bars on a terminal only
     print(report.to_json() if args.json else report)
     return EXIT_OK if report.ok else EXIT_INVALID

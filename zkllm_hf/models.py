@@ -31,6 +31,10 @@ class ModelLoadError(ValueError):
     """The model could not be found or loaded offline."""
 
 
+class ModelFilesError(ModelLoadError):
+    """The model's files exist but cannot be read (truncated, corrupt): an environment error, exit code 3."""
+
+
 @dataclass
 class LoadedModel:
     model: Any
@@ -218,6 +222,12 @@ def load(
                 f"(`hf download {name}`) and copy the cache, or pass a local path"
             ) from exc
         raise ModelLoadError(f"--model {name}: {exc}") from exc
+    except Exception as exc:  # a truncated or corrupt weights file raises safetensors' or torch's own errors
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelFilesError(
+            f"--model {name or 'default'}: the model files in {path} cannot be loaded ({type(exc).__name__}: "
+            f"{first}); they may be truncated or corrupt: restore them or pass another --model"
+        ) from exc
     model.eval()
     return LoadedModel(model, tokenizer, source)
 

@@ -29,7 +29,7 @@ from .contracts import (
     run_identities,
 )
 from .hooks import find_layout
-from .manifest import read_manifest
+from .manifest import COLUMNS, read_manifest
 from .points import POINTS
 from .writer import MANIFEST_NAME, PARTIAL_MARKER, clean_leftovers
 
@@ -178,6 +178,12 @@ def _load(path: Path, *, check_paths: bool) -> Capture | CaptureDataset:
         )
         raise CaptureNotFinished(f"'{path}' has no {MANIFEST_NAME}: not a finished capture ({why}); capture again")
     table, meta = read_manifest(manifest)
+    missing = [c for c in COLUMNS if c not in table.column_names]
+    if missing:
+        raise ValueError(
+            f"{manifest}: the manifest lacks column(s) {missing}; it was not written by this zkllm-hf, or it "
+            f"was damaged: capture again"
+        )
     if meta.get("kind") == "dataset":
         units = {}
         for e in _unit_entries(path, meta):
@@ -304,7 +310,7 @@ def _validate(
     try:
         if (path / MANIFEST_NAME).is_file():  # a dataset is checked unit by unit, even if some are unreadable
             table, meta = read_manifest(path / MANIFEST_NAME)
-            if meta.get("kind") == "dataset":
+            if meta.get("kind") == "dataset" and all(c in table.column_names for c in COLUMNS):
                 return _validate_dataset(path, table, meta, model, progress=progress, trusted=trusted)
         cap = _load(path, check_paths=False)  # the contract's containment check names every unsafe row
         contract = _contract_of(cap.metadata, trusted)

@@ -162,3 +162,12 @@ def test_four_bit_capture_validates_end_to_end(tiny_dir, tmp_path, capsys):
     assert main(["validate", str(out), "--model", str(tiny_dir)]) == 0  # loaded in 4-bit, from the manifest
     capsys.readouterr()
     assert main(["validate", str(out), "--model", str(tiny_dir), "--dtype", "float32"]) == 1
+
+
+def test_a_layer_out_of_range_is_refused_before_the_weights_load(tiny_dir, tmp_path, capsys, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", lambda *a, **k: pytest.fail("weights loaded"))
+    assert capture(tiny_dir, tmp_path / "l", "--text", "the fox", "--layers", "0-7") == 2
+    line = one_line(capsys)
+    assert "--layers '0-7'" in line and "[3, 4, 5, 6, 7] out of range" in line and "3 layers" in line

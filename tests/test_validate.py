@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -223,13 +224,33 @@ def test_cli_inspect(cap, capsys):
     assert "1 mismatch" in capsys.readouterr().out
 
 
-def test_cli_plan_lists_captured_inputs(cap, capsys):
-    assert main(["plan", str(cap)]) == 0
+def test_cli_plan_lists_captured_inputs(cap, tmp_path, capsys):
+    import shlex
+
+    spaced = tmp_path / "a folder with spaces"
+    shutil.move(cap, spaced)
+    assert main(["plan", str(spaced)]) == 0
     out, err = capsys.readouterr()
-    assert f"--input_file {cap / 'layer-2-ffn-activation.bin'}" in out
-    assert (f"--block_input_file {cap / 'layer-1-post_attention-rmsnorm-activation.bin'} "
-            f"--block_output_file {cap / 'layer-1-mlp-output.bin'}") in out
+    q = lambda name: shlex.quote(str(spaced.resolve() / name))  # noqa: E731
+    assert f"--input_file {q('layer-2-ffn-activation.bin')}" in out
+    assert (f"--block_input_file {q('layer-1-post_attention-rmsnorm-activation.bin')} "
+            f"--block_output_file {q('layer-1-mlp-output.bin')}") in out
     assert "seq_len 16 is not a power of two" in err
+    for line in (ln for ln in out.splitlines() if not ln.startswith("#")):  # the shell sees one word per path
+        args = shlex.split(line)
+        assert all(Path(a).is_absolute() and Path(a).is_file() for a in args if a.endswith(".bin") and "/" in a)
+
+
+def test_cli_plan_refuses_an_invalid_or_crafted_capture(cap, capsys):
+    """A row whose file name carries shell syntax fails the contract: plan prints no command at all."""
+
+    def edit(rows):
+        next(r for r in rows if r["file"] == "layer-0-mlp-output.bin")["file"] = "x.bin; echo INJECTED"
+
+    rewrite_manifest(cap, edit, keep_digest=True)
+    assert main(["plan", str(cap)]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and "plan only feeds zkLLM a valid capture" in err and "INJECTED" not in out
 
 
 def test_cli_on_a_folder_that_is_not_a_capture(tmp_path, capsys):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shlex
 import signal
 import sys
 import time
@@ -423,7 +424,7 @@ def _ranges(xs: Sequence[int]) -> str:
 
 def _cmd_plan(args: argparse.Namespace) -> int:
     from .profile import zkllm_limit_warnings
-    from .validate import CaptureDataset
+    from .validate import CaptureDataset, validate
 
     cap = _open_capture(args.dir)
     if cap is None:
@@ -435,13 +436,23 @@ def _cmd_plan(args: argparse.Namespace) -> int:
             f"folder, e.g. {first}"
         )
         return EXIT_USAGE
-    d, n = Path(args.dir), cap.seq_len
-    print(f"# zkLLM commands for {d} (seq_len {n}, hidden {cap.hidden_size}); run from zkllm-ccs2024's folder.")
+    report = validate(args.dir)  # the commands name only files of a capture that passes its contract
+    if not report.ok:
+        _err(
+            f"{args.dir} fails {len(report.failures)} contract check(s) (first: {report.failures[0].describe()}); "
+            f"plan only feeds zkLLM a valid capture: run zkllm-hf validate {shlex.quote(str(args.dir))}"
+        )
+        return EXIT_INVALID
+    d, n = Path(args.dir).resolve(), cap.seq_len
+    print(
+        f"# zkLLM commands for {shlex.quote(str(d))} (seq_len {n}, hidden {cap.hidden_size}); run from "
+        f"zkllm-ccs2024's folder. Paths are absolute and quoted."
+    )
     print("# Each step reads captured inputs, never the prover's own outputs (docs/architecture.md §5).")
     for layer in cap.layers:
 
-        def f(point: str, layer: int = layer) -> Path:
-            return d / cap.rows[(layer, point)]["file"]
+        def f(point: str, layer: int = layer) -> str:
+            return shlex.quote(str(d / cap.rows[(layer, point)]["file"]))
 
         print(f"# layer {layer}")
         print(f"python llama-rmsnorm.py {args.model_size} {layer} input {n} --input_file {f('block_input')}")

@@ -193,3 +193,18 @@ def test_fingerprint_hashes_tied_weights_under_each_name():
         untied.lm_head.weight.copy_(untied.model.embed_tokens.weight)
     # the same bytes under the same names: hashing a shared tensor once must not change the result
     assert weights_fingerprint(model) == weights_fingerprint(untied)
+
+
+def test_zkllm_limits_match_the_kernels():
+    """The FFN table bound (next_pow2(seq_len x intermediate) >= 2**22) and attention's seq_len rule, checked
+    against the figures zkLLM's sources give: Llama-2-7B needs seq_len >= 191, SmolLM2 (1536) >= 1366."""
+    from zkllm_hf.profile import ffn_min_seq_len, next_power_of_two, zkllm_limit_warnings
+
+    for intermediate in (1536, 11008, 4096, 128):
+        n = ffn_min_seq_len(intermediate)
+        assert next_power_of_two(n * intermediate) >= 2**22 > next_power_of_two((n - 1) * intermediate)
+    assert ffn_min_seq_len(11008) == 191
+    assert zkllm_limit_warnings(1024, 4096, 11008, num_attention_heads=32, num_key_value_heads=32) == []
+    warnings = zkllm_limit_warnings(1024, 576, 1536, num_attention_heads=9, num_key_value_heads=3)
+    assert len(warnings) == 2 and "--pad-to 2048" in warnings[0] and "grouped-query" in warnings[1]
+    assert not any("power of two" in w for w in zkllm_limit_warnings(2048, 576, 1536))  # zkLLM pads dims

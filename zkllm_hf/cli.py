@@ -470,7 +470,14 @@ def _cmd_plan(args: argparse.Namespace) -> int:
             f"python llama-skip-connection.py --block_input_file {f('post_attn_residual')} "
             f"--block_output_file {f('mlp_output')} --output_file layer-{layer}-skip2.bin"
         )
-    warnings = zkllm_limit_warnings(n, cap.hidden_size)
+    model = cap.metadata.get("model", {})
+    warnings = zkllm_limit_warnings(
+        n,
+        cap.hidden_size,
+        model.get("intermediate_size"),
+        num_attention_heads=model.get("num_attention_heads"),
+        num_key_value_heads=model.get("num_key_value_heads"),
+    )
     for w in warnings:
         print(f"warning: {w}", file=sys.stderr)
     return EXIT_OK

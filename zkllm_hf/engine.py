@@ -795,7 +795,12 @@ class CaptureEngine:
             worst=(worst.layer, worst.point.name),
             checks=[tag(c, u) for u in units for c in u.results] + index_results,
             warnings=zkllm_limit_warnings(
-                seq_len, hidden, getattr(config, "intermediate_size", None), paddable=self.paddable
+                seq_len,
+                hidden,
+                getattr(config, "intermediate_size", None),
+                paddable=self.paddable,
+                num_attention_heads=getattr(config, "num_attention_heads", None),
+                num_key_value_heads=getattr(config, "num_key_value_heads", None),
             ),
             units=unit_meta,
             mode=self.mode,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 ATTENTION_MIN_SEQ_LEN = 1024  # zkLLM's self-attention proof: seq_len a power of two, at least this
-FFN_MIN_SEQ_LEN_7B = 191  # the FFN lookup table on LLaMA-2-7B
+FFN_TABLE_LOG2 = 22  # zkLLM's SwiGLU lookup needs next_pow2(seq_len * intermediate_size) >= 2**22
 
 
 def is_power_of_two(n: int) -> bool:
@@ -14,31 +14,51 @@ def next_power_of_two(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
+def ffn_min_seq_len(intermediate_size: int) -> int:
+    """The smallest seq_len whose FFN lookup zkLLM accepts: next_pow2(seq_len * intermediate) >= 2**22."""
+    n = 1
+    while next_power_of_two(n * intermediate_size) < 2**FFN_TABLE_LOG2:
+        n += 1
+    return n
+
+
 def zkllm_limit_warnings(
-    seq_len: int, hidden_size: int, intermediate_size: int | None = None, *, paddable: bool = True
+    seq_len: int,
+    hidden_size: int,
+    intermediate_size: int | None = None,
+    *,
+    paddable: bool = True,
+    num_attention_heads: int | None = None,
+    num_key_value_heads: int | None = None,
 ) -> list[str]:
     """The zkLLM limits a capture of this shape does not meet, as readable warnings (empty if none).
 
     ``paddable`` is False for captures of generate()'s own forwards (prefill, steps), which cannot be padded.
+    Hidden and intermediate sizes need not be powers of two: zkLLM pads them (Llama-2-7B's 11008 is not one).
     """
     out = []
+    pad_fix = (
+        "capture again with --pad-to {n}"
+        if paddable
+        else "generate()'s own forwards cannot be padded: capture with --mode full --pad-to {n}"
+    )
     if not is_power_of_two(seq_len) or seq_len < ATTENTION_MIN_SEQ_LEN:
         target = max(ATTENTION_MIN_SEQ_LEN, next_power_of_two(seq_len))
-        fix = (
-            f"capture again with --pad-to {target}"
-            if paddable
-            else f"generate()'s own forwards cannot be padded: capture with --mode full --pad-to {target}"
-        )
         out.append(
             f"seq_len {seq_len} is not a power of two >= {ATTENTION_MIN_SEQ_LEN}, which zkLLM's "
-            f"self-attention proof needs; {fix}"
+            f"self-attention proof needs; {pad_fix.format(n=target)}"
         )
-    if seq_len < FFN_MIN_SEQ_LEN_7B:
-        out.append(f"seq_len {seq_len} is below {FFN_MIN_SEQ_LEN_7B}, the FFN table's minimum on LLaMA-2-7B")
-    for name, dim in (("hidden_size", hidden_size), ("intermediate_size", intermediate_size)):
-        if dim is not None and not is_power_of_two(dim):
+    if intermediate_size:
+        need = ffn_min_seq_len(intermediate_size)
+        if seq_len < need:
+            target = max(ATTENTION_MIN_SEQ_LEN, next_power_of_two(need))
             out.append(
-                f"{name} {dim} is not a power of two; zkLLM's kernels pad dimensions to powers of two "
-                f"({next_power_of_two(dim)}), which its scripts for LLaMA-2 do not do for you"
+                f"seq_len {seq_len} is below {need}: zkLLM's FFN lookup needs next_pow2(seq_len x intermediate_size "
+                f"{intermediate_size}) >= 2**{FFN_TABLE_LOG2}; {pad_fix.format(n=target)}"
             )
+    if num_attention_heads and num_key_value_heads and num_key_value_heads != num_attention_heads:
+        out.append(
+            f"the model has {num_key_value_heads} key/value heads for {num_attention_heads} query heads "
+            f"(grouped-query attention); zkLLM's attention kernel builds K and V as hidden x hidden and rejects it"
+        )
     return out

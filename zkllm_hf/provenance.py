@@ -98,6 +98,12 @@ def model_info(model: nn.Module, *, fingerprint: bool = True) -> dict[str, Any]:
         "num_hidden_layers": getattr(config, "num_hidden_layers", None),
         "hidden_size": getattr(config, "hidden_size", None),
         "rms_norm_eps": getattr(config, "rms_norm_eps", None),
+        # what a proving plan checks against zkLLM's kernels and scripts
+        "intermediate_size": getattr(config, "intermediate_size", None),
+        "num_attention_heads": getattr(config, "num_attention_heads", None),
+        "num_key_value_heads": getattr(config, "num_key_value_heads", None),
+        "head_dim": getattr(config, "head_dim", None),
+        "max_position_embeddings": getattr(config, "max_position_embeddings", None),
     }
 
 

@@ -34,6 +34,7 @@ class DecoderLayout:
     layers_path: str
     layers: nn.ModuleList
     model_type: str
+    _warned: set[tuple[int, str]] = field(default_factory=set, repr=False)  # unreadable norms, said once
 
     def module_path(self, layer: int, point: CapturePoint) -> str:
         base = f"{self.layers_path}.{layer}"
@@ -49,7 +50,9 @@ class DecoderLayout:
         for name in modules:
             params = norm_params(self.module(layer, name))
             if isinstance(params, str):
-                logger.warning("layer %d %s: %s; its norm check is skipped", layer, name, params)
+                if (layer, name) not in self._warned:  # once per capture, not once per forward
+                    self._warned.add((layer, name))
+                    logger.warning("layer %d %s: %s; its norm check is skipped", layer, name, params)
                 params = f"{self.layers_path}.{layer}.{name}: {params}"
             out[name] = params
         return out

@@ -105,7 +105,7 @@ def test_hooks_gone_after_block(real, tmp_path):
         model(ids)
         before = count_hooks(model)
         with zkllm_hf.capture(model, tmp_path / "h"):
-            assert count_hooks(model) == before + 2 + 30 * len(POINTS)
+            assert count_hooks(model) == before + 2 + 30 * (len(POINTS) + 1)  # + the gate probe
             model(ids)
     assert count_hooks(model) == before
 

@@ -30,12 +30,12 @@ def contract_copy(tmp_path: Path, edit) -> str:
     return str(folder)
 
 
-def batch_capture(model, out: Path, contract: str = "v1"):
+def batch_capture(model, out: Path, contract: str = "v1", residuals: str = "model"):
     """Two right-padded rows: a dataset, so the index's checks run too."""
     ids = torch.cat([tiny_ids(6), tiny_ids(6, seed=2)])
     mask = torch.ones_like(ids)
     mask[1, 4:] = 0
-    with torch.no_grad(), zkllm_hf.capture(model, out, contract=contract) as s:
+    with torch.no_grad(), zkllm_hf.capture(model, out, contract=contract, residuals=residuals) as s:
         model(input_ids=ids, attention_mask=mask)
     return s.result
 
@@ -48,14 +48,17 @@ def test_every_entry_drives_a_check_in_the_gate_and_in_validate(tmp_path):
     model = make_tiny()
     entries = [c.name for c in load_contract("v1").checks]
     full = contract_copy(tmp_path, lambda spec: None)
-    res = batch_capture(model, tmp_path / "full", full)
+    # exact-int residuals: the drift checks apply only there; every other entry runs in both modes
+    drift = {c.name for c in load_contract("v1").checks if c.kind == "drift"}
+    assert drift and names(batch_capture(model, tmp_path / "default", full).checks) == set(entries) - drift
+    res = batch_capture(model, tmp_path / "full", full, "exact-int")
     report = zkllm_hf.validate(tmp_path / "full", model=model, contract=full)
     assert report.ok and not report.skipped and not res.skipped
     assert names(res.checks) == set(entries) == names(report.results)
     for name in entries:
         without = contract_copy(tmp_path, lambda spec, n=name: spec.update(checks=[c for c in spec["checks"]
                                                                                   if c["name"] != n]))
-        res = batch_capture(model, tmp_path / f"no-{name}", without)
+        res = batch_capture(model, tmp_path / f"no-{name}", without, "exact-int")
         report = zkllm_hf.validate(tmp_path / f"no-{name}", model=model, contract=without)
         assert name not in names(res.checks) and name not in names(report.results), name
         assert names(res.checks) == names(report.results) == set(entries) - {name}

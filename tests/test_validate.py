@@ -229,16 +229,19 @@ def test_cli_plan_lists_captured_inputs(cap, tmp_path, capsys):
 
     spaced = tmp_path / "a folder with spaces"
     shutil.move(cap, spaced)
-    assert main(["plan", str(spaced)]) == 0
+    zk = str(tmp_path / "zkllm")  # plan refuses a folder without zkLLM's scripts, and this capture's shape:
+    assert main(["plan", str(spaced), "--zkllm-root", zk]) == 1  # --force writes the script anyway
+    assert "seq_len 16 is not a power of two" in capsys.readouterr().err
+    assert main(["plan", str(spaced), "--zkllm-root", zk, "--force"]) == 0
     out, err = capsys.readouterr()
     q = lambda name: shlex.quote(str(spaced.resolve() / name))  # noqa: E731
     assert f"--input_file {q('layer-2-ffn-activation.bin')}" in out
     assert (f"--block_input_file {q('layer-1-post_attention-rmsnorm-activation.bin')} "
             f"--block_output_file {q('layer-1-mlp-output.bin')}") in out
     assert "seq_len 16 is not a power of two" in err
-    for line in (ln for ln in out.splitlines() if not ln.startswith("#")):  # the shell sees one word per path
-        args = shlex.split(line)
-        assert all(Path(a).is_absolute() and Path(a).is_file() for a in args if a.endswith(".bin") and "/" in a)
+    words = [w for ln in out.splitlines() if not ln.lstrip().startswith("#") for w in shlex.split(ln)]
+    named = [w for w in words if w.startswith(str(spaced.resolve()))]  # the shell sees one word per path
+    assert len(named) >= 7 * 3 and all(Path(w).is_file() for w in named)
 
 
 def test_cli_plan_refuses_an_invalid_or_crafted_capture(cap, capsys):
@@ -248,14 +251,14 @@ def test_cli_plan_refuses_an_invalid_or_crafted_capture(cap, capsys):
         next(r for r in rows if r["file"] == "layer-0-mlp-output.bin")["file"] = "x.bin; echo INJECTED"
 
     rewrite_manifest(cap, edit, keep_digest=True)
-    assert main(["plan", str(cap)]) == 1
+    assert main(["plan", str(cap), "--zkllm-root", str(cap.parent), "--force"]) == 1
     out, err = capsys.readouterr()
     assert out == "" and "plan only feeds zkLLM a valid capture" in err and "INJECTED" not in out
 
 
 def test_cli_on_a_folder_that_is_not_a_capture(tmp_path, capsys):
-    for command in ("inspect", "plan"):
-        assert main([command, str(tmp_path)]) == 1
+    for command in (["inspect"], ["plan", "--zkllm-root", str(tmp_path)]):
+        assert main([*command, str(tmp_path)]) == 1
         assert "not a finished capture" in capsys.readouterr().err
 
 
@@ -300,8 +303,8 @@ def test_manifest_paths_cannot_leave_the_capture(cap, tmp_path, kind, monkeypatc
     assert victim.resolve() not in opened and opened  # the other files were read
     with pytest.raises(zkllm_hf.UnsafeManifestError, match=r"layer 0 mlp_output names file .*refusing to open"):
         zkllm_hf.load_capture(cap)
-    for command in ("inspect", "plan"):
-        assert main([command, str(cap)]) == 1
+    for command in (["inspect"], ["plan", "--zkllm-root", str(tmp_path)]):
+        assert main([*command, str(cap)]) == 1
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "refusing to open it" in err[0]
     assert victim.resolve() not in opened

@@ -36,13 +36,16 @@ def capture(
     pad_token_id: int | None = None,
     extra_metadata: Mapping[str, Any] | None = None,
     contract: str = "v1",
+    residuals: str = "model",
 ) -> CaptureSession:
     """Capture the next forward of ``model`` into ``out_dir`` as zkLLM ``.bin`` files.
 
     Use as a context manager: ``with capture(model, "activations"): model(**inputs)``. Hooks attach on
     enter and are removed on exit; the files appear only if the whole capture passed its contracts.
     ``layers`` is None (all), a list of indices or a spec such as ``"0-3,7"``. ``contract`` is a packaged
-    contract (``"v1"``) or a folder holding ``capture.yaml``.
+    contract (``"v1"``) or a folder holding ``capture.yaml``. ``residuals="exact-int"`` writes the residual
+    stream derived in int32 from the sublayer outputs, so that zkLLM's skip steps reproduce it bit for bit; the
+    default, ``"model"``, writes the model's own values.
     """
     return CaptureSession(
         model,
@@ -55,6 +58,7 @@ def capture(
         pad_token_id=pad_token_id,
         extra_metadata=extra_metadata,
         contract=contract,
+        residuals=residuals,
     )
 
 

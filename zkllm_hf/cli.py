@@ -1,4 +1,4 @@
-"""``zkllm-hf capture | validate | inspect | plan``."""
+"""``zkllm-hf capture | validate | inspect | plan | compare``."""
 
 from __future__ import annotations
 
@@ -155,7 +155,12 @@ def _cmd_capture(args: argparse.Namespace) -> int:
             "generate": args.generate,
         },
     }
-    options = {"layers": args.layers, "scale_log2": args.scale_log2, "overwrite": args.overwrite}
+    options = {
+        "layers": args.layers,
+        "scale_log2": args.scale_log2,
+        "overwrite": args.overwrite,
+        "residuals": args.residuals,
+    }
     try:
         if args.generate is not None:
             from transformers import LogitsProcessorList
@@ -423,7 +428,8 @@ def _ranges(xs: Sequence[int]) -> str:
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    from .profile import zkllm_limit_warnings
+    from .points import parse_layers
+    from .prove import Plan, PlanRefused, prover_problems, write_script
     from .validate import CaptureDataset, validate
 
     cap = _open_capture(args.dir)
@@ -436,51 +442,66 @@ def _cmd_plan(args: argparse.Namespace) -> int:
             f"folder, e.g. {first}"
         )
         return EXIT_USAGE
-    report = validate(args.dir)  # the commands name only files of a capture that passes its contract
+    report = validate(args.dir)  # the script names only files of a capture that passes its contract
     if not report.ok:
         _err(
             f"{args.dir} fails {len(report.failures)} contract check(s) (first: {report.failures[0].describe()}); "
             f"plan only feeds zkLLM a valid capture: run zkllm-hf validate {shlex.quote(str(args.dir))}"
         )
         return EXIT_INVALID
-    d, n = Path(args.dir).resolve(), cap.seq_len
-    print(
-        f"# zkLLM commands for {shlex.quote(str(d))} (seq_len {n}, hidden {cap.hidden_size}); run from "
-        f"zkllm-ccs2024's folder. Paths are absolute and quoted."
-    )
-    print("# Each step reads captured inputs, never the prover's own outputs (docs/architecture.md §5).")
-    for layer in cap.layers:
-
-        def f(point: str, layer: int = layer) -> str:
-            return shlex.quote(str(d / cap.rows[(layer, point)]["file"]))
-
-        print(f"# layer {layer}")
-        print(f"python llama-rmsnorm.py {args.model_size} {layer} input {n} --input_file {f('block_input')}")
-        print(f"python llama-self-attn.py {args.model_size} {layer} {n} --input_file {f('input_layernorm_output')}")
-        print(
-            f"python llama-skip-connection.py --block_input_file {f('block_input')} "
-            f"--block_output_file {f('attn_output')} --output_file layer-{layer}-skip1.bin"
-        )
-        print(
-            f"python llama-rmsnorm.py {args.model_size} {layer} post_attention {n} "
-            f"--input_file {f('post_attn_residual')}"
-        )
-        print(f"python llama-ffn.py {args.model_size} {layer} {n} --input_file {f('ffn_input')}")
-        print(
-            f"python llama-skip-connection.py --block_input_file {f('post_attn_residual')} "
-            f"--block_output_file {f('mlp_output')} --output_file layer-{layer}-skip2.bin"
-        )
-    model = cap.metadata.get("model", {})
-    warnings = zkllm_limit_warnings(
-        n,
-        cap.hidden_size,
-        model.get("intermediate_size"),
-        num_attention_heads=model.get("num_attention_heads"),
-        num_key_value_heads=model.get("num_key_value_heads"),
-    )
-    for w in warnings:
-        print(f"warning: {w}", file=sys.stderr)
+    capture_dir = Path(args.dir).resolve()
+    try:
+        layers = parse_layers(args.layers, max(cap.layers) + 1) if args.layers else list(cap.layers)
+    except ValueError as exc:
+        _err(f"--layers {args.layers}: {exc}")
+        return EXIT_USAGE
+    absent = [layer for layer in layers if layer not in cap.layers]
+    if absent:
+        _err(f"--layers {args.layers}: layers {absent} are not in the capture (it holds {_ranges(cap.layers)})")
+        return EXIT_USAGE
+    root = Path(args.zkllm_root).expanduser().resolve()
+    out = Path(args.out).expanduser().resolve() if args.out else None
+    scratch = Path(args.scratch).expanduser().resolve() if args.scratch else None
+    if scratch is None:
+        scratch = out.with_name(out.stem + "-outputs") if out else Path.cwd().resolve() / f"{capture_dir.name}-zkllm"
+    for what, path in (("--out", out), ("--scratch", scratch)):
+        if path is not None and (path == capture_dir or capture_dir in path.parents):
+            _err(f"{what} {path} lies inside the capture {capture_dir}; prover outputs never go into a capture")
+            return EXIT_USAGE
+    if out is not None and out.is_dir():
+        _err(f"--out {out} is a folder; give the script's file name, e.g. {out / 'prove.sh'}")
+        return EXIT_USAGE
+    problems = prover_problems(cap, args.model_size, layers, root)
+    if problems and not args.force:
+        _err(str(PlanRefused(problems)))
+        return EXIT_INVALID
+    script = write_script(cap, Plan(capture_dir, root, scratch, args.model_size, layers, problems))
+    if out is None:
+        sys.stdout.write(script)
+    else:
+        tmp = out.with_name(f".{out.name}.tmp")
+        tmp.write_text(script)
+        tmp.chmod(0o755)
+        tmp.replace(out)
+        print(f"wrote {out}: {len(layers)} layer(s); run it with bash {shlex.quote(str(out))}", file=sys.stderr)
+    for p in problems:
+        print(f"warning: {p}", file=sys.stderr)
     return EXIT_OK
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from .prove import compare_files
+    from .validate import CaptureDataset
+
+    cap = _open_capture(args.tolerance_from)
+    if cap is None:
+        return EXIT_INVALID
+    if isinstance(cap, CaptureDataset):
+        _err(f"--tolerance-from {args.tolerance_from} is a dataset; give the unit folder that holds {args.captured}")
+        return EXIT_USAGE
+    result = compare_files(Path(args.produced), Path(args.captured), cap)
+    print(result.message, file=sys.stdout if result.ok else sys.stderr)
+    return EXIT_OK if result.ok else EXIT_INVALID
 
 
 # -- entry point -----------------------------------------------------------------------------------
@@ -538,6 +559,13 @@ def build_parser() -> argparse.ArgumentParser:
     cap.add_argument(
         "--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="weights and compute dtype"
     )
+    cap.add_argument(
+        "--residuals",
+        choices=["model", "exact-int"],
+        default="model",
+        help="'model' (default): the model's own residual stream; 'exact-int': derived in int32 from the sublayer "
+        "outputs, so zkLLM's skip steps reproduce the files bit for bit (drift from the model recorded and bounded)",
+    )
     quant = cap.add_mutually_exclusive_group()
     quant.add_argument("--load-in-4bit", action="store_true", help="bitsandbytes 4-bit weights")
     quant.add_argument("--load-in-8bit", action="store_true", help="bitsandbytes 8-bit weights")
@@ -578,10 +606,36 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("dir", help="a capture folder: a unit, or a dataset of units")
     ins.set_defaults(func=_cmd_inspect)
 
-    plan = sub.add_parser("plan", help="print the zkLLM commands that prove a capture, and what zkLLM would reject")
+    plan = sub.add_parser(
+        "plan",
+        help="write the bash script that proves a capture with zkLLM, after checking what zkLLM would reject",
+        description="Validate the capture, check it against zkLLM's limits (seq_len, FFN table, |gate|, GQA, the "
+        "Llama-2 dims its scripts load) and write a runnable script: absolute quoted paths, inputs checked before "
+        "each step, zkLLM's success lines checked, skip outputs compared with the capture.",
+    )
     plan.add_argument("dir", help="a unit's capture folder")
+    plan.add_argument("--zkllm-root", required=True, help="the zkllm-ccs2024 checkout the script runs from")
     plan.add_argument("--model-size", type=int, default=7, choices=[7, 13], help="zkLLM's model_size argument")
+    plan.add_argument("--layers", help="the captured layers to prove, e.g. '0-3,7' (default: all)")
+    plan.add_argument("--out", help="write the script here (made executable); default: standard output")
+    plan.add_argument(
+        "--scratch", help="folder for zkLLM's outputs and logs (default: beside --out, never in the capture)"
+    )
+    plan.add_argument(
+        "--force", action="store_true", help="write the script despite zkLLM's limits, listed in its header"
+    )
     plan.set_defaults(func=_cmd_plan)
+
+    compare = sub.add_parser(
+        "compare",
+        help="compare a zkLLM output with a captured file, within the capture's recorded tolerance",
+        description="Exit 0 if PRODUCED equals CAPTURED within the tolerance of the contract check whose result "
+        "CAPTURED is (skip_1, skip_2), or exactly (exact-int captures, other points); else exit 1 and say where.",
+    )
+    compare.add_argument("produced", help="the prover's output .bin (e.g. llama-skip-connection.py's --output_file)")
+    compare.add_argument("captured", help="the captured file it should reproduce")
+    compare.add_argument("--tolerance-from", required=True, metavar="DIR", help="the capture folder holding CAPTURED")
+    compare.set_defaults(func=_cmd_compare)
     return parser
 
 

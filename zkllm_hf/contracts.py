@@ -273,8 +273,11 @@ def _sum(
     *,
     lhs_dtype: torch.dtype,
     scale_log2: int,
+    residuals: str = "model",
     **_: Any,
 ) -> fp.Deviation:
+    if residuals == "exact-int":  # the sum was derived from its terms in the int domain: it must be exact
+        return fp.equal_deviation(lhs, terms[0].to(torch.int64) + terms[1].to(torch.int64))
     tolerance = {k: float(spec.params[k]) for k in ("quantisation_lsb", "rounding_ulps") if k in spec.params}
     return fp.sum_deviation(terms[0], terms[1], lhs, lhs_dtype, scale_log2, **tolerance)
 
@@ -294,10 +297,37 @@ def _rmsnorm(
     term_dtypes: Sequence[torch.dtype],
     scale_log2: int,
     norm: tuple[torch.Tensor, float],
+    input_drift_lsb: float = 0.0,
     **_: Any,
 ) -> fp.Deviation:
     weight, eps = norm
-    return fp.rmsnorm_deviation(terms[0], lhs, weight, eps, term_dtypes[0], lhs_dtype, scale_log2)
+    return fp.rmsnorm_deviation(
+        terms[0], lhs, weight, eps, term_dtypes[0], lhs_dtype, scale_log2, input_drift_lsb=input_drift_lsb
+    )
+
+
+@register_check("drift", "layer")
+def _drift(
+    spec: CheckSpec,
+    lhs: torch.Tensor,
+    terms: Sequence[torch.Tensor],
+    *,
+    lhs_dtype: torch.dtype,
+    scale_log2: int,
+    **_: Any,
+) -> fp.Deviation:
+    """``lhs`` derived in the int domain against ``terms[0]``, the model's own codes of the same point."""
+    return fp.drift_deviation(
+        lhs,
+        terms[0],
+        lhs_dtype,
+        scale_log2,
+        drift_lsb=float(spec.params["drift_lsb"]),
+        drift_ulps=float(spec.params["drift_ulps"]),
+    )
+
+
+RESIDUAL_MODES = ("model", "exact-int")
 
 
 def run_identities(
@@ -310,6 +340,10 @@ def run_identities(
     previous: Tensors | None = None,
     norms: Mapping[str, tuple[torch.Tensor, float] | str] | str | None = None,
     files: Mapping[str, str] | None = None,
+    residuals: str = "model",
+    model_codes: Tensors | None = None,
+    drift_lsb: Mapping[str, float] | None = None,
+    recorded_drift: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> list[CheckResult]:
     """Run the contract's layer checks on one layer's int32 codes.
 
@@ -317,25 +351,44 @@ def run_identities(
     (the chain) use ``previous``, layer L-1's codes; at layer 0 they do not apply, and when L-1 is absent
     they are reported as skipped. Model checks use ``norms``, mapping each norm module to its ``(weight,
     eps)`` or to the reason it could not be read; a string (or None) is the reason for all of them.
+
+    With ``residuals="exact-int"`` the residual points were derived from the sublayer outputs in the int
+    domain: the sums must hold exactly, the drift checks compare each derived point with the model's own
+    codes (``model_codes``, in the gate) or read the drift the manifest recorded (``recorded_drift``, in
+    validate), and the norm checks widen their input term by the largest drift of their input, in LSB
+    (``drift_lsb`` in the gate; the recorded ``max_dev_lsb`` in validate).
     """
+    if residuals not in RESIDUAL_MODES:
+        raise ValueError(f"residuals {residuals!r}; one of {RESIDUAL_MODES}")
     results = []
+    if drift_lsb is None:
+        drift_lsb = {k: float(v.get("max_dev_lsb") or 0.0) for k, v in (recorded_drift or {}).items()}
     for spec in contract.identities:
         where = {"layer": layer, "point": spec.lhs, "file": (files or {}).get(spec.lhs)}
-        if spec.previous_layer and previous is None:
+        if spec.kind == "drift":
+            if residuals != "exact-int":
+                continue  # the files hold the model's own values: nothing was derived
+            if model_codes is not None:
+                terms = [model_codes[spec.lhs]]
+            else:
+                results.append(_recorded_drift(spec, (recorded_drift or {}).get(spec.lhs), where))
+                continue
+        elif spec.previous_layer and previous is None:
             if layer > 0:
                 results.append(
                     CheckResult(spec.name, False, skipped=f"layer {layer - 1} is not in the capture", **where)
                 )
             continue
-        extra: dict[str, Any] = {}
+        else:
+            terms = [(previous if spec.previous_layer else tensors)[t] for t in spec.terms]  # type: ignore[index]
+        extra: dict[str, Any] = {"residuals": residuals}
         if spec.needs_model:
             norm = norms.get(spec.module) if isinstance(norms, Mapping) else (norms or "no model was given")
             if not isinstance(norm, tuple):
                 results.append(CheckResult(spec.name, False, skipped=str(norm), **where))
                 continue
             extra["norm"] = norm
-        source = previous if spec.previous_layer else tensors
-        terms = [source[t] for t in spec.terms]
+            extra["input_drift_lsb"] = drift_lsb.get(spec.terms[0], 0.0)
         device = tensors[spec.lhs].device
         if device.type == "mps":  # no float64 there
             device = torch.device("cpu")
@@ -360,6 +413,28 @@ def run_identities(
             )
         )
     return results
+
+
+def _recorded_drift(spec: CheckSpec, record: Mapping[str, Any] | None, where: Mapping[str, Any]) -> CheckResult:
+    """A drift check from what the manifest recorded (the model's own codes are not on disk)."""
+    if not record or record.get("max_ratio") is None:
+        return CheckResult(
+            spec.name, False, "the capture derived its residuals in the int domain but recorded no drift here", **where
+        )
+    ratio, lsb = float(record["max_ratio"]), float(record["max_dev_lsb"])
+    ok = 0.0 <= ratio <= 1.0 and lsb >= 0.0
+    message = "" if ok else f"recorded drift {lsb:g} LSB is {ratio:.3g}x the contract's bound"
+    index = tuple(record.get("index") or ())
+    return CheckResult(
+        spec.name,
+        ok,
+        message,
+        max_dev_lsb=lsb,
+        max_ratio=ratio,
+        tolerance_lsb=record.get("tolerance_lsb"),
+        index=index,
+        **where,
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -486,8 +561,12 @@ def _containment(spec: CheckSpec, s: CaptureSubject, contract: Contract) -> list
     if s.folder is None:  # an index in memory: its unit folders are checked by the dataset checks
         return []
     bad = [
-        CheckResult(spec.name, False, "names a file outside the capture folder (.., an absolute path or a symlink "
-                    "leaving it); it was not opened", **_where(row))
+        CheckResult(
+            spec.name,
+            False,
+            "names a file outside the capture folder (.., an absolute path or a symlink leaving it); it was not opened",
+            **_where(row),
+        )
         for row in s.rows
         if inside(s.folder, str(row["file"])) is None
     ]

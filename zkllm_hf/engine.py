@@ -29,6 +29,7 @@ from . import fixed_point as fp
 from . import provenance
 from .contracts import (
     INDEX_KINDS,
+    RESIDUAL_MODES,
     CaptureSubject,
     CheckResult,
     ContractViolation,
@@ -202,6 +203,8 @@ class UnitRecorder:
         self._dtypes: dict[str, torch.dtype] = {}
         self._range: dict[str, tuple[int, int]] = {}
         self._previous: tuple[int, torch.Tensor] | None = None
+        self.gate_abs_max: dict[int, torch.Tensor] = {}  # layer -> max |gate_proj output|, 0-d, on the device
+        self.drift: dict[tuple[int, str], dict[str, Any]] = {}  # exact-int: (layer, point) -> worst drift
 
     @property
     def where(self) -> str:
@@ -232,10 +235,60 @@ class UnitRecorder:
         if point.name == POINTS[-1].name:  # block_output closes the layer
             self._finish_layer(layer)
 
+    def add_gate(self, layer: int, gate: torch.Tensor) -> None:
+        """Keep the largest |gate_proj output| of the layer (zkLLM's SwiGLU table covers |gate| < 512)."""
+        amax = gate.detach().abs().amax().to(torch.float32)  # stays on the device: no sync in the hot path
+        old = self.gate_abs_max.get(layer)
+        self.gate_abs_max[layer] = amax if old is None else torch.maximum(old, amax)
+
+    def _derive_residuals(
+        self, layer: int, previous: torch.Tensor | None
+    ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        """``residuals="exact-int"``: the residual points recomputed in int32 from the sublayer outputs, so that
+        zkLLM's skip steps (``z = x + y``) reproduce them exactly. Returns the model's own codes they replace,
+        and the largest drift from them per point, in LSB."""
+        p = self._pending
+        model = {name: p[name] for name in ("block_input", "post_attn_residual", "block_output")}
+        block_input = previous if previous is not None else p["block_input"]
+        post_attn = block_input.to(torch.int64) + p["attn_output"].to(torch.int64)
+        block_output = post_attn + p["mlp_output"].to(torch.int64)
+        for name, codes in (("post_attn_residual", post_attn), ("block_output", block_output)):
+            lo, hi = (int(v) for v in torch.stack(torch.aminmax(codes)).tolist())
+            if lo < -fp.INT32_MAX or hi > fp.INT32_MAX:
+                raise CaptureError(
+                    f"{self.where}layer {layer} {name}: the int32 sum derived for residuals='exact-int' reaches "
+                    f"{max(-lo, hi)}, beyond int32; lower --scale-log2, or capture with residuals='model'"
+                )
+            p[name] = codes.to(torch.int32)
+            self._range[name] = (lo, hi)
+        if previous is not None:
+            p["block_input"] = previous
+            lo, hi = (int(v) for v in torch.stack(torch.aminmax(previous)).tolist())
+            self._range["block_input"] = (lo, hi)
+        devs = torch.stack([(p[k].to(torch.int64) - v.to(torch.int64)).abs().max() for k, v in model.items()])
+        drift = dict(zip(model, (float(d) for d in devs.tolist())))
+        for name, lsb in drift.items():
+            rec = self.drift.setdefault(
+                (layer, name),
+                {
+                    "layer": layer,
+                    "point": name,
+                    "max_dev_lsb": 0.0,
+                    "max_ratio": None,
+                    "tolerance_lsb": None,
+                    "index": [],
+                },
+            )
+            rec["max_dev_lsb"] = max(rec["max_dev_lsb"], lsb)
+        return model, drift
+
     def _finish_layer(self, layer: int) -> None:
         engine = self.engine
         if all(p.name in self._pending for p in POINTS):
             previous = self._previous[1] if self._previous and self._previous[0] == layer - 1 else None
+            model_codes, drift = (
+                self._derive_residuals(layer, previous) if engine.residuals == "exact-int" else (None, None)
+            )
             results = run_identities(
                 engine.contract,
                 layer,
@@ -245,9 +298,15 @@ class UnitRecorder:
                 previous=None if previous is None else {"block_output": previous},
                 norms=engine.norms(layer),
                 files={p.name: p.file_name(layer) for p in POINTS},
+                residuals=engine.residuals,
+                model_codes=model_codes,
+                drift_lsb=drift,
             )
             for r in results:
                 self._merge_check(r)
+                if r.check.startswith("drift") and r.point is not None:
+                    self._merge_drift(layer, r)
+        # else: a point did not fire; the completeness check fails the capture at the gate
         files = []
         for point in POINTS:
             codes = self._pending.get(point.name)
@@ -286,6 +345,16 @@ class UnitRecorder:
         if old is None or (r.max_ratio or 0.0) > (old.max_ratio or 0.0):
             self.checks[key] = r
 
+    def _merge_drift(self, layer: int, r: CheckResult) -> None:
+        """Keep the drift check's worst ratio to its bound over the forwards that fed this unit (the largest
+        deviation, which the norm checks widen by, is kept as each forward derives its points)."""
+        rec = self.drift[(layer, str(r.point))]
+        if rec["max_ratio"] is None or (r.max_ratio or 0.0) > rec["max_ratio"]:
+            index = list(r.index or ())
+            if index and self.seq_len:
+                index[0] += self.seq_len
+            rec.update(max_ratio=float(r.max_ratio or 0.0), tolerance_lsb=r.tolerance_lsb, index=index)
+
     def end_forward(self, fired: Counter[tuple[int, str]], layers: Sequence[int]) -> None:
         """Close this unit's share of a forward: every requested point must have fired exactly once."""
         for layer in layers:
@@ -323,7 +392,8 @@ class UnitRecorder:
     def rows(self, written: Mapping[str, Any]) -> list[dict[str, Any]]:
         """Manifest rows, ``file`` relative to the unit's folder."""
         engine = self.engine
-        by_lhs = {(c.layer, c.point): c for c in self.checks.values() if c.point is not None}
+        drift = {spec.name for spec in engine.contract.identities if spec.kind == "drift"}
+        by_lhs = {(c.layer, c.point): c for c in self.checks.values() if c.point is not None and c.check not in drift}
         rows = []
         for (layer, _), rec in sorted(self.records.items(), key=lambda kv: (kv[0][0], kv[1].point.file)):
             w = written[f"{self.folder}/{rec.point.file_name(layer)}"]
@@ -371,6 +441,14 @@ class UnitRecorder:
                 "pad_token_id": self.pad_token_id,
             },
             "runtime": {"autocast": self.autocast},
+            # zkLLM's SwiGLU lookup covers |gate| < 512: the largest |gate_proj output| per layer, over real tokens
+            "ffn": {
+                "gate_abs_max": [{"layer": layer, "value": float(v)} for layer, v in sorted(self.gate_abs_max.items())]
+            },
+            "residuals": {
+                "mode": self.engine.residuals,
+                "drift": [self.drift[k] for k in sorted(self.drift)],
+            },
             "checks": {
                 "skipped": [
                     {"check": c.check, "layer": c.layer, "point": c.point, "reason": c.skipped}
@@ -444,6 +522,7 @@ class CaptureEngine:
         stepped: bool = False,
         extra_metadata: Mapping[str, Any] | None = None,
         contract: str = "v1",
+        residuals: str = "model",
     ):
         if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
             raise CaptureError(
@@ -463,6 +542,12 @@ class CaptureEngine:
         self.paddable = mode in ("forward", "full", "evaluate", "predict")  # can the user pad these forwards?
         self.extra_metadata = dict(extra_metadata or {})
         self.contract = load_contract(contract)
+        if residuals not in RESIDUAL_MODES:
+            raise ValueError(
+                f"residuals={residuals!r}; one of {RESIDUAL_MODES}: 'model' writes the model's own residual stream, "
+                f"'exact-int' derives it in int32 from the sublayer outputs so zkLLM's skip steps reproduce it exactly"
+            )
+        self.residuals = residuals
         self.layout = find_layout(model)
         n = len(self.layout.layers)
         if layers is None or isinstance(layers, str):
@@ -488,7 +573,13 @@ class CaptureEngine:
         """Install the hooks; ``planner(inputs)`` routes each forward's rows to units (or to nothing)."""
         self._planner = planner
         self._hooks = attach(
-            self.model, self.layout, self.layers, self._on_point, self._on_model_input, self._on_model_output
+            self.model,
+            self.layout,
+            self.layers,
+            self._on_point,
+            self._on_model_input,
+            self._on_model_output,
+            on_gate=self._on_gate,
         )
         if self.progress:
             from tqdm.auto import tqdm
@@ -571,6 +662,8 @@ class CaptureEngine:
             "records",
             "checks",
             "failures",
+            "gate_abs_max",
+            "drift",
         ):
             setattr(u, name, getattr(source, name))
         u.info = dict(source.info, copy_of=source.folder)
@@ -647,6 +740,18 @@ class CaptureEngine:
         for r in fwd.routes:
             cols = r.cols if isinstance(r.cols, slice) else r.cols.to(tensor.device)
             r.unit.add(layer, point, tensor[r.row, cols])
+
+    def _on_gate(self, layer: int, tensor: torch.Tensor) -> None:
+        fwd = self._fwd
+        if fwd is None or not fwd.routes:
+            return
+        if tensor.dim() == 2:
+            tensor = tensor.unsqueeze(0)
+        if tensor.dim() != 3 or tensor.shape[0] != fwd.inputs.batch:
+            return  # not the (batch, seq_len, intermediate) projection this probe expects; nothing recorded
+        for r in fwd.routes:
+            cols = r.cols if isinstance(r.cols, slice) else r.cols.to(tensor.device)
+            r.unit.add_gate(layer, tensor[r.row, cols])
 
     # -- commit -----------------------------------------------------------------------------------
 
@@ -825,6 +930,7 @@ class CaptureEngine:
                 "mode": self.mode,
                 "layers": list(self.layers),
                 "scale_log2": self.scale_log2,
+                "residuals": self.residuals,
                 "hidden_size": hidden,
                 "points": [p.name for p in POINTS],
                 "device": str(next((p.device for p in self.model.parameters()), "cpu")),

@@ -172,6 +172,26 @@ def sum_deviation(
     return _worst(dev, sum_tolerance(q_sum, dtype, scale_log2, **tolerance))
 
 
+def drift_deviation(
+    q_derived: torch.Tensor,
+    q_model: torch.Tensor,
+    dtype: torch.dtype,
+    scale_log2: int,
+    *,
+    drift_lsb: float,
+    drift_ulps: float,
+) -> Deviation:
+    """How far codes derived in the int domain (``--residuals exact-int``) drifted from the model's own.
+
+    The per-element bound, in LSB, is ``drift_lsb + drift_ulps * ulp(|model value|)`` in the model's dtype:
+    a fixed allowance on zkLLM's grid plus a few roundings of the model's own arithmetic.
+    """
+    dev = (q_derived.to(torch.int64) - q_model.to(torch.int64)).abs().to(torch.float64)
+    scale = float(2**scale_log2)
+    magnitude = (q_model.to(torch.float64).abs() + 0.5) / scale
+    return _worst(dev, drift_lsb + drift_ulps * ulp(magnitude, dtype) * scale)
+
+
 def equal_deviation(q_a: torch.Tensor, q_b: torch.Tensor) -> Deviation:
     """Exact equality (the layer chain): tolerance zero, so any difference is a ratio of infinity."""
     dev = (q_a.to(torch.int64) - q_b.to(torch.int64)).abs().to(torch.float64)
@@ -191,6 +211,8 @@ def rmsnorm_deviation(
     in_dtype: torch.dtype,
     out_dtype: torch.dtype,
     scale_log2: int,
+    *,
+    input_drift_lsb: float = 0.0,
 ) -> Deviation:
     """How far ``q_out`` is from ``RMSNorm(q_in / 2**k) * 2**k`` recomputed in float64.
 
@@ -204,9 +226,12 @@ def rmsnorm_deviation(
     - the cast back to the input dtype (half an ulp of ``n``) and the multiply by the weight in the output
       dtype (half an ulp of ``y``), each ulp taken at the largest magnitude the model's value can have;
     - the output's own quantisation (half an LSB).
+
+    ``input_drift_lsb`` widens ``h`` when ``q_in`` is not the model's own input but was derived from it in the
+    int domain and may differ from it by up to that many LSB per element (``--residuals exact-int``).
     """
     scale = float(2**scale_log2)
-    h = 0.5 / scale
+    h = (0.5 + input_drift_lsb) / scale
     x = q_in.to(torch.float64) / scale
     hidden = x.shape[-1]
     rms = torch.sqrt((x * x).mean(dim=-1, keepdim=True) + eps)

@@ -152,13 +152,17 @@ def attach(
     on_capture: OnCapture,
     on_model_input: Callable[[nn.Module, tuple[Any, ...], dict[str, Any]], None] | None = None,
     on_model_output: Callable[[nn.Module, tuple[Any, ...], dict[str, Any], Any], None] | None = None,
+    *,
+    on_gate: Callable[[int, torch.Tensor], None] | None = None,
 ) -> HookSet:
     """Hook every point of every layer in ``layers``; call ``on_capture(layer, point, tensor)`` as each fires.
 
     ``on_model_input(module, args, kwargs)`` sees the top-level model's inputs (token ids, attention mask)
     before any layer runs, and ``on_model_output(module, args, kwargs, output)`` fires when the forward
     returns. Points are registered in table order, so for points sharing a module and hook kind the table's
-    order is the firing order. If anything fails part-way, the hooks already attached are removed.
+    order is the firing order. ``on_gate(layer, tensor)`` sees each layer's ``mlp.gate_proj`` output, where the
+    model has one (zkLLM's SwiGLU lookup bounds it). If anything fails part-way, the hooks already attached are
+    removed.
     """
     hooks = HookSet()
     try:
@@ -169,6 +173,9 @@ def attach(
                 module = layout.module(layer, point.module)
                 name = f"{layout.module_path(layer, point)}:{point.name}"
                 hooks.add(name, _register(module, point, layer, on_capture))
+            gate = getattr(getattr(layout.module(layer, ""), "mlp", None), "gate_proj", None)
+            if on_gate is not None and isinstance(gate, nn.Module):
+                hooks.add(f"{layout.layers_path}.{layer}.mlp.gate_proj:gate", _register_gate(gate, layer, on_gate))
         if on_model_output is not None:
             hooks.add("model:forward", model.register_forward_hook(on_model_output, with_kwargs=True))
     except BaseException:
@@ -187,5 +194,12 @@ def _register(module: nn.Module, point: CapturePoint, layer: int, on_capture: On
 
     def post(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
         on_capture(layer, point, _output_tensor(output))
+
+    return module.register_forward_hook(post, with_kwargs=True)
+
+
+def _register_gate(module: nn.Module, layer: int, on_gate: Callable[[int, torch.Tensor], None]):
+    def post(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+        on_gate(layer, _output_tensor(output))
 
     return module.register_forward_hook(post, with_kwargs=True)

@@ -33,6 +33,7 @@ class CaptureSession:
         pad_token_id: int | None = None,
         extra_metadata: Mapping[str, Any] | None = None,
         contract: str = "v1",
+        residuals: str = "model",
     ):
         self.engine = CaptureEngine(
             model,
@@ -44,6 +45,7 @@ class CaptureSession:
             progress=progress,
             extra_metadata=extra_metadata,
             contract=contract,
+            residuals=residuals,
         )
         self.model = model
         self.layers = self.engine.layers

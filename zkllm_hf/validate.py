@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from . import provenance
 from .contracts import (
     INDEX_KINDS,
+    RESIDUAL_MODES,
     CaptureSubject,
     CheckResult,
     inside,
@@ -333,11 +334,14 @@ def _validate(
     readable = {
         key
         for key, row in cap.rows.items()
-        if (p := inside(path, row["file"])) is not None
-        and p.is_file()
-        and p.stat().st_size == row["byte_size"]
+        if (p := inside(path, row["file"])) is not None and p.is_file() and p.stat().st_size == row["byte_size"]
     }
     layout = find_layout(model) if model is not None else None
+    try:
+        residuals, drift = _residuals_of(meta)
+    except (KeyError, TypeError, ValueError) as exc:
+        report.results.append(CheckResult("manifest", False, f"unreadable residuals metadata: {exc}"))
+        return report
     previous: tuple[int, dict[str, torch.Tensor]] | None = None
     all_layers = sorted(set(layers) | {r["layer"] for r in rows})
     for layer in tqdm(all_layers, desc="identities", unit="layer", disable=None if progress else True):
@@ -359,9 +363,28 @@ def _validate(
             previous=prev,
             norms=norms if norms is not None else "no model was given (pass model=, or --model)",
             files={n: cap.rows[(layer, n)]["file"] for n in tensors},
+            residuals=residuals,
+            recorded_drift=drift.get(layer, {}),
         )
         previous = (layer, tensors)
     return report
+
+
+def _residuals_of(meta: Mapping[str, Any]) -> tuple[str, dict[int, dict[str, dict[str, Any]]]]:
+    """How the capture wrote its residual stream, and the drift it recorded per layer and point (exact-int)."""
+    mode = str(meta.get("capture", {}).get("residuals", "model"))
+    if mode not in RESIDUAL_MODES:
+        raise ValueError(f"residuals mode {mode!r} is not one of {RESIDUAL_MODES}")
+    drift: dict[int, dict[str, dict[str, Any]]] = {}
+    for entry in (meta.get("residuals") or {}).get("drift") or []:
+        record = {
+            "max_dev_lsb": float(entry["max_dev_lsb"]),
+            "max_ratio": None if entry.get("max_ratio") is None else float(entry["max_ratio"]),
+            "tolerance_lsb": None if entry.get("tolerance_lsb") is None else float(entry["tolerance_lsb"]),
+            "index": [int(i) for i in entry.get("index") or ()],
+        }
+        drift.setdefault(int(entry["layer"]), {})[str(entry["point"])] = record
+    return mode, drift
 
 
 def _validate_dataset(

@@ -72,6 +72,7 @@ class CaptureLogitsProcessor(LogitsProcessor):
         overwrite: bool = False,
         pad_to: int | None = None,
         extra_metadata: Mapping[str, Any] | None = None,
+        residuals: str = "model",
     ):
         if mode not in MODES:
             raise ValueError(f"mode {mode!r}: choose one of {', '.join(MODES)}")
@@ -94,6 +95,7 @@ class CaptureLogitsProcessor(LogitsProcessor):
             overwrite=overwrite,
             stepped=mode == "steps",
             extra_metadata=extra_metadata,
+            residuals=residuals,
         )
         self.result: CaptureResult | None = None
         self._armed = False

@@ -44,6 +44,7 @@ class CaptureCallback(TrainerCallback):
         scale_log2: int = 16,
         overwrite: bool = False,
         extra_metadata: Mapping[str, Any] | None = None,
+        residuals: str = "model",
     ):
         if on not in EVENTS:
             raise ValueError(f"on={on!r}: choose 'evaluate' or 'predict'")
@@ -51,7 +52,7 @@ class CaptureCallback(TrainerCallback):
             raise ValueError(f"max_samples={max_samples}: capture at least one sample")
         check_target(Path(out_dir).absolute(), overwrite)  # refuse before training starts
         self.out_dir, self.on, self.max_samples = Path(out_dir), on, max_samples
-        self._options = {"layers": layers, "scale_log2": scale_log2, "overwrite": overwrite}
+        self._options = {"layers": layers, "scale_log2": scale_log2, "overwrite": overwrite, "residuals": residuals}
         self._extra = dict(extra_metadata or {})
         self.engine: CaptureEngine | None = None
         self.result: CaptureResult | None = None

@@ -1,0 +1,382 @@
+"""The hand-off to zkLLM: what its scripts will reject, a runnable proving script, and the skip-step comparison.
+
+zkLLM (jvhs0706/zkllm-ccs2024) proves one decoder layer at a time with Python wrappers that run from the
+zkLLM folder, load ``meta-llama/Llama-2-{7,13}b-hf`` by name and ignore their binaries' exit codes. Two of
+them (``llama-rmsnorm.py``, ``llama-ffn.py``) write random data to a missing input path and prove that. The
+script :func:`write_script` produces therefore checks everything itself: each input exists before its step,
+each step printed zkLLM's success line (or wrote its output), and each skip connection's output equals the
+captured next point within the contract's tolerance (``zkllm-hf compare``). See docs/architecture.md §5.
+"""
+
+from __future__ import annotations
+
+import math
+import shlex
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import __version__
+from . import fixed_point as fp
+from .contracts import inside, load_contract
+from .profile import zkllm_limit_warnings
+from .provenance import utc_now
+
+# The dims zkLLM's scripts read from the model they load by name (model_card = meta-llama/Llama-2-{size}b-hf).
+LLAMA2 = {
+    7: {
+        "hidden_size": 4096,
+        "intermediate_size": 11008,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 32,
+        "num_hidden_layers": 32,
+        "rms_norm_eps": 1e-5,
+    },
+    13: {
+        "hidden_size": 5120,
+        "intermediate_size": 13824,
+        "num_attention_heads": 40,
+        "num_key_value_heads": 40,
+        "num_hidden_layers": 40,
+        "rms_norm_eps": 1e-5,
+    },
+}
+GATE_LIMIT = 512.0  # llama-ffn.py's SwiGLU table spans x in [-512, 512)
+ZKLLM_SCALE_LOG2 = 16  # zkLLM's kernels and llama-commit.py assume activations at 2**16
+SCRIPTS = (
+    "llama-ppgen.py",
+    "llama-commit.py",
+    "llama-rmsnorm.py",
+    "llama-self-attn.py",
+    "llama-ffn.py",
+    "llama-skip-connection.py",
+)
+# Parameters of one Llama-2 decoder layer, as llama-ppgen.py and llama-commit.py name their files.
+LAYER_PARAMS = (
+    "self_attn.q_proj.weight",
+    "self_attn.k_proj.weight",
+    "self_attn.v_proj.weight",
+    "self_attn.o_proj.weight",
+    "mlp.gate_proj.weight",
+    "mlp.up_proj.weight",
+    "mlp.down_proj.weight",
+    "input_layernorm.weight",
+    "post_attention_layernorm.weight",
+)
+# What zkLLM's wrappers and binaries print on success; they exit 0 whatever their binary did.
+SUCCESS = {
+    "self-attn": ("QKV linear proof successfully verified!", "Self attention proof successfully verified!"),
+    "ffn": ("SwiGLU proof complete.",),
+}
+# What a failure prints (an uncaught C++ exception, a Python error, a wrapper's own refusal).
+FAILURE_PATTERN = (
+    r"terminate called|what\(\):|Traceback \(most recent call last\)|Segmentation fault|Aborted|"
+    r"Error compiling|Input or output file does not exist"
+)
+
+
+class PlanRefused(ValueError):
+    """zkLLM would reject (or silently mis-prove) this capture; ``problems`` lists each limit and its fix."""
+
+    def __init__(self, problems: Sequence[str]):
+        self.problems = list(problems)
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"zkLLM cannot prove this capture as it stands:\n{lines}\n(--force writes the script anyway)")
+
+
+# --------------------------------------------------------------------------------------------------
+# What zkLLM will reject
+
+
+def prover_problems(cap: Any, model_size: int, layers: Sequence[int], zkllm_root: Path | None) -> list[str]:
+    """Every zkLLM limit the capture (``validate.Capture``) does not meet, each naming the value and the fix."""
+    meta = cap.metadata
+    model = meta.get("model", {})
+    out = zkllm_limit_warnings(
+        cap.seq_len,
+        cap.hidden_size,
+        model.get("intermediate_size"),
+        paddable=meta.get("capture", {}).get("mode", "forward") in ("forward", "full", "evaluate", "predict"),
+        num_attention_heads=model.get("num_attention_heads"),
+        num_key_value_heads=model.get("num_key_value_heads"),
+    )
+    if cap.scale_log2 != ZKLLM_SCALE_LOG2:
+        out.append(
+            f"the capture is at scale 2**{cap.scale_log2}; zkLLM's kernels read activations at 2**{ZKLLM_SCALE_LOG2}: "
+            f"capture again with --scale-log2 {ZKLLM_SCALE_LOG2}"
+        )
+    gates = {int(e["layer"]): float(e["value"]) for e in (meta.get("ffn") or {}).get("gate_abs_max") or []}
+    missing = [layer for layer in layers if layer not in gates]
+    if missing:
+        out.append(
+            f"the capture records no gate_proj range for layers {missing} (made by an older zkllm-hf, or a model "
+            f"without mlp.gate_proj); zkLLM's SwiGLU table needs |gate| < {GATE_LIMIT:g}: capture again to check it"
+        )
+    over = {layer: v for layer, v in gates.items() if layer in layers and not v < GATE_LIMIT}
+    if over:
+        worst = max(over, key=over.__getitem__)
+        out.append(
+            f"|gate_proj output| reaches {over[worst]:.6g} at layer {worst} ({len(over)} layer(s) at or above "
+            f"{GATE_LIMIT:g}); llama-ffn.py's SwiGLU table covers [-512, 512) only: widen prepare_swiglu's range in "
+            f"llama-ffn.py (and the table size ffn.cu expects), or prove other layers with --layers"
+        )
+    expected = LLAMA2[model_size]
+    differ = []
+    for key, want in expected.items():
+        have = model.get(key)
+        if have is None or (not math.isclose(float(have), float(want)) if key == "rms_norm_eps" else have != want):
+            differ.append(f"{key} {have} (Llama-2-{model_size}B: {want})")
+    if differ:
+        out.append(
+            f"zkLLM's scripts load meta-llama/Llama-2-{model_size}b-hf by name and prove with its weights, and this "
+            f"capture's model differs: {', '.join(differ)}. To prove this model, change model_card in every "
+            f"llama-*.py to it (and add GQA to the attention kernel if it has fewer key/value heads)"
+        )
+    bad_layers = [layer for layer in layers if layer >= expected["num_hidden_layers"]]
+    if bad_layers:
+        out.append(
+            f"layers {bad_layers} do not exist in Llama-2-{model_size}B ({expected['num_hidden_layers']} layers)"
+        )
+    if zkllm_root is not None:
+        absent = [s for s in SCRIPTS if not (zkllm_root / s).is_file()]
+        if absent:
+            out.append(
+                f"{zkllm_root} is not a zkllm-ccs2024 checkout (no {', '.join(absent)}): pass --zkllm-root the folder "
+                f"of git clone https://github.com/jvhs0706/zkllm-ccs2024"
+            )
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# The script
+
+
+@dataclass(frozen=True)
+class Plan:
+    capture: Path  # absolute
+    zkllm_root: Path  # absolute
+    scratch: Path  # absolute; prover outputs and logs, never inside the capture
+    model_size: int
+    layers: list[int]
+    warnings: list[str]
+
+
+def _q(path: Path | str) -> str:
+    return shlex.quote(str(path))
+
+
+def _c(text: object) -> str:
+    """Text for a ``#`` comment: control characters escaped, so that no name can end the comment line."""
+    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in str(text))
+
+
+def write_script(cap: Any, plan: Plan, *, python: str = sys.executable) -> str:
+    """The bash script that proves ``plan.layers`` of the capture with zkLLM, in zkLLM's README order."""
+    d = plan.capture
+    n, size = cap.seq_len, plan.model_size
+
+    def f(layer: int, point: str) -> str:
+        path = inside(d, str(cap.rows[(layer, point)]["file"]))  # only files inside the capture, never a row's text
+        if path is None or not path.is_file():
+            raise ValueError(f"layer {layer} {point}: the manifest's file is not inside {d}; validate the capture")
+        return _q(path)
+
+    workdir = f"./zkllm-workdir/Llama-2-{size}b"
+    lines = [
+        "#!/usr/bin/env bash",
+        f"# Prove a zkllm-hf capture with zkLLM (jvhs0706/zkllm-ccs2024). Written by zkllm-hf {__version__} plan,",
+        f"# {utc_now()}.",
+        f"#   capture: {_c(d)} (seq_len {n}, hidden {cap.hidden_size}, residuals "
+        f"{_c(cap.metadata.get('capture', {}).get('residuals', 'model'))})",
+        f"#   layers:  {', '.join(map(str, plan.layers))}",
+        f"#   zkLLM:   {_c(plan.zkllm_root)} (model size {size}B); prover outputs and logs: {_c(plan.scratch)}",
+        "# Every step reads captured files, never the prover's own outputs. zkLLM's wrappers exit 0 whatever their",
+        "# binaries did, so each step's log is checked for zkLLM's success line, and each skip connection's output is",
+        "# compared with the captured next point (zkllm-hf compare). Set ZKLLM_PYTHON to zkLLM's Python if it is not",
+        "# `python` on PATH.",
+    ]
+    if plan.warnings:
+        lines.append("#")
+        lines.append("# WARNING: written with --force; zkLLM will reject or mis-prove this capture as it stands:")
+        for w in plan.warnings:
+            lines.append(f"#   - {_c(w)}")
+    lines += [
+        "set -euo pipefail",
+        "",
+        f"ZKLLM_ROOT={_q(plan.zkllm_root)}",
+        f"CAPTURE={_q(d)}",
+        f"SCRATCH={_q(plan.scratch)}",
+        'PY="${ZKLLM_PYTHON:-python}"',
+        f"ZKLLM_HF=({_q(python)} -m zkllm_hf)",
+        "",
+        'fail() { echo "prove: $*" >&2; exit 1; }',
+        'need() { local f; for f in "$@"; do [[ -f "$f" ]] || fail "missing input file: $f"; done; }',
+        'made() { local f; for f in "$@"; do [[ -s "$f" ]] || fail "zkLLM wrote no $f"; done; }',
+        "# step NAME LOG SUCCESS_LINE... -- COMMAND...: run it and keep its log; fail on an error or a missing",
+        "# success line.",
+        "step() {",
+        "  local name=$1 log=$2; shift 2",
+        "  local -a success=()",
+        '  while [[ $1 != -- ]]; do success+=("$1"); shift; done; shift',
+        '  echo "== $name"',
+        '  "$@" 2>&1 | tee "$log"',
+        f'  if grep -Eq {_q(FAILURE_PATTERN)} "$log"; then fail "$name failed (see $log)"; fi',
+        '  local s; for s in "${success[@]}"; do',
+        '    grep -Fq -- "$s" "$log" || fail "$name: zkLLM did not print \'$s\' (see $log)"',
+        "  done",
+        "}",
+        "",
+        'mkdir -p -- "$SCRATCH"',
+        'cd -- "$ZKLLM_ROOT"',
+        "for s in " + " ".join(SCRIPTS) + "; do",
+        '  [[ -f $s ]] || fail "$ZKLLM_ROOT has no $s: not a zkllm-ccs2024 checkout"',
+        "done",
+        "# The capture's files are still the ones plan checked.",
+        '"${ZKLLM_HF[@]}" validate "$CAPTURE" >"$SCRATCH/validate.log" || fail "the capture no longer validates (see '
+        '$SCRATCH/validate.log)"',
+        "",
+        "# One-time, per model: public parameters and weight commitments (skipped when their outputs exist).",
+        f"WORKDIR={workdir}",
+    ]
+    pp = " ".join(f'"$WORKDIR/{p}-pp.bin"' for p in LAYER_PARAMS)
+    lines += [
+        'have_all() { local f; for f in "$@"; do [[ -f "$f" ]] || return 1; done; }',
+        f"if ! have_all {pp}; then",
+        f'  step ppgen "$SCRATCH/ppgen.log" -- "$PY" llama-ppgen.py {size}',
+        f'  have_all {pp} || fail "llama-ppgen.py wrote no public parameters into $WORKDIR"',
+        "fi",
+        "COMMITMENTS=()",
+        f"for i in $(seq 0 {LLAMA2[size]['num_hidden_layers'] - 1}); do",
+        "  for p in " + " ".join(LAYER_PARAMS) + "; do",
+        '    COMMITMENTS+=("$WORKDIR/layer-$i-$p-commitment.bin")',
+        "  done",
+        "done",
+        'if ! have_all "${COMMITMENTS[@]}"; then',
+        f'  step commit "$SCRATCH/commit.log" -- "$PY" llama-commit.py {size} {ZKLLM_SCALE_LOG2}',
+        '  have_all "${COMMITMENTS[@]}" || fail "llama-commit.py wrote no commitments into $WORKDIR"',
+        "fi",
+    ]
+    for layer in plan.layers:
+        o = f'"$SCRATCH/layer-{layer}'
+        block_input, norm_out = f(layer, "block_input"), f(layer, "input_layernorm_output")
+        attn_out, residual = f(layer, "attn_output"), f(layer, "post_attn_residual")
+        ffn_in, mlp_out, block_out = f(layer, "ffn_input"), f(layer, "mlp_output"), f(layer, "block_output")
+        lines += [
+            "",
+            f"# ---- layer {layer}",
+            f'mkdir -p -- "$SCRATCH/layer-{layer}"',
+            f"need {block_input}",
+            f'rm -f -- {o}/rmsnorm-input.bin"',
+            f'step "layer {layer}: input RMSNorm" {o}/rmsnorm-input.log" -- "$PY" llama-rmsnorm.py {size} {layer} '
+            f'input {n} --input_file {block_input} --output_file {o}/rmsnorm-input.bin"',
+            f'made {o}/rmsnorm-input.bin"',
+            f"need {norm_out}",
+            f'step "layer {layer}: self-attention" {o}/self-attn.log" {_q(SUCCESS["self-attn"][0])} '
+            f'{_q(SUCCESS["self-attn"][1])} -- "$PY" llama-self-attn.py {size} {layer} {n} --input_file {norm_out} '
+            f'--output_file {o}/self-attn.bin"',
+            f"need {block_input} {attn_out}",
+            f'rm -f -- {o}/skip-1.bin"',
+            f'step "layer {layer}: skip connection 1" {o}/skip-1.log" -- "$PY" llama-skip-connection.py '
+            f'--block_input_file {block_input} --block_output_file {attn_out} --output_file {o}/skip-1.bin"',
+            f'made {o}/skip-1.bin"',
+            f'"${{ZKLLM_HF[@]}}" compare {o}/skip-1.bin" {residual} --tolerance-from "$CAPTURE" '
+            f'|| fail "layer {layer}: skip connection 1 does not reproduce the captured post-attention residual"',
+            f"need {residual}",
+            f'rm -f -- {o}/rmsnorm-post.bin"',
+            f'step "layer {layer}: post-attention RMSNorm" {o}/rmsnorm-post.log" -- "$PY" llama-rmsnorm.py {size} '
+            f'{layer} post_attention {n} --input_file {residual} --output_file {o}/rmsnorm-post.bin"',
+            f'made {o}/rmsnorm-post.bin"',
+            f"need {ffn_in}",
+            f'rm -f -- {o}/ffn.bin"',
+            f'step "layer {layer}: FFN" {o}/ffn.log" {_q(SUCCESS["ffn"][0])} -- "$PY" llama-ffn.py {size} {layer} {n} '
+            f'--input_file {ffn_in} --output_file {o}/ffn.bin"',
+            f"need {residual} {mlp_out}",
+            f'rm -f -- {o}/skip-2.bin"',
+            f'step "layer {layer}: skip connection 2" {o}/skip-2.log" -- "$PY" llama-skip-connection.py '
+            f'--block_input_file {residual} --block_output_file {mlp_out} --output_file {o}/skip-2.bin"',
+            f'made {o}/skip-2.bin"',
+            f'"${{ZKLLM_HF[@]}}" compare {o}/skip-2.bin" {block_out} --tolerance-from "$CAPTURE" '
+            f'|| fail "layer {layer}: skip connection 2 does not reproduce the captured block output"',
+        ]
+    lines += ["", f'echo "zkLLM proved layers {", ".join(map(str, plan.layers))} of $CAPTURE"', ""]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------
+# zkllm-hf compare: a prover output against a captured file, within the contract's tolerance
+
+
+@dataclass(frozen=True)
+class Comparison:
+    ok: bool
+    message: str
+
+
+def compare_files(produced: Path, captured: Path, capture: Any) -> Comparison:
+    """Compare ``produced`` (a zkLLM skip output) with ``captured``, a file of ``capture`` (``validate.Capture``).
+
+    A residual point (post_attn_residual, block_output) is compared within the tolerance of the contract's sum
+    check whose result it is, as the model's float add allows; in a capture made with
+    ``residuals="exact-int"``, and for every other point, the files must be equal.
+    """
+    target = captured.resolve()
+    row = next(
+        (r for r in capture.rows.values() if (p := inside(capture.path, str(r["file"]))) is not None and p == target),
+        None,
+    )
+    if row is None:
+        return Comparison(False, f"{captured} is not a file of the capture at {capture.path}")
+    rows, cols = int(row["rows"]), int(row["cols"])
+    what = f"layer {row['layer']} {row['point']}"
+    size = produced.stat().st_size if produced.is_file() else None
+    if size != rows * cols * 4:
+        return Comparison(
+            False,
+            f"{produced} holds {size} bytes; {what} is {rows} x {cols} int32 ({rows * cols * 4} bytes)"
+            if size is not None
+            else f"{produced} does not exist",
+        )
+    a = torch.from_numpy(np.fromfile(produced, dtype="<i4").reshape(rows, cols).astype(np.int64))
+    b = torch.from_numpy(np.fromfile(target, dtype="<i4").reshape(rows, cols).astype(np.int64))
+    dev = (a - b).abs().to(torch.float64)
+    contract = load_contract(str(capture.metadata["contract"]["folder"]))
+    spec = next((s for s in contract.identities if s.kind == "sum" and s.lhs == row["point"]), None)
+    exact = spec is None or capture.metadata.get("capture", {}).get("residuals", "model") == "exact-int"
+    if exact:
+        tol = torch.zeros_like(dev)
+        rule = "equal (exact)"
+    else:
+        params = {k: float(spec.params[k]) for k in ("quantisation_lsb", "rounding_ulps") if k in spec.params}
+        dtype = getattr(torch, str(row["source_dtype"]))
+        tol = fp.sum_tolerance(b, dtype, int(row["scale_log2"]), **params)
+        rule = f"within contract check {spec.name}'s tolerance"
+    bad = dev > tol
+    if not bool(bad.any()):
+        return Comparison(
+            True, f"{what}: {produced} matches {captured}, {rule}; max deviation {float(dev.max()):g} LSB"
+        )
+    ratio = torch.where(tol > 0, dev / tol.clamp(min=1e-300), torch.where(dev > 0, math.inf, 0.0))
+    pos = int(torch.argmax(ratio.reshape(-1)))
+    t, c = divmod(pos, cols)
+    return Comparison(
+        False,
+        f"{what}: {produced} differs from {captured} at {int(bad.sum())} element(s), the worst at token {t}, "
+        f"dim {c}: {int(a[t, c])} vs {int(b[t, c])} ({float(dev[t, c]):g} LSB, allowed {float(tol[t, c]):g}; {rule})",
+    )
+
+
+__all__ = [
+    "GATE_LIMIT",
+    "LLAMA2",
+    "Comparison",
+    "Plan",
+    "PlanRefused",
+    "compare_files",
+    "prover_problems",
+    "write_script",
+]

@@ -44,7 +44,7 @@ from .contracts import (
 from .engine import CaptureError, build_index, index_rows
 from .hooks import find_layout
 from .manifest import read_manifest, table_metadata, write_manifest
-from .models import context_error, pad_id_of, tokenize_batch
+from .models import context_error, tokenize_batch
 from .points import parse_layers
 from .validate import _contract_of
 from .writer import MANIFEST_NAME, TargetLock, _fsync_dir, check_target, leftover_name, sha256_file
@@ -517,7 +517,8 @@ def capture_dataset(
         problem = None
         if main:
             try:
-                result.units, result.index_written = _write_index(out, parsed, source, ranks, rebuild=bool(result.captured))
+                rebuild = bool(result.captured)
+                result.units, result.index_written = _write_index(out, parsed, source, ranks, rebuild=rebuild)
                 shutil.rmtree(out / WORK, ignore_errors=True)
             except Exception as exc:
                 problem = exc
@@ -592,7 +593,7 @@ def _capture_one(
                 torch.inference_mode(),
             ):
                 proc.engine.sample_offset = p.sample
-                pad = batch.pad_token_id if batch.pad_token_id is not None else pad_id_of(tokenizer)
+                pad = batch.pad_token_id if batch.pad_token_id is not None else tokenizer.eos_token_id
                 generated = model.generate(
                     input_ids=ids,
                     attention_mask=mask,

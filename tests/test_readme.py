@@ -17,7 +17,7 @@ def python_blocks() -> list[str]:
 def test_readme_has_an_example_per_integration():
     text = "\n".join(python_blocks())
     for needle in ("zkllm_hf.capture(", "padding=True", "CaptureLogitsProcessor(", "CaptureCallback(",
-                   'for mode in ("prefill", "full", "steps")'):
+                   'for mode in ("prefill", "full", "steps")', "capture_dataset("):
         assert needle in text, needle
 
 
@@ -34,9 +34,10 @@ def test_readme_examples_run(model_cache, tmp_path, monkeypatch, capsys):
     assert f"steps [('sample-0/step-0', {n0}), ('sample-0/step-1', 1)" in out
     import zkllm_hf
 
-    for folder in ("activations", "acts-batch", "acts-prefill", "acts-full", "acts-steps", "acts-eval"):
+    for folder in ("activations", "acts-batch", "acts-prefill", "acts-full", "acts-steps", "acts-eval", "acts-set"):
         assert zkllm_hf.validate(tmp_path / folder).ok, folder
     eval_ds = zkllm_hf.load_capture(tmp_path / "acts-eval")
     assert len(eval_ds) == 2 and eval_ds.metadata["trainer"]["on"] == "evaluate"
+    assert "[(1, 16, " in out and "(7, 16, " in out  # the prompt set's index, read by DuckDB: 2 layers x 8 files
     full = zkllm_hf.load_capture(tmp_path / "acts-full")
     assert [u.metadata["unit"]["phase"] for u in full] == ["full"] * 2

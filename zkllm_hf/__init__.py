@@ -9,6 +9,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .contracts import CheckResult, ContractViolation
+from .dataset import DatasetResult, PromptsError, capture_dataset
 from .engine import CaptureError, CaptureResult
 from .fixed_point import FixedPointError
 from .hooks import UnsupportedModelError
@@ -89,6 +90,9 @@ __all__ = [
     "CaptureResult",
     "CaptureSession",
     "CheckResult",
+    "DatasetResult",
+    "PromptsError",
+    "capture_dataset",
     "ContractViolation",
     "FixedPointError",
     "UnsupportedModelError",

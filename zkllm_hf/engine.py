@@ -558,6 +558,7 @@ class CaptureEngine:
             raise ValueError("layers is empty; pass None for every layer, or a spec such as '0-3,7'")
         check_target(self.out_dir.absolute(), overwrite)  # refuse before any forward runs
         self.single_unit_hint = not stepped  # names in errors: no unit prefix until a second unit appears
+        self.sample_offset = 0  # added to the adapter's sample numbers in folders, rows and metadata (datasets)
         self.units: dict[tuple[int, int], UnitRecorder] = {}
         self._staging: StagingDir | None = None
         self._hooks: HookSet | None = None
@@ -630,8 +631,9 @@ class CaptureEngine:
         key = (sample, step)
         u = self.units.get(key)
         if u is None:
-            folder = f"sample-{sample}/step-{step}" if self.stepped else f"sample-{sample}"
-            u = self.units[key] = UnitRecorder(self, sample, step, phase, folder)
+            label = sample + self.sample_offset
+            folder = f"sample-{label}/step-{step}" if self.stepped else f"sample-{label}"
+            u = self.units[key] = UnitRecorder(self, label, step, phase, folder)
             if len(self.units) > 1:
                 self.single_unit_hint = False
         elif u.sealed:
@@ -640,7 +642,7 @@ class CaptureEngine:
 
     def drop(self, unit: UnitRecorder) -> None:
         """Forget a unit and remove its staged files (a forward that was never committed)."""
-        self.units.pop((unit.sample, unit.step), None)
+        self.units.pop((unit.sample - self.sample_offset, unit.step), None)
         if self._staging is not None:
             self._staging.remove(unit.folder)
 
@@ -823,10 +825,7 @@ class CaptureEngine:
             )
             failures += [tag(r, u) for r in u.results if r.failed]
             prefix = "" if flat else f"{u.folder}/"
-            dataset_rows += [
-                dict(r, file=prefix + r["file"], alias_of=None if r["alias_of"] is None else prefix + r["alias_of"])
-                for r in rows
-            ]
+            dataset_rows += index_rows(rows, prefix)
         index_results: list[CheckResult] = []
         if not flat:
             index = build_table(dataset_rows, {})
@@ -861,22 +860,14 @@ class CaptureEngine:
                 return
             for u, table in unit_tables:
                 write_manifest(table, root / u.folder / MANIFEST_NAME)
-            meta = {
-                **common,
-                **dict(dataset_metadata or {}),
-                "kind": "dataset",
-                "units": [dict(m, manifest_sha256=sha256_file(root / m["folder"] / MANIFEST_NAME)) for m in unit_meta],
-            }
-            index = build_table(dataset_rows, meta)
-            # The index's own checks, as validate runs them, before it is written and the folder moves.
-            subject = CaptureSubject(index.to_pylist(), index, table_metadata(index))
-            entries = [
-                dict(m, rows=table.to_pylist(), metadata=table_metadata(table))
-                for m, (_, table) in zip(meta["units"], unit_tables)
-            ]
-            results = run_capture_checks(contract, subject, kinds=INDEX_KINDS - {"manifest_schema"})
-            results += run_dataset_checks(contract, root, dataset_rows, meta, entries)
-            index_results.extend(_replace(r, unit=r.unit or ".") for r in results)
+            index, results = build_index(
+                root,
+                contract,
+                dataset_rows,
+                {**common, **dict(dataset_metadata or {})},
+                [(m, table) for m, (_, table) in zip(unit_meta, unit_tables)],
+            )
+            index_results.extend(results)
             bad = [r for r in index_results if r.failed]
             if bad:
                 raise ContractViolation(bad, context=f"capture into '{self.out_dir}'")
@@ -938,6 +929,44 @@ class CaptureEngine:
             },
             "extra": self.extra_metadata,
         }
+
+
+def index_rows(rows: Sequence[Mapping[str, Any]], prefix: str) -> list[dict[str, Any]]:
+    """A unit's manifest rows as a dataset index lists them: ``file`` (and ``alias_of``) under ``prefix``."""
+    return [
+        dict(r, file=prefix + r["file"], alias_of=None if r["alias_of"] is None else prefix + r["alias_of"])
+        for r in rows
+    ]
+
+
+def build_index(
+    root: Path,
+    contract: Any,
+    rows: list[dict[str, Any]],
+    metadata: Mapping[str, Any],
+    units: Sequence[tuple[Mapping[str, Any], Any]],
+    *,
+    kinds: frozenset[str] = INDEX_KINDS - {"manifest_schema"},
+) -> tuple[Any, list[CheckResult]]:
+    """The dataset index over units whose manifests are already written under ``root``, and its checks.
+
+    ``rows`` are every unit's rows as :func:`index_rows` lists them; ``units`` pairs each unit's entry
+    (folder, sample, step, phase, seq_len, ...) with its manifest table. Returns the index table (the
+    metadata's unit list gains each manifest's SHA-256) and the index's own checks as ``validate`` runs them.
+    """
+    meta = {
+        **metadata,
+        "kind": "dataset",
+        "units": [dict(m, manifest_sha256=sha256_file(root / m["folder"] / MANIFEST_NAME)) for m, _ in units],
+    }
+    index = build_table(rows, meta)
+    subject = CaptureSubject(index.to_pylist(), index, table_metadata(index))
+    entries = [
+        dict(m, rows=table.to_pylist(), metadata=table_metadata(table)) for m, (_, table) in zip(meta["units"], units)
+    ]
+    results = run_capture_checks(contract, subject, kinds=kinds)
+    results += run_dataset_checks(contract, root, rows, meta, entries)
+    return index, [_replace(r, unit=r.unit or ".") for r in results]
 
 
 def _link(src: Path, dst: Path) -> None:

@@ -11,6 +11,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -210,9 +211,9 @@ def load(
         raise ModelLoadError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
     if load_in_4bit and load_in_8bit:
         raise ModelLoadError("--load-in-4bit and --load-in-8bit exclude each other; pick one")
-    if device not in ("cpu", "cuda", "auto"):
+    if device not in ("cpu", "cuda", "auto") and not re.fullmatch(r"cuda:\d+", device):
         raise ModelLoadError(f"--device {device!r}: choose cpu, cuda or auto")
-    if device == "cuda" and not torch.cuda.is_available():
+    if device.startswith("cuda") and not torch.cuda.is_available():
         raise ModelLoadError("--device cuda: no CUDA device is available here; use --device cpu")
     path, source = resolved or resolve(name)
     kwargs: dict[str, Any] = {"dtype": DTYPES[dtype], "local_files_only": True}
@@ -295,6 +296,23 @@ def tokenize_batch(tokenizer: Any, texts: list[str], pad_to: int | None = None, 
         ids[i, at] = torch.tensor(r)
         mask[i, at] = 1
     return Batch(ids, mask, lengths, pad if width > min(lengths) else None)
+
+
+def context_error(
+    model: Any, prompt_lengths: list[int], *, generate: int | None = None, pad_to: int | None = None
+) -> str | None:
+    """Why prompts of ``prompt_lengths`` tokens (plus ``generate`` new ones, or padded to ``pad_to``) do not
+    fit the model's context (``max_position_embeddings``), or None if they do."""
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    longest = max(max(prompt_lengths) + (generate or 0), pad_to or 0)
+    if limit is None or longest <= limit:
+        return None
+    what = f"{max(prompt_lengths)} prompt tokens" + (f" + {generate} generated" if generate else "")
+    what += f", padded to {pad_to}" if pad_to else ""
+    return (
+        f"{what} exceed the model's context of {limit} positions (max_position_embeddings); shorten the "
+        f"text, lower --generate or --pad-to"
+    )
 
 
 def tokenize(tokenizer: Any, text: str, pad_to: int | None = None) -> tuple[torch.Tensor, int, int | None]:

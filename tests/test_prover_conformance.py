@@ -313,3 +313,32 @@ def test_compare_names_the_place_and_the_tolerance(captures, tmp_path):
     z[0, 0] += 1
     z.astype(np.int32).tofile(produced)
     assert main(["compare", str(produced), str(file_of(ex, 0, "post_attn_residual")), "--tolerance-from", str(ex)]) == 1
+
+
+def test_gate_range_is_recorded_and_plan_refuses_beyond_the_swiglu_table(tmp_path, capsys):
+    """The recorded largest |gate_proj output| per layer equals the one a plain hook sees; a layer at or past
+    zkLLM's SwiGLU table (|gate| < 512) makes plan refuse, naming the layer."""
+    from zkllm_hf.cli import main
+    from zkllm_hf.validate import load_capture
+
+    model = make_tiny()
+    with torch.no_grad():
+        model.model.layers[1].mlp.gate_proj.weight.mul_(2000.0)
+    seen: dict[int, float] = {}
+    handles = [
+        layer.mlp.gate_proj.register_forward_hook(
+            lambda m, a, out, i=i: seen.__setitem__(i, max(seen.get(i, 0.0), float(out.abs().max())))
+        )
+        for i, layer in enumerate(model.model.layers)
+    ]
+    with torch.no_grad(), zkllm_hf.capture(model, tmp_path / "cap"):
+        model(torch.randint(0, 128, (1, 16), generator=torch.Generator().manual_seed(5)))
+    for h in handles:
+        h.remove()
+    recorded = {g["layer"]: g["value"] for g in load_capture(tmp_path / "cap").metadata["ffn"]["gate_abs_max"]}
+    assert recorded == seen and recorded[1] >= 512 > recorded[0]
+    assert main(["plan", str(tmp_path / "cap"), "--zkllm-root", str(tmp_path), "--layers", "1"]) == 1
+    err = capsys.readouterr().err
+    assert f"|gate_proj output| reaches {recorded[1]:.6g} at layer 1" in err
+    assert main(["plan", str(tmp_path / "cap"), "--zkllm-root", str(tmp_path), "--layers", "0"]) == 1
+    assert "gate_proj" not in capsys.readouterr().err  # layer 0 is within the table: not named

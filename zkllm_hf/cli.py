@@ -396,6 +396,8 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
                 ["hidden_size", capture["hidden_size"]],
                 ["layers", _ranges(capture["layers"])],
                 ["scale", f"2**{capture['scale_log2']}"],
+                ["residuals", _residuals_line(meta)],
+                ["|gate_proj|", _gate_line(meta)],
                 [
                     "created",
                     f"{capture['created_utc']} with zkllm_hf {meta['versions']['zkllm_hf']}, transformers "
@@ -445,6 +447,32 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         for f in report.failures:
             print(f"  - {f.describe()}")
     return EXIT_OK if report.ok else EXIT_INVALID
+
+
+def _residuals_line(meta: dict) -> str:
+    residuals = meta.get("residuals") or {}
+    mode = residuals.get("mode", meta["capture"].get("residuals", "model"))
+    if mode != "exact-int":
+        return f"{mode} (the model's own values; skip outputs match within the sum tolerance)"
+    drift = residuals.get("drift") or []
+    if not drift:
+        return "exact-int (no drift recorded)"
+    worst = max(drift, key=lambda d: d["max_dev_lsb"])
+    return (
+        f"exact-int (derived in int32; largest drift from the model {worst['max_dev_lsb']:g} LSB at layer "
+        f"{worst['layer']} {worst['point']})"
+    )
+
+
+def _gate_line(meta: dict) -> str:
+    from .prove import GATE_LIMIT
+
+    gates = (meta.get("ffn") or {}).get("gate_abs_max") or []
+    if not gates:
+        return "not recorded"
+    worst = max(gates, key=lambda g: g["value"])
+    verdict = "within" if worst["value"] < GATE_LIMIT else "BEYOND"
+    return f"largest {worst['value']:.4g} at layer {worst['layer']} ({verdict} zkLLM's SwiGLU table, < {GATE_LIMIT:g})"
 
 
 def _inspect_dataset(ds, report) -> int:

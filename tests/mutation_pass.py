@@ -34,7 +34,7 @@ MUTANTS = [
      "            if old is not None:  # put the previous capture back\n                os.rename(old, self.out_dir)",
      "            pass"),
     ("the writer's queue is unbounded", "zkllm_hf/engine.py",
-     "two_layers = 2 * len(POINTS) * 4 * hidden * max(1, rows)", "two_layers = 1 << 40"),
+     "bound = (2 * len(POINTS) + 1) * 4 * hidden * max(1, rows)", "bound = 1 << 40"),
     ("the norm checks read the other norm's weight", "zkllm_hf/hooks.py",
      "params = norm_params(self.module(layer, name))",
      'params = norm_params(self.module(layer, "post_attention_layernorm"))'),

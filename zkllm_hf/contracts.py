@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -274,14 +275,14 @@ def _sum(
     lhs_dtype: torch.dtype,
     scale_log2: int,
     **_: Any,
-) -> fp.Deviation:
+) -> torch.Tensor:
     tolerance = {k: float(spec.params[k]) for k in ("quantisation_lsb", "rounding_ulps") if k in spec.params}
-    return fp.sum_deviation(terms[0], terms[1], lhs, lhs_dtype, scale_log2, **tolerance)
+    return fp.sum_deviation_stats(terms[0], terms[1], lhs, lhs_dtype, scale_log2, **tolerance)
 
 
 @register_check("exact", "layer")
-def _exact(spec: CheckSpec, lhs: torch.Tensor, terms: Sequence[torch.Tensor], **_: Any) -> fp.Deviation:
-    return fp.equal_deviation(lhs, terms[0])
+def _exact(spec: CheckSpec, lhs: torch.Tensor, terms: Sequence[torch.Tensor], **_: Any) -> torch.Tensor:
+    return fp.equal_deviation_stats(lhs, terms[0])
 
 
 @register_check("rmsnorm", "layer")
@@ -295,9 +296,46 @@ def _rmsnorm(
     scale_log2: int,
     norm: tuple[torch.Tensor, float],
     **_: Any,
-) -> fp.Deviation:
+) -> torch.Tensor:
     weight, eps = norm
-    return fp.rmsnorm_deviation(terms[0], lhs, weight, eps, term_dtypes[0], lhs_dtype, scale_log2)
+    return fp.rmsnorm_deviation_stats(terms[0], lhs, weight, eps, term_dtypes[0], lhs_dtype, scale_log2)
+
+
+@dataclass
+class PendingIdentities:
+    """A layer's identity checks, computed on the codes' device but not yet read back (no device sync).
+
+    ``stats`` holds ``fp.DEVIATION_STATS`` numbers per check that ran (None if none ran); :meth:`resolve`
+    turns them, once they are on the host, into the :class:`CheckResult` list :func:`run_identities` returns.
+    """
+
+    slots: list[CheckResult | tuple[CheckSpec, dict[str, Any], tuple[int, ...]]]
+    stats: torch.Tensor | None
+
+    def resolve(self, host: Sequence[float] | None = None) -> list[CheckResult]:
+        """The results; ``host`` is ``stats`` flattened on the host (read here, with one sync, if omitted)."""
+        if host is None:
+            host = [] if self.stats is None else self.stats.reshape(-1).tolist()
+        out, k = [], 0
+        for slot in self.slots:
+            if isinstance(slot, CheckResult):
+                out.append(slot)
+                continue
+            spec, where, shape = slot
+            dev = fp.Deviation.from_stats(host[k : k + fp.DEVIATION_STATS], shape)
+            k += fp.DEVIATION_STATS
+            out.append(
+                CheckResult(
+                    spec.name,
+                    dev.ok,
+                    max_dev_lsb=dev.max_dev_lsb,
+                    max_ratio=dev.max_ratio,
+                    tolerance_lsb=dev.tolerance_lsb,
+                    index=dev.index,
+                    **where,
+                )
+            )
+        return out
 
 
 def run_identities(
@@ -318,20 +356,37 @@ def run_identities(
     they are reported as skipped. Model checks use ``norms``, mapping each norm module to its ``(weight,
     eps)`` or to the reason it could not be read; a string (or None) is the reason for all of them.
     """
-    results = []
+    return start_identities(
+        contract, layer, tensors, dtypes, scale_log2, previous=previous, norms=norms, files=files
+    ).resolve()
+
+
+def start_identities(
+    contract: Contract,
+    layer: int,
+    tensors: Tensors,
+    dtypes: Mapping[str, torch.dtype],
+    scale_log2: int,
+    *,
+    previous: Tensors | None = None,
+    norms: Mapping[str, tuple[torch.Tensor, float] | str] | str | None = None,
+    files: Mapping[str, str] | None = None,
+) -> PendingIdentities:
+    """:func:`run_identities` without reading the results back: every check runs now, on the codes' device,
+    and :meth:`PendingIdentities.resolve` reads them once they have reached the host."""
+    slots: list[CheckResult | tuple[CheckSpec, dict[str, Any], tuple[int, ...]]] = []
+    stats = []
     for spec in contract.identities:
         where = {"layer": layer, "point": spec.lhs, "file": (files or {}).get(spec.lhs)}
         if spec.previous_layer and previous is None:
             if layer > 0:
-                results.append(
-                    CheckResult(spec.name, False, skipped=f"layer {layer - 1} is not in the capture", **where)
-                )
+                slots.append(CheckResult(spec.name, False, skipped=f"layer {layer - 1} is not in the capture", **where))
             continue
         extra: dict[str, Any] = {}
         if spec.needs_model:
             norm = norms.get(spec.module) if isinstance(norms, Mapping) else (norms or "no model was given")
             if not isinstance(norm, tuple):
-                results.append(CheckResult(spec.name, False, skipped=str(norm), **where))
+                slots.append(CheckResult(spec.name, False, skipped=str(norm), **where))
                 continue
             extra["norm"] = norm
         source = previous if spec.previous_layer else tensors
@@ -339,27 +394,19 @@ def run_identities(
         device = tensors[spec.lhs].device
         if device.type == "mps":  # no float64 there
             device = torch.device("cpu")
-        dev = _KINDS[spec.kind][1](
-            spec,
-            tensors[spec.lhs].to(device),
-            [t.to(device) for t in terms],
-            lhs_dtype=dtypes[spec.lhs],
-            term_dtypes=[dtypes.get(t, dtypes[spec.lhs]) for t in spec.terms],
-            scale_log2=scale_log2,
-            **extra,
-        )
-        results.append(
-            CheckResult(
-                spec.name,
-                dev.ok,
-                max_dev_lsb=dev.max_dev_lsb,
-                max_ratio=dev.max_ratio,
-                tolerance_lsb=dev.tolerance_lsb,
-                index=dev.index,
-                **where,
+        stats.append(
+            _KINDS[spec.kind][1](
+                spec,
+                tensors[spec.lhs].to(device),
+                [t.to(device) for t in terms],
+                lhs_dtype=dtypes[spec.lhs],
+                term_dtypes=[dtypes.get(t, dtypes[spec.lhs]) for t in spec.terms],
+                scale_log2=scale_log2,
+                **extra,
             )
         )
-    return results
+        slots.append((spec, where, tuple(tensors[spec.lhs].shape)))
+    return PendingIdentities(slots, torch.cat(stats) if stats else None)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -367,7 +414,9 @@ def run_identities(
 
 
 @register_check("integrity", "file")
-def _integrity(spec: CheckSpec, row: Mapping[str, Any], data: bytes | None, problem: str | None) -> CheckResult:
+def _integrity(
+    spec: CheckSpec, row: Mapping[str, Any], data: bytes | memoryview | None, problem: str | None
+) -> CheckResult:
     where = _where(row)
     if data is None:
         return CheckResult(spec.name, False, problem or "file is unreadable", **where)
@@ -380,7 +429,9 @@ def _integrity(spec: CheckSpec, row: Mapping[str, Any], data: bytes | None, prob
 
 
 @register_check("range", "file")
-def _range(spec: CheckSpec, row: Mapping[str, Any], data: bytes | None, problem: str | None) -> CheckResult:
+def _range(
+    spec: CheckSpec, row: Mapping[str, Any], data: bytes | memoryview | None, problem: str | None
+) -> CheckResult:
     where = _where(row)
     if data is None or len(data) % 4:
         return CheckResult(spec.name, False, skipped=f"no int32 data to read ({problem or 'truncated file'})", **where)
@@ -419,6 +470,27 @@ def inside(folder: Path, name: str) -> Path | None:
     return path
 
 
+def _read(path: Path, local: threading.local) -> memoryview:
+    """The whole file, read into this thread's buffer (grown as needed); the view is valid until the next read."""
+    with open(path, "rb", buffering=0) as fh:
+        size = os.fstat(fh.fileno()).st_size
+        buf = getattr(local, "buf", None)
+        if buf is None or len(buf) < size + 1:
+            buf = local.buf = bytearray(size + 1)
+        view = memoryview(buf)
+        n = 0
+        while True:  # up to the end, even if the file grew since fstat (one spare byte tells)
+            got = fh.readinto(view[n:])
+            if not got:
+                break
+            n += got
+            if n == len(buf):
+                local.buf = bytearray(2 * len(buf))
+                local.buf[:n] = buf
+                buf, view = local.buf, memoryview(local.buf)
+        return view[:n]
+
+
 def run_file_checks(
     contract: Contract, folder: Path, rows: Sequence[Mapping[str, Any]], *, progress: bool = False
 ) -> list[CheckResult]:
@@ -426,6 +498,8 @@ def run_file_checks(
     specs = contract.scope("file")
     if not specs:
         return []
+
+    local = threading.local()  # one read buffer per thread, reused: no fresh memory (and page faults) per file
 
     def check(row: Mapping[str, Any]) -> list[CheckResult]:
         path = inside(folder, str(row["file"]))
@@ -435,7 +509,7 @@ def run_file_checks(
         if not path.is_file():
             problem = "file is missing"
         else:
-            data = path.read_bytes()
+            data = _read(path, local)
         return [_KINDS[s.kind][1](s, row, data, problem) for s in specs]
 
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:

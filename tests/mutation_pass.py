@@ -33,7 +33,7 @@ MUTANTS = [
     ("a failed move does not put the previous capture back", "zkllm_hf/writer.py",
      "            if old is not None:  # put the previous capture back\n                os.rename(old, self.out_dir)",
      "            pass"),
-    ("the writer's queue is unbounded", "zkllm_hf/engine.py",
+    ("the host buffers are unbounded (the writer's queue and the pool)", "zkllm_hf/engine.py",
      "bound = (2 * len(POINTS) + 1) * 4 * hidden * max(1, rows)", "bound = 1 << 40"),
     ("the norm checks read the other norm's weight", "zkllm_hf/hooks.py",
      "params = norm_params(self.module(layer, name))",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import weakref
 from pathlib import Path
 
 import numpy as np
@@ -380,3 +379,56 @@ def test_data_parallel_and_other_threads_are_refused(tiny, tmp_path):
             worker.join()
     assert errors and "another thread" in errors[0]
     assert not (tmp_path / "thread").exists() and no_staging_left(tmp_path)
+
+
+def _asynchronous_everywhere(monkeypatch):
+    """Run the CUDA copy path (device-side quantisation and checks, copies into pooled buffers, results read
+    back a layer later) on the CPU."""
+    monkeypatch.setattr(engine_mod.CaptureEngine, "asynchronous", staticmethod(lambda device: True))
+
+
+def test_asynchronous_path_writes_the_same_capture(tmp_path, monkeypatch):
+    model = make_tiny()
+    direct, _ = run_capture(model, tmp_path / "direct")
+    _asynchronous_everywhere(monkeypatch)
+    deferred, _ = run_capture(model, tmp_path / "deferred")
+    a, b = zkllm_hf.load_capture(tmp_path / "direct"), zkllm_hf.load_capture(tmp_path / "deferred")
+    cols = ["file", "sha256", "int_min", "int_max", "check", "max_dev_lsb", "max_dev_ratio"]
+    assert a.manifest.select(cols).to_pylist() == b.manifest.select(cols).to_pylist()
+    assert [(c.check, c.layer, c.passed, c.max_ratio) for c in direct.checks] == [
+        (c.check, c.layer, c.passed, c.max_ratio) for c in deferred.checks
+    ]
+    assert zkllm_hf.validate(tmp_path / "deferred", model=model).ok
+
+
+def test_asynchronous_path_still_refuses_what_breaks_the_contract(tmp_path, monkeypatch):
+    _asynchronous_everywhere(monkeypatch)
+    model = make_tiny()
+    norm = model.model.layers[1].post_attention_layernorm
+    handle = norm.register_forward_pre_hook(lambda m, args: (args[0] + 0.01,), prepend=True)
+    try:
+        with pytest.raises(zkllm_hf.ContractViolation) as info:
+            run_capture(model, tmp_path / "bad")
+    finally:
+        handle.remove()
+    assert ("skip_1", 1, "post_attn_residual") in {(f.check, f.layer, f.point) for f in info.value.failures}
+    assert not (tmp_path / "bad").exists() and no_staging_left(tmp_path)
+
+
+def test_asynchronous_path_reports_overflow_and_nan_like_the_direct_path(tmp_path, monkeypatch):
+    model = make_tiny()
+    messages = []
+    for asynchronous in (False, True):
+        if asynchronous:
+            _asynchronous_everywhere(monkeypatch)
+        with pytest.raises(zkllm_hf.FixedPointError) as overflow:
+            run_capture(model, tmp_path / f"ovf-{asynchronous}", scale_log2=30)
+        broken = make_tiny()
+        with torch.no_grad():
+            broken.model.layers[1].mlp.down_proj.weight[0, 0] = float("nan")
+        with pytest.raises(zkllm_hf.FixedPointError) as nan:
+            run_capture(broken, tmp_path / f"nan-{asynchronous}")
+        messages.append((str(overflow.value), str(nan.value)))
+    assert messages[0] == messages[1]
+    assert "lower --scale-log2 to" in messages[1][0] and "layer 1 mlp_output: value nan" in messages[1][1]
+    assert no_staging_left(tmp_path) and not list(tmp_path.iterdir())

@@ -560,8 +560,12 @@ def _containment(spec: CheckSpec, s: CaptureSubject, contract: Contract) -> list
     if s.folder is None:  # an index in memory: its unit folders are checked by the dataset checks
         return []
     bad = [
-        CheckResult(spec.name, False, "names a file outside the capture folder (.., an absolute path or a symlink "
-                    "leaving it); it was not opened", **_where(row))
+        CheckResult(
+            spec.name,
+            False,
+            "names a file outside the capture folder (.., an absolute path or a symlink leaving it); it was not opened",
+            **_where(row),
+        )
         for row in s.rows
         if inside(s.folder, str(row["file"])) is None
     ]

@@ -10,6 +10,7 @@ manifests and the atomic commit. The adapters only decide which forwards make wh
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import os
@@ -176,6 +177,24 @@ class Route:
     unit: UnitRecorder
 
 
+class _Done:
+    """The event of work that is already done (the asynchronous path run on the CPU, as tests do)."""
+
+    def synchronize(self) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+
+def _record_event(device: torch.device) -> Any:
+    if device.type != "cuda":
+        return _Done()
+    event = torch.cuda.Event()
+    event.record()
+    return event
+
+
 def _pooled(buffers: HostBufferPool, t: torch.Tensor) -> bool:
     return t.device.type == "cpu" and buffers.owns(t)
 
@@ -276,11 +295,11 @@ class UnitRecorder:
                 f"(seq_len, hidden_size)"
             )
         engine = self.engine
-        if x.device.type == "cpu":  # straight into a pooled host buffer, which the writer then writes
+        if engine.asynchronous(x.device):  # on the device, no sync: the range is read back with the layer
+            codes, self._range[point.name] = fp.quantize_device(x, engine.scale_log2, what=what)
+        elif x.device.type == "cpu":  # straight into a pooled host buffer, which the writer then writes
             codes = engine.buffers.acquire(x.shape)
             self._range[point.name] = fp.quantize_into(x, codes, engine.scale_log2, what=what)
-        elif engine.asynchronous(x.device):  # on the device, no sync: the range is read back with the layer
-            codes, self._range[point.name] = fp.quantize_device(x, engine.scale_log2, what=what)
         else:  # another device (mps, xpu): quantise there, one sync per point
             codes, lo, hi = fp.quantize_with_range(x, engine.scale_log2, what=what)
             self._range[point.name] = (lo, hi)
@@ -312,7 +331,7 @@ class UnitRecorder:
         buffers = engine.buffers
         files, hosts = [], []
         device = next(iter(self._pending.values())).device if self._pending else torch.device("cpu")
-        if device.type == "cpu" or not engine.asynchronous(device):
+        if not engine.asynchronous(device):
             for point in points:
                 codes = self._pending[point.name]
                 host = codes if codes.device.type == "cpu" else codes.to("cpu")
@@ -324,7 +343,7 @@ class UnitRecorder:
             pooled = [h for h in hosts if _pooled(buffers, h)]
             ready = None
         else:  # CUDA: page-locked copies, one event for the layer; the writer waits on it, nobody else
-            with torch.cuda.device(device):
+            with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
                 for point in points:
                     codes = self._pending[point.name]
                     host = buffers.acquire(codes.shape)
@@ -335,10 +354,11 @@ class UnitRecorder:
                 stats = [self._range[p.name] for p in points]
                 if pending is not None and pending.stats is not None:
                     stats.append(pending.stats.reshape(-1))
-                flight.stats = torch.empty(sum(t.numel() for t in stats), dtype=torch.float64, pin_memory=True)
+                flight.stats = torch.empty(
+                    sum(t.numel() for t in stats), dtype=torch.float64, pin_memory=buffers.pin_memory
+                )
                 flight.stats.copy_(torch.cat(stats), non_blocking=True)
-                flight.event = ready = torch.cuda.Event()
-                ready.record()
+                flight.event = ready = _record_event(device)
             pooled = hosts
         self._unresolved.append(flight)
         block_output = self._pending.get("block_output")

@@ -173,8 +173,17 @@ def quantize_device(x: torch.Tensor, scale_log2: int, *, what: str = "tensor") -
     nonfinite = ~torch.isfinite(flat)
     nf_at = torch.argmax(nonfinite.to(torch.uint8))  # the first non-finite value, if any
     am_at = torch.argmax(flat.abs())
-    stats = torch.stack([lo.double(), hi.double(), nonfinite.any().double(), nf_at.double(),
-                         values[nf_at].double(), am_at.double(), values[am_at].double()])
+    stats = torch.stack(
+        [
+            lo.double(),
+            hi.double(),
+            nonfinite.any().double(),
+            nf_at.double(),
+            values[nf_at].double(),
+            am_at.double(),
+            values[am_at].double(),
+        ]
+    )
     # Codes of out-of-range values are garbage until the stats are checked; clamp keeps the cast defined.
     return scaled.clamp_(-INT32_MAX, INT32_MAX).nan_to_num_(0.0).to(torch.int32), stats
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import weakref
 from pathlib import Path
 
 import numpy as np
@@ -229,80 +228,65 @@ def test_inconsistent_hook_is_never_emitted(tiny, tmp_path):
     assert not (tmp_path / "bad").exists() and no_staging_left(tmp_path)
 
 
-def test_memory_stays_bounded_by_a_few_layers(tmp_path, monkeypatch):
-    """A 12-layer model never holds more than ~3 layers of codes (device tensors plus host copies queued
-    for the disk), even when the disk is as slow as it can be. Buffers are counted once however many objects
-    view them (on the CPU a host copy is a view of the codes).
-
-    Deterministic worst case: the writer thread runs a task only while the capture waits for room in the
-    queue (or once it is finishing), so the queue is always as full as the bound allows."""
+def _capture_with_slowest_disk(model, out: Path, monkeypatch):
+    """Capture with a writer that writes a layer only when the capture is blocked on its memory bound (or
+    is finishing): the worst case for memory, reached the same way on every run. Returns the engine's host
+    buffer pool and every array handed to the writer, as (address, pooled) pairs."""
     import threading
-    from collections import Counter
 
-    model = make_tiny(num_hidden_layers=12)
-    live: Counter[int] = Counter()  # buffer address -> live objects viewing it
-    alive = {"peak": 0}
+    pools, handed = [], []
+    may_write, finishing = threading.Event(), threading.Event()
 
-    def track(obj):
-        addr = obj.data_ptr() if isinstance(obj, torch.Tensor) else obj.__array_interface__["data"][0]
-        live[addr] += 1
-        alive["peak"] = max(alive["peak"], len(live))
+    class Pool(engine_mod.HostBufferPool):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            self.on_wait = may_write.set  # the capture waits for room: let the writer take one layer
+            pools.append(self)
 
-        def gone():
-            live[addr] -= 1
-            if not live[addr]:
-                del live[addr]
-
-        weakref.finalize(obj, gone)
-
-    wanted, finishing = threading.Event(), threading.Event()
-
-    class Signalling(threading.Condition):
-        def wait(self, timeout=None):
-            wanted.set()  # the capture is blocked on the bound
-            return super().wait(timeout)
-
-    quantize = engine_mod.fp.quantize_with_range
     append, write_layer, wait = (engine_mod.StagingDir.append_many, engine_mod.StagingDir._append_many,
                                  engine_mod.StagingDir.wait)
 
-    def tracked_quantize(*a, **k):
-        codes, lo, hi = quantize(*a, **k)
-        track(codes)
-        return codes, lo, hi
-
-    def tracked_append(self, items):
-        for _, codes in items:
-            track(codes)  # the host array, alive until the writer thread has written it
-        return append(self, items)
+    def tracked_append(self, items, **kw):
+        pool = pools[-1]
+        handed.extend((a.__array_interface__["data"][0] in pool._refs) for _, a in items)
+        return append(self, items, **kw)
 
     def slowest_disk(self, items):
-        while not finishing.is_set() and not wanted.wait(0.005):
-            pass
-        wanted.clear()
+        assert may_write.wait(120) or finishing.is_set(), "the capture never waited for memory"
+        if not finishing.is_set():
+            may_write.clear()
         return write_layer(self, items)
 
     def finish(self):
         finishing.set()
+        may_write.set()
         return wait(self)
 
-    init = engine_mod.StagingDir.__init__
-
-    def signalling_init(self, *a, **k):
-        init(self, *a, **k)
-        self._budget = Signalling()
-
-    monkeypatch.setattr(engine_mod.StagingDir, "__init__", signalling_init)
-    monkeypatch.setattr(engine_mod.fp, "quantize_with_range", tracked_quantize)
+    monkeypatch.setattr(engine_mod, "HostBufferPool", Pool)
     monkeypatch.setattr(engine_mod.StagingDir, "append_many", tracked_append)
     monkeypatch.setattr(engine_mod.StagingDir, "_append_many", slowest_disk)
     monkeypatch.setattr(engine_mod.StagingDir, "wait", finish)
     monkeypatch.setattr(engine_mod.CaptureEngine, "MIN_IN_FLIGHT_BYTES", 0)  # the bound in layers, not the floor
-    run_capture(model, tmp_path / "big")
-    per_layer = len(POINTS)
-    # two layers queued for the disk and the layer in progress (the previous block_output, kept for the chain
-    # check, is one of the queued buffers): exactly three layers, every run, whatever the depth
-    assert alive["peak"] == 3 * per_layer < 12 * per_layer
+    run_capture(model, out)
+    assert len(pools) == 1
+    return pools[0], handed
+
+
+@pytest.mark.parametrize("depth", [4, 12])
+def test_memory_stays_bounded_by_a_few_layers(tmp_path, monkeypatch, depth):
+    """However deep the model and however slow the disk, the capture's codes live in pooled host buffers that
+    never hold more than two layers and a point: the layer in progress, the layer being written (whose
+    block_output also waits for the next chain check) and one more buffer. Exact, on every run: the pool's
+    high-water mark is its accounting of the bytes it held, not a timing."""
+    model = make_tiny(num_hidden_layers=depth)
+    pool, handed = _capture_with_slowest_disk(model, tmp_path / "big", monkeypatch)
+    seq, hidden = tiny_ids().shape[1], 64
+    point = 4 * seq * hidden
+    assert handed and all(handed), "every array the writer gets is a pooled buffer (so the pool sees all memory)"
+    assert len(handed) == depth * len(POINTS)
+    assert pool.waits > 0, "the bound was reached: the capture waited for the writer"
+    assert pool.high_water_bytes == (2 * len(POINTS) + 1) * point < 3 * len(POINTS) * point
+    assert pool.in_use_bytes == 0, "every buffer was given back"
     assert zkllm_hf.validate(tmp_path / "big").ok
 
 
@@ -396,3 +380,56 @@ def test_data_parallel_and_other_threads_are_refused(tiny, tmp_path):
             worker.join()
     assert errors and "another thread" in errors[0]
     assert not (tmp_path / "thread").exists() and no_staging_left(tmp_path)
+
+
+def _asynchronous_everywhere(monkeypatch):
+    """Run the CUDA copy path (device-side quantisation and checks, copies into pooled buffers, results read
+    back a layer later) on the CPU."""
+    monkeypatch.setattr(engine_mod.CaptureEngine, "asynchronous", staticmethod(lambda device: True))
+
+
+def test_asynchronous_path_writes_the_same_capture(tmp_path, monkeypatch):
+    model = make_tiny()
+    direct, _ = run_capture(model, tmp_path / "direct")
+    _asynchronous_everywhere(monkeypatch)
+    deferred, _ = run_capture(model, tmp_path / "deferred")
+    a, b = zkllm_hf.load_capture(tmp_path / "direct"), zkllm_hf.load_capture(tmp_path / "deferred")
+    cols = ["file", "sha256", "int_min", "int_max", "check", "max_dev_lsb", "max_dev_ratio"]
+    assert a.manifest.select(cols).to_pylist() == b.manifest.select(cols).to_pylist()
+    assert [(c.check, c.layer, c.passed, c.max_ratio) for c in direct.checks] == [
+        (c.check, c.layer, c.passed, c.max_ratio) for c in deferred.checks
+    ]
+    assert zkllm_hf.validate(tmp_path / "deferred", model=model).ok
+
+
+def test_asynchronous_path_still_refuses_what_breaks_the_contract(tmp_path, monkeypatch):
+    _asynchronous_everywhere(monkeypatch)
+    model = make_tiny()
+    norm = model.model.layers[1].post_attention_layernorm
+    handle = norm.register_forward_pre_hook(lambda m, args: (args[0] + 0.01,), prepend=True)
+    try:
+        with pytest.raises(zkllm_hf.ContractViolation) as info:
+            run_capture(model, tmp_path / "bad")
+    finally:
+        handle.remove()
+    assert ("skip_1", 1, "post_attn_residual") in {(f.check, f.layer, f.point) for f in info.value.failures}
+    assert not (tmp_path / "bad").exists() and no_staging_left(tmp_path)
+
+
+def test_asynchronous_path_reports_overflow_and_nan_like_the_direct_path(tmp_path, monkeypatch):
+    model = make_tiny()
+    messages = []
+    for asynchronous in (False, True):
+        if asynchronous:
+            _asynchronous_everywhere(monkeypatch)
+        with pytest.raises(zkllm_hf.FixedPointError) as overflow:
+            run_capture(model, tmp_path / f"ovf-{asynchronous}", scale_log2=30)
+        broken = make_tiny()
+        with torch.no_grad():
+            broken.model.layers[1].mlp.down_proj.weight[0, 0] = float("nan")
+        with pytest.raises(zkllm_hf.FixedPointError) as nan:
+            run_capture(broken, tmp_path / f"nan-{asynchronous}")
+        messages.append((str(overflow.value), str(nan.value)))
+    assert messages[0] == messages[1]
+    assert "lower --scale-log2 to" in messages[1][0] and "layer 1 mlp_output: value nan" in messages[1][1]
+    assert no_staging_left(tmp_path) and not list(tmp_path.iterdir())

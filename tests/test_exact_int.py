@@ -164,3 +164,21 @@ def test_exact_int_chains_over_generate_steps(model, tmp_path):
     assert np.array_equal(
         codes(unit, 2, "block_output"), codes(unit, 2, "post_attn_residual") + codes(unit, 2, "mlp_output")
     )
+
+
+def test_exact_int_writes_the_same_capture_on_the_asynchronous_path(model, tmp_path, monkeypatch):
+    """On CUDA the engine quantises on the device and reads ranges back a layer later; exact-int reads them at
+    once and takes the synchronous copy path. Run that path on the CPU: the same bytes and the same drift."""
+    from zkllm_hf import engine as engine_mod
+
+    ids = tiny_ids(48)
+    with torch.no_grad(), zkllm_hf.capture(model, tmp_path / "direct", residuals="exact-int"):
+        model(ids)
+    monkeypatch.setattr(engine_mod.CaptureEngine, "asynchronous", staticmethod(lambda device: True))
+    with torch.no_grad(), zkllm_hf.capture(model, tmp_path / "deferred", residuals="exact-int"):
+        model(ids)
+    a, b = load_capture(tmp_path / "direct"), load_capture(tmp_path / "deferred")
+    cols = ["file", "sha256", "int_min", "int_max", "max_dev_lsb"]
+    assert a.manifest.select(cols).to_pylist() == b.manifest.select(cols).to_pylist()
+    assert a.metadata["residuals"] == b.metadata["residuals"]
+    assert zkllm_hf.validate(tmp_path / "deferred", model=model).ok

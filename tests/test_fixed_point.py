@@ -791,3 +791,31 @@ def test_quantize_with_range_reports_the_codes_extremes(values, k):
     codes, lo, hi = quantize_with_range(x, k)
     assert torch.equal(codes, quantize(x, k))
     assert (lo, hi) == (int(codes.min()), int(codes.max()))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.sampled_from([torch.float32, torch.bfloat16, torch.float16, torch.float64]),
+    st.integers(1, 6),
+    st.integers(1, 6),
+    st.data(),
+)
+def test_quantize_device_and_check_quantized_agree_with_quantize(dtype, rows, cols, data):
+    """The sync-free path (codes and stats on the device, checked later) gives the same codes, range and
+    error message as quantize, for values that fit and values that do not."""
+    from zkllm_hf.fixed_point import check_quantized, quantize_device
+
+    k = data.draw(st.integers(8, 24))
+    pool = [0.0, 1.5, -2.25, 3e4, -7.0, float("nan"), float("inf"), -float("inf"), 1e9, -1e9]
+    values = data.draw(st.lists(st.sampled_from(pool), min_size=rows * cols, max_size=rows * cols))
+    x = torch.tensor(values, dtype=torch.float64).reshape(rows, cols).to(dtype)
+    codes, stats = quantize_device(x, k, what="t")
+    try:
+        expected = quantize_with_range(x, k, what="t")
+    except FixedPointError as exc:
+        with pytest.raises(FixedPointError) as got:
+            check_quantized(stats.tolist(), x.shape, x.dtype, k, what="t")
+        assert str(got.value) == str(exc)
+        return
+    assert check_quantized(stats.tolist(), x.shape, x.dtype, k, what="t") == expected[1:]
+    assert torch.equal(codes, expected[0])

@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -275,16 +276,16 @@ def _sum(
     scale_log2: int,
     residuals: str = "model",
     **_: Any,
-) -> fp.Deviation:
+) -> torch.Tensor:
     if residuals == "exact-int":  # the sum was derived from its terms in the int domain: it must be exact
-        return fp.equal_deviation(lhs, terms[0].to(torch.int64) + terms[1].to(torch.int64))
+        return fp.equal_deviation_stats(lhs, terms[0].to(torch.int64) + terms[1].to(torch.int64))
     tolerance = {k: float(spec.params[k]) for k in ("quantisation_lsb", "rounding_ulps") if k in spec.params}
-    return fp.sum_deviation(terms[0], terms[1], lhs, lhs_dtype, scale_log2, **tolerance)
+    return fp.sum_deviation_stats(terms[0], terms[1], lhs, lhs_dtype, scale_log2, **tolerance)
 
 
 @register_check("exact", "layer")
-def _exact(spec: CheckSpec, lhs: torch.Tensor, terms: Sequence[torch.Tensor], **_: Any) -> fp.Deviation:
-    return fp.equal_deviation(lhs, terms[0])
+def _exact(spec: CheckSpec, lhs: torch.Tensor, terms: Sequence[torch.Tensor], **_: Any) -> torch.Tensor:
+    return fp.equal_deviation_stats(lhs, terms[0])
 
 
 @register_check("rmsnorm", "layer")
@@ -299,9 +300,9 @@ def _rmsnorm(
     norm: tuple[torch.Tensor, float],
     input_drift_lsb: float = 0.0,
     **_: Any,
-) -> fp.Deviation:
+) -> torch.Tensor:
     weight, eps = norm
-    return fp.rmsnorm_deviation(
+    return fp.rmsnorm_deviation_stats(
         terms[0], lhs, weight, eps, term_dtypes[0], lhs_dtype, scale_log2, input_drift_lsb=input_drift_lsb
     )
 
@@ -315,9 +316,9 @@ def _drift(
     lhs_dtype: torch.dtype,
     scale_log2: int,
     **_: Any,
-) -> fp.Deviation:
+) -> torch.Tensor:
     """``lhs`` derived in the int domain against ``terms[0]``, the model's own codes of the same point."""
-    return fp.drift_deviation(
+    return fp.drift_deviation_stats(
         lhs,
         terms[0],
         lhs_dtype,
@@ -328,6 +329,43 @@ def _drift(
 
 
 RESIDUAL_MODES = ("model", "exact-int")
+
+
+@dataclass
+class PendingIdentities:
+    """A layer's identity checks, computed on the codes' device but not yet read back (no device sync).
+
+    ``stats`` holds ``fp.DEVIATION_STATS`` numbers per check that ran (None if none ran); :meth:`resolve`
+    turns them, once they are on the host, into the :class:`CheckResult` list :func:`run_identities` returns.
+    """
+
+    slots: list[CheckResult | tuple[CheckSpec, dict[str, Any], tuple[int, ...]]]
+    stats: torch.Tensor | None
+
+    def resolve(self, host: Sequence[float] | None = None) -> list[CheckResult]:
+        """The results; ``host`` is ``stats`` flattened on the host (read here, with one sync, if omitted)."""
+        if host is None:
+            host = [] if self.stats is None else self.stats.reshape(-1).tolist()
+        out, k = [], 0
+        for slot in self.slots:
+            if isinstance(slot, CheckResult):
+                out.append(slot)
+                continue
+            spec, where, shape = slot
+            dev = fp.Deviation.from_stats(host[k : k + fp.DEVIATION_STATS], shape)
+            k += fp.DEVIATION_STATS
+            out.append(
+                CheckResult(
+                    spec.name,
+                    dev.ok,
+                    max_dev_lsb=dev.max_dev_lsb,
+                    max_ratio=dev.max_ratio,
+                    tolerance_lsb=dev.tolerance_lsb,
+                    index=dev.index,
+                    **where,
+                )
+            )
+        return out
 
 
 def run_identities(
@@ -358,11 +396,45 @@ def run_identities(
     validate), and the norm checks widen their input term by the largest drift of their input, in LSB
     (``drift_lsb`` in the gate; the recorded ``max_dev_lsb`` in validate).
     """
+    return start_identities(
+        contract,
+        layer,
+        tensors,
+        dtypes,
+        scale_log2,
+        previous=previous,
+        norms=norms,
+        files=files,
+        residuals=residuals,
+        model_codes=model_codes,
+        drift_lsb=drift_lsb,
+        recorded_drift=recorded_drift,
+    ).resolve()
+
+
+def start_identities(
+    contract: Contract,
+    layer: int,
+    tensors: Tensors,
+    dtypes: Mapping[str, torch.dtype],
+    scale_log2: int,
+    *,
+    previous: Tensors | None = None,
+    norms: Mapping[str, tuple[torch.Tensor, float] | str] | str | None = None,
+    files: Mapping[str, str] | None = None,
+    residuals: str = "model",
+    model_codes: Tensors | None = None,
+    drift_lsb: Mapping[str, float] | None = None,
+    recorded_drift: Mapping[str, Mapping[str, Any]] | None = None,
+) -> PendingIdentities:
+    """:func:`run_identities` without reading the results back: every check runs now, on the codes' device,
+    and :meth:`PendingIdentities.resolve` reads them once they have reached the host."""
     if residuals not in RESIDUAL_MODES:
         raise ValueError(f"residuals {residuals!r}; one of {RESIDUAL_MODES}")
-    results = []
     if drift_lsb is None:
         drift_lsb = {k: float(v.get("max_dev_lsb") or 0.0) for k, v in (recorded_drift or {}).items()}
+    slots: list[CheckResult | tuple[CheckSpec, dict[str, Any], tuple[int, ...]]] = []
+    stats = []
     for spec in contract.identities:
         where = {"layer": layer, "point": spec.lhs, "file": (files or {}).get(spec.lhs)}
         if spec.kind == "drift":
@@ -371,13 +443,11 @@ def run_identities(
             if model_codes is not None:
                 terms = [model_codes[spec.lhs]]
             else:
-                results.append(_recorded_drift(spec, (recorded_drift or {}).get(spec.lhs), where))
+                slots.append(_recorded_drift(spec, (recorded_drift or {}).get(spec.lhs), where))
                 continue
         elif spec.previous_layer and previous is None:
             if layer > 0:
-                results.append(
-                    CheckResult(spec.name, False, skipped=f"layer {layer - 1} is not in the capture", **where)
-                )
+                slots.append(CheckResult(spec.name, False, skipped=f"layer {layer - 1} is not in the capture", **where))
             continue
         else:
             terms = [(previous if spec.previous_layer else tensors)[t] for t in spec.terms]  # type: ignore[index]
@@ -385,34 +455,26 @@ def run_identities(
         if spec.needs_model:
             norm = norms.get(spec.module) if isinstance(norms, Mapping) else (norms or "no model was given")
             if not isinstance(norm, tuple):
-                results.append(CheckResult(spec.name, False, skipped=str(norm), **where))
+                slots.append(CheckResult(spec.name, False, skipped=str(norm), **where))
                 continue
             extra["norm"] = norm
             extra["input_drift_lsb"] = drift_lsb.get(spec.terms[0], 0.0)
         device = tensors[spec.lhs].device
         if device.type == "mps":  # no float64 there
             device = torch.device("cpu")
-        dev = _KINDS[spec.kind][1](
-            spec,
-            tensors[spec.lhs].to(device),
-            [t.to(device) for t in terms],
-            lhs_dtype=dtypes[spec.lhs],
-            term_dtypes=[dtypes.get(t, dtypes[spec.lhs]) for t in spec.terms],
-            scale_log2=scale_log2,
-            **extra,
-        )
-        results.append(
-            CheckResult(
-                spec.name,
-                dev.ok,
-                max_dev_lsb=dev.max_dev_lsb,
-                max_ratio=dev.max_ratio,
-                tolerance_lsb=dev.tolerance_lsb,
-                index=dev.index,
-                **where,
+        stats.append(
+            _KINDS[spec.kind][1](
+                spec,
+                tensors[spec.lhs].to(device),
+                [t.to(device) for t in terms],
+                lhs_dtype=dtypes[spec.lhs],
+                term_dtypes=[dtypes.get(t, dtypes[spec.lhs]) for t in spec.terms],
+                scale_log2=scale_log2,
+                **extra,
             )
         )
-    return results
+        slots.append((spec, where, tuple(tensors[spec.lhs].shape)))
+    return PendingIdentities(slots, torch.cat(stats) if stats else None)
 
 
 def _recorded_drift(spec: CheckSpec, record: Mapping[str, Any] | None, where: Mapping[str, Any]) -> CheckResult:
@@ -442,7 +504,9 @@ def _recorded_drift(spec: CheckSpec, record: Mapping[str, Any] | None, where: Ma
 
 
 @register_check("integrity", "file")
-def _integrity(spec: CheckSpec, row: Mapping[str, Any], data: bytes | None, problem: str | None) -> CheckResult:
+def _integrity(
+    spec: CheckSpec, row: Mapping[str, Any], data: bytes | memoryview | None, problem: str | None
+) -> CheckResult:
     where = _where(row)
     if data is None:
         return CheckResult(spec.name, False, problem or "file is unreadable", **where)
@@ -455,7 +519,9 @@ def _integrity(spec: CheckSpec, row: Mapping[str, Any], data: bytes | None, prob
 
 
 @register_check("range", "file")
-def _range(spec: CheckSpec, row: Mapping[str, Any], data: bytes | None, problem: str | None) -> CheckResult:
+def _range(
+    spec: CheckSpec, row: Mapping[str, Any], data: bytes | memoryview | None, problem: str | None
+) -> CheckResult:
     where = _where(row)
     if data is None or len(data) % 4:
         return CheckResult(spec.name, False, skipped=f"no int32 data to read ({problem or 'truncated file'})", **where)
@@ -494,6 +560,27 @@ def inside(folder: Path, name: str) -> Path | None:
     return path
 
 
+def _read(path: Path, local: threading.local) -> memoryview:
+    """The whole file, read into this thread's buffer (grown as needed); the view is valid until the next read."""
+    with open(path, "rb", buffering=0) as fh:
+        size = os.fstat(fh.fileno()).st_size
+        buf = getattr(local, "buf", None)
+        if buf is None or len(buf) < size + 1:
+            buf = local.buf = bytearray(size + 1)
+        view = memoryview(buf)
+        n = 0
+        while True:  # up to the end, even if the file grew since fstat (one spare byte tells)
+            got = fh.readinto(view[n:])
+            if not got:
+                break
+            n += got
+            if n == len(buf):
+                local.buf = bytearray(2 * len(buf))
+                local.buf[:n] = buf
+                buf, view = local.buf, memoryview(local.buf)
+        return view[:n]
+
+
 def run_file_checks(
     contract: Contract, folder: Path, rows: Sequence[Mapping[str, Any]], *, progress: bool = False
 ) -> list[CheckResult]:
@@ -501,6 +588,8 @@ def run_file_checks(
     specs = contract.scope("file")
     if not specs:
         return []
+
+    local = threading.local()  # one read buffer per thread, reused: no fresh memory (and page faults) per file
 
     def check(row: Mapping[str, Any]) -> list[CheckResult]:
         path = inside(folder, str(row["file"]))
@@ -510,7 +599,7 @@ def run_file_checks(
         if not path.is_file():
             problem = "file is missing"
         else:
-            data = path.read_bytes()
+            data = _read(path, local)
         return [_KINDS[s.kind][1](s, row, data, problem) for s in specs]
 
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:

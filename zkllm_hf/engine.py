@@ -10,6 +10,7 @@ manifests and the atomic commit. The adapters only decide which forwards make wh
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import os
@@ -27,6 +28,7 @@ from torch import nn
 
 from . import fixed_point as fp
 from . import provenance
+from .buffers import HostBufferPool
 from .contracts import (
     INDEX_KINDS,
     RESIDUAL_MODES,
@@ -37,7 +39,7 @@ from .contracts import (
     run_capture_checks,
     run_dataset_checks,
     run_file_checks,
-    run_identities,
+    start_identities,
 )
 from .hooks import HookSet, attach, find_layout
 from .manifest import build_table, table_metadata, write_manifest
@@ -176,6 +178,72 @@ class Route:
     unit: UnitRecorder
 
 
+class _Done:
+    """The event of work that is already done (the asynchronous path run on the CPU, as tests do)."""
+
+    def synchronize(self) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+
+def _record_event(device: torch.device) -> Any:
+    if device.type != "cuda":
+        return _Done()
+    event = torch.cuda.Event()
+    event.record()
+    return event
+
+
+def _pooled(buffers: HostBufferPool, t: torch.Tensor) -> bool:
+    return t.device.type == "cpu" and buffers.owns(t)
+
+
+@dataclass
+class _LayerInFlight:
+    """One layer of one unit between its checks being started and their results being read back."""
+
+    layer: int
+    pending: Any  # contracts.PendingIdentities, or None when the layer is incomplete (completeness reports it)
+    dtypes: dict[str, torch.dtype]
+    scale_log2: int
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    ranges: dict[str, Any] = field(default_factory=dict)  # (lo, hi) per point, or quantize_device's stats
+    stats: torch.Tensor | None = None  # CUDA: every point's range stats, then the checks', page-locked
+    event: Any = None  # CUDA: recorded after the copies; done once the layer's numbers are on the host
+    _results: list[CheckResult] | None = None
+
+    def resolve_now(self) -> None:
+        self._results = [] if self.pending is None else self.pending.resolve()
+
+    def done(self, wait: bool) -> bool:
+        if self.event is None:
+            return True
+        if wait:
+            self.event.synchronize()
+            return True
+        return bool(self.event.query())
+
+    def point_ranges(self, where: str) -> dict[str, tuple[int, int]]:
+        if self.stats is None:
+            return dict(self.ranges)
+        host = self.stats.tolist()
+        out, k = {}, 0
+        for name, shape in self.shapes.items():
+            what = f"{where}layer {self.layer} {name}"
+            out[name] = fp.check_quantized(
+                host[k : k + fp.QUANT_STATS], shape, self.dtypes[name], self.scale_log2, what=what
+            )
+            k += fp.QUANT_STATS
+        self._results = [] if self.pending is None else self.pending.resolve(host[k:])
+        return out
+
+    def results(self) -> list[CheckResult]:
+        assert self._results is not None
+        return self._results
+
+
 class UnitRecorder:
     """One unit: quantises what is routed to it, checks each layer as it completes, streams the files."""
 
@@ -199,10 +267,11 @@ class UnitRecorder:
         self.results: list[CheckResult] = []  # every check the gate ran on this unit
         self.sealed = False
         self._rows_now = 0  # rows of the forward in progress
-        self._pending: dict[str, torch.Tensor] = {}
+        self._pending: dict[str, torch.Tensor] = {}  # the layer in progress: int32 codes per point
         self._dtypes: dict[str, torch.dtype] = {}
-        self._range: dict[str, tuple[int, int]] = {}
-        self._previous: tuple[int, torch.Tensor] | None = None
+        self._range: dict[str, tuple[int, int] | torch.Tensor] = {}  # (lo, hi), or quantize_device's stats
+        self._previous: tuple[int, torch.Tensor] | None = None  # layer L-1's block_output, for the chain
+        self._unresolved: list[_LayerInFlight] = []  # layers whose checks are still on the device
         self.gate_abs_max: dict[int, torch.Tensor] = {}  # layer -> max |gate_proj output|, 0-d, on the device
         self.drift: dict[tuple[int, str], dict[str, Any]] = {}  # exact-int: (layer, point) -> worst drift
 
@@ -228,10 +297,17 @@ class UnitRecorder:
                 f"{what}: shape {tuple(x.shape)}, expected ({self._rows_now}, {self.hidden}); every point must be "
                 f"(seq_len, hidden_size)"
             )
-        codes, lo, hi = fp.quantize_with_range(x, self.engine.scale_log2, what=what)
+        engine = self.engine
+        if engine.asynchronous(x.device):  # on the device, no sync: the range is read back with the layer
+            codes, self._range[point.name] = fp.quantize_device(x, engine.scale_log2, what=what)
+        elif x.device.type == "cpu":  # straight into a pooled host buffer, which the writer then writes
+            codes = engine.buffers.acquire(x.shape)
+            self._range[point.name] = fp.quantize_into(x, codes, engine.scale_log2, what=what)
+        else:  # another device (mps, xpu): quantise there, one sync per point
+            codes, lo, hi = fp.quantize_with_range(x, engine.scale_log2, what=what)
+            self._range[point.name] = (lo, hi)
         self._pending[point.name] = codes
         self._dtypes[point.name] = x.dtype
-        self._range[point.name] = (lo, hi)
         if point.name == POINTS[-1].name:  # block_output closes the layer
             self._finish_layer(layer)
 
@@ -282,14 +358,32 @@ class UnitRecorder:
             rec["max_dev_lsb"] = max(rec["max_dev_lsb"], lsb)
         return model, drift
 
+    def _settle_ranges(self, layer: int) -> None:
+        """Read back the ranges quantised on the device (one sync per point), raising as quantize would."""
+        for name, r in self._range.items():
+            if isinstance(r, torch.Tensor):
+                self._range[name] = fp.check_quantized(
+                    r.tolist(),
+                    tuple(self._pending[name].shape),
+                    self._dtypes[name],
+                    self.engine.scale_log2,
+                    what=f"{self.where}layer {layer} {name}",
+                )
+
     def _finish_layer(self, layer: int) -> None:
+        """Check the layer and queue its files. All of the layer's quantised codes are in ``self._pending``
+        here (int32 tensors: pooled host buffers on the CPU, device tensors on CUDA), before any check runs
+        or anything is written."""
         engine = self.engine
+        buffers = engine.buffers
+        pending = None
+        exact = engine.residuals == "exact-int"
+        if exact:  # the derivation needs the codes' ranges now: exact-int takes the synchronous path
+            self._settle_ranges(layer)
         if all(p.name in self._pending for p in POINTS):
             previous = self._previous[1] if self._previous and self._previous[0] == layer - 1 else None
-            model_codes, drift = (
-                self._derive_residuals(layer, previous) if engine.residuals == "exact-int" else (None, None)
-            )
-            results = run_identities(
+            model_codes, drift = self._derive_residuals(layer, previous) if exact else (None, None)
+            pending = start_identities(
                 engine.contract,
                 layer,
                 self._pending,
@@ -302,39 +396,83 @@ class UnitRecorder:
                 model_codes=model_codes,
                 drift_lsb=drift,
             )
-            for r in results:
-                self._merge_check(r)
-                if r.check.startswith("drift") and r.point is not None:
-                    self._merge_drift(layer, r)
+            for name, codes in (model_codes or {}).items():  # replaced, and their checks have run: back to the pool
+                if codes is not self._pending[name] and _pooled(buffers, codes):
+                    buffers.release(codes)
         # else: a point did not fire; the completeness check fails the capture at the gate
-        files = []
-        for point in POINTS:
-            codes = self._pending.get(point.name)
-            if codes is None:
-                continue
-            host = codes.to("cpu").numpy()
-            files.append((f"{self.folder}/{point.file_name(layer)}", host))
-            lo, hi = self._range[point.name]
-            key = (layer, point.name)
-            rec = self.records.get(key)
-            if rec is None:
-                self.records[key] = _PointRecord(layer, point, self._dtypes[point.name], lo, hi, *host.shape)
-            else:
-                if rec.dtype != self._dtypes[point.name]:
-                    raise CaptureError(
-                        f"{self.where}layer {layer} {point.name}: dtype {self._dtypes[point.name]} in a later "
-                        f"forward, {rec.dtype} before; one unit must come from one dtype"
-                    )
-                rec.int_min, rec.int_max, rec.rows = (
-                    min(rec.int_min, lo),
-                    max(rec.int_max, hi),
-                    rec.rows + host.shape[0],
+        points = [p for p in POINTS if p.name in self._pending]
+        flight = _LayerInFlight(layer, pending, {p.name: self._dtypes[p.name] for p in points}, engine.scale_log2)
+        files, hosts = [], []
+        device = next(iter(self._pending.values())).device if self._pending else torch.device("cpu")
+        if exact or not engine.asynchronous(device):
+            for point in points:
+                codes = self._pending[point.name]
+                host = codes if codes.device.type == "cpu" else codes.to("cpu")
+                hosts.append(host)
+                files.append((f"{self.folder}/{point.file_name(layer)}", host.numpy()))
+                flight.shapes[point.name] = tuple(host.shape)
+                flight.ranges[point.name] = self._range[point.name]
+            flight.resolve_now()
+            pooled = [h for h in hosts if _pooled(buffers, h)]
+            ready = None
+        else:  # CUDA: page-locked copies, one event for the layer; the writer waits on it, nobody else
+            with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+                for point in points:
+                    codes = self._pending[point.name]
+                    host = buffers.acquire(codes.shape)
+                    host.copy_(codes, non_blocking=True)
+                    hosts.append(host)
+                    files.append((f"{self.folder}/{point.file_name(layer)}", host.numpy()))
+                    flight.shapes[point.name] = tuple(host.shape)
+                stats = [self._range[p.name] for p in points]
+                if pending is not None and pending.stats is not None:
+                    stats.append(pending.stats.reshape(-1))
+                flight.stats = torch.empty(
+                    sum(t.numel() for t in stats), dtype=torch.float64, pin_memory=buffers.pin_memory
                 )
-        engine.staging.append_many(files)
+                flight.stats.copy_(torch.cat(stats), non_blocking=True)
+                flight.event = ready = _record_event(device)
+            pooled = hosts
+        self._unresolved.append(flight)
         block_output = self._pending.get("block_output")
+        if self._previous is not None and _pooled(buffers, self._previous[1]):
+            buffers.release(self._previous[1])  # its chain check has run: the writer's is the last reference
+        if block_output is not None and _pooled(buffers, block_output):
+            buffers.retain(block_output)  # kept for the next layer's chain check
         self._previous = (layer, block_output) if block_output is not None else None
         self._pending, self._dtypes, self._range = {}, {}, {}
+        engine.staging.append_many(files, ready=ready, done=lambda: [buffers.release(h) for h in pooled])
+        self._resolve(wait=False)
         engine.layer_done()
+
+    def _resolve(self, *, wait: bool) -> None:
+        """Take in the results of the layers whose device work has finished (all of them if ``wait``), in
+        order: ranges, records and checks; a value that did not fit int32 raises here."""
+        while self._unresolved:
+            flight = self._unresolved[0]
+            if not flight.done(wait):
+                return
+            self._unresolved.pop(0)
+            for name, (lo, hi) in flight.point_ranges(self.where).items():
+                self._record(flight.layer, name, flight.dtypes[name], lo, hi, flight.shapes[name])
+            for r in flight.results():
+                self._merge_check(r)
+                if (flight.layer, r.point) in self.drift and r.check.startswith("drift"):
+                    self._merge_drift(flight.layer, r)
+
+    def _record(self, layer: int, name: str, dtype: torch.dtype, lo: int, hi: int, shape: tuple[int, ...]) -> None:
+        point = next(p for p in POINTS if p.name == name)
+        key = (layer, name)
+        rec = self.records.get(key)
+        if rec is None:
+            self.records[key] = _PointRecord(layer, point, dtype, lo, hi, *shape)
+            return
+        if rec.dtype != dtype:
+            raise CaptureError(
+                f"{self.where}layer {layer} {name}: dtype {dtype} in a later forward, {rec.dtype} before; one unit "
+                f"must come from one dtype"
+            )
+        rec.int_min, rec.int_max, rec.rows = min(rec.int_min, lo), max(rec.int_max, hi), rec.rows + shape[0]
 
     def _merge_check(self, r: CheckResult) -> None:
         """Keep the worst of a check over the forwards that fed this unit; token indices count from its start."""
@@ -371,9 +509,16 @@ class UnitRecorder:
                             file=point.file_name(layer),
                         )
                     )
+        self._resolve(wait=True)
         self.seq_len += self._rows_now
         self._rows_now = 0
-        self._pending, self._dtypes, self._range, self._previous = {}, {}, {}, None
+        self._drop_previous()
+        self._pending, self._dtypes, self._range = {}, {}, {}
+
+    def _drop_previous(self) -> None:
+        if self._previous is not None and _pooled(self.engine.buffers, self._previous[1]):
+            self.engine.buffers.release(self._previous[1])
+        self._previous = None
 
     def seal(self) -> None:
         """No more forwards for this unit: queue the end of each file (fsync, alias links, digest)."""
@@ -561,6 +706,7 @@ class CaptureEngine:
         self.sample_offset = 0  # added to the adapter's sample numbers in folders, rows and metadata (datasets)
         self.units: dict[tuple[int, int], UnitRecorder] = {}
         self._staging: StagingDir | None = None
+        self._buffers: HostBufferPool | None = None
         self._hooks: HookSet | None = None
         self._planner: Planner | None = None
         self._fwd: _Forward | None = None
@@ -599,8 +745,8 @@ class CaptureEngine:
     def attached(self) -> bool:
         return bool(self._hooks)
 
-    # Host copies may wait for the disk up to two layers of the current forward, or this much if more:
-    # small forwards (decode steps) would otherwise run in lockstep with the writer thread.
+    # Host buffers may hold two layers (and a point) of the current forward, or this much if more: small
+    # forwards (decode steps) would otherwise run in lockstep with the writer thread.
     MIN_IN_FLIGHT_BYTES = 8 << 20
 
     @property
@@ -609,17 +755,35 @@ class CaptureEngine:
             self._staging = StagingDir(self.out_dir, overwrite=self.overwrite)
         return self._staging
 
+    @property
+    def buffers(self) -> HostBufferPool:
+        """The host buffers of this capture's codes (page-locked when the model has weights on CUDA)."""
+        if self._buffers is None:
+            pin = torch.cuda.is_available() and any(p.device.type == "cuda" for p in self.model.parameters())
+            self._buffers = HostBufferPool(self.MIN_IN_FLIGHT_BYTES, pin_memory=pin)
+        return self._buffers
+
+    @staticmethod
+    def asynchronous(device: torch.device) -> bool:
+        """Whether codes on ``device`` take the asynchronous path (quantised and checked there, copied to
+        page-locked memory without a sync, read back one layer later)."""
+        return device.type == "cuda"
+
     def set_in_flight_rows(self, rows: int) -> None:
-        """Let at most two layers of ``rows`` rows (or ``MIN_IN_FLIGHT_BYTES``) wait for the disk."""
+        """Bound the host memory of a forward of ``rows`` rows (over all its units): the layer in progress,
+        the layer before it (being written; its block_output also waits for the chain check) and one more
+        point, or ``MIN_IN_FLIGHT_BYTES`` if that is more."""
         hidden = int(getattr(self.model.config, "hidden_size", 4096))
-        two_layers = 2 * len(POINTS) * 4 * hidden * max(1, rows)
-        self.staging.max_in_flight_bytes = max(two_layers, self.MIN_IN_FLIGHT_BYTES)
+        bound = (2 * len(POINTS) + 1) * 4 * hidden * max(1, rows)
+        self.buffers.max_bytes = max(bound, self.MIN_IN_FLIGHT_BYTES)
+        self.staging.max_in_flight_bytes = self.buffers.max_bytes
 
     def abort(self) -> None:
         """Drop everything staged and forget every unit; the target is left as it was."""
         if self._staging is not None:
             self._staging.abort()
             self._staging = None
+        self._buffers = None
         self.units.clear()
         self._fwd = None
         self._broken = None
@@ -875,6 +1039,7 @@ class CaptureEngine:
 
         out = staging.commit(write_all)
         self._staging = None
+        self._buffers = None
         self.detach()
         records = [rec for u in units for rec in u.records.values()]
         worst = max(records, key=lambda r: max(-r.int_min, r.int_max))

@@ -228,11 +228,30 @@ class StagingDir:
             self._in_flight -= nbytes
             self._budget.notify_all()
 
-    def append_many(self, items: list[tuple[str, np.ndarray]]) -> None:
+    def append_many(
+        self,
+        items: list[tuple[str, np.ndarray]],
+        *,
+        ready: Any = None,
+        done: Callable[[], Any] | None = None,
+    ) -> None:
         """Queue each ``(name, codes)``: int32 codes appended to the file ``name`` as raw little-endian C-order
-        bytes. One task for all of them (a layer's files): one hand-off to the writer thread."""
+        bytes. One task for all of them (a layer's files): one hand-off to the writer thread.
+
+        ``ready``, if given, has a ``synchronize()`` the writer calls before it reads the arrays (a CUDA event
+        after asynchronous copies into them); ``done()`` is called once they are written, or failed to be."""
         data = [(name, np.ascontiguousarray(codes, dtype="<i4")) for name, codes in items]
-        self._submit(self._append_many, data, nbytes=sum(d.nbytes for _, d in data))
+        self._submit(self._write_task, data, ready, done, nbytes=sum(d.nbytes for _, d in data))
+
+    def _write_task(self, items: list[tuple[str, np.ndarray]], ready: Any, done: Callable[[], Any] | None) -> None:
+        try:
+            if ready is not None:
+                ready.synchronize()
+            self._append_many(items)
+        finally:
+            items.clear()
+            if done is not None:
+                done()
 
     def _append_many(self, items: list[tuple[str, np.ndarray]]) -> None:
         for name, data in items:

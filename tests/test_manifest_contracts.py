@@ -208,3 +208,26 @@ def test_zkllm_limits_match_the_kernels():
     warnings = zkllm_limit_warnings(1024, 576, 1536, num_attention_heads=9, num_key_value_heads=3)
     assert len(warnings) == 2 and "--pad-to 2048" in warnings[0] and "grouped-query" in warnings[1]
     assert not any("power of two" in w for w in zkllm_limit_warnings(2048, 576, 1536))  # zkLLM pads dims
+
+
+def test_weights_fingerprint_is_hashed_while_the_forward_runs_and_matches(tmp_path, monkeypatch):
+    """The fingerprint starts on its own thread with the first captured forward (so that on a GPU it overlaps
+    the capture's hashing and disk work) and is the fingerprint of the model's weights."""
+    import threading
+
+    from zkllm_hf import provenance
+
+    model = make_tiny()
+    threads = []
+    real = provenance.weights_fingerprint
+
+    def spy(m, **kw):
+        threads.append(threading.current_thread().name)
+        return real(m, **kw)
+
+    monkeypatch.setattr(provenance, "weights_fingerprint", spy)
+    with torch.no_grad(), zkllm_hf.capture(model, tmp_path / "c"):
+        model(tiny_ids())
+    assert len(threads) == 1 and threads[0].startswith("zkllm-fingerprint")
+    meta = read_manifest(tmp_path / "c" / "manifest.arrow")[1]
+    assert meta["model"]["weights_fingerprint"] == real(model)

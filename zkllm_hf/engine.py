@@ -18,6 +18,7 @@ import shutil
 import threading
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from dataclasses import replace as _replace
 from pathlib import Path
@@ -712,6 +713,7 @@ class CaptureEngine:
         self._fwd: _Forward | None = None
         self._broken: str | None = None
         self._thread = threading.get_ident()
+        self._fingerprint: Future[str] | None = None  # the weights fingerprint, started with the first forward
         self._bar = None
 
     # -- lifetime ---------------------------------------------------------------------------------
@@ -787,6 +789,7 @@ class CaptureEngine:
         self.units.clear()
         self._fwd = None
         self._broken = None
+        self._fingerprint = None  # a new capture hashes the weights again
 
     # -- units --------------------------------------------------------------------------------------
 
@@ -874,7 +877,27 @@ class CaptureEngine:
             r.unit.begin_forward(inputs, r.row, r.cols)
         if routes:
             self.set_in_flight_rows(sum(r.unit._rows_now for r in routes))
+            self._start_fingerprint()
         self._fwd = _Forward(inputs, routes)
+
+    def _start_fingerprint(self) -> None:
+        """Hash the weights on a thread while the first captured forward runs (on a GPU the forward leaves the
+        host idle, and the fingerprint is then most of a capture's cost). Not for a model with offloaded
+        weights: reading those means onloading them, which accelerate's hooks also do during the forward."""
+        if self._fingerprint is not None:
+            return
+        tensors = [*self.model.parameters(), *self.model.buffers()]
+        if any(t.device.type == "meta" for t in tensors):
+            return
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zkllm-fingerprint")
+        self._fingerprint = pool.submit(provenance.weights_fingerprint, self.model)
+        pool.shutdown(wait=False)
+
+    def weights_fingerprint(self) -> str:
+        """The fingerprint of the weights the capture ran with (started with the first forward, if it could)."""
+        if self._fingerprint is None:
+            return provenance.weights_fingerprint(self.model)
+        return self._fingerprint.result()
 
     def _on_model_output(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
         fwd, self._fwd = self._fwd, None
@@ -1081,7 +1104,10 @@ class CaptureEngine:
         return {
             "contract": self.contract.identity,
             "versions": provenance.versions(),
-            "model": provenance.model_info(self.model),
+            "model": {
+                **provenance.model_info(self.model, fingerprint=False),
+                "weights_fingerprint": self.weights_fingerprint(),
+            },
             "capture": {
                 "mode": self.mode,
                 "layers": list(self.layers),

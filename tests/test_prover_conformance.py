@@ -161,6 +161,21 @@ def test_plan_refuses_what_zkllm_would_reject_and_force_lists_it(captures, stub_
     assert forced.returncode == 0, forced.stderr
     header = [line for line in out.read_text().splitlines() if line.startswith("#")]
     assert any("hidden_size 1024 (Llama-2-7B: 4096)" in line for line in header)
+    assert any(line.startswith("# NOTE: the capture's model is") for line in header)  # zkLLM proves Llama-2's
+
+
+def test_plan_notes_that_zkllm_proves_with_llama2_weights():
+    from types import SimpleNamespace
+
+    from zkllm_hf.prove import prover_notes
+
+    def cap(name):
+        return SimpleNamespace(metadata={"model": {"name_or_path": name}})
+
+    assert prover_notes(cap("meta-llama/Llama-2-7b-hf"), 7) == []
+    assert prover_notes(cap("/models/llama_2_13b_hf"), 13) == []
+    assert "meta-llama/Llama-2-13b-hf" in prover_notes(cap("meta-llama/Llama-2-7b-hf"), 13)[0]
+    assert "lmsys/vicuna-7b" in prover_notes(cap("lmsys/vicuna-7b"), 7)[0]
 
 
 def _script_paths(script: str) -> list[str]:

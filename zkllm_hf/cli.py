@@ -542,7 +542,7 @@ def _ranges(xs: Sequence[int]) -> str:
 
 def _cmd_plan(args: argparse.Namespace) -> int:
     from .points import parse_layers
-    from .prove import Plan, PlanRefused, prover_problems, write_script
+    from .prove import Plan, PlanRefused, prover_notes, prover_problems, write_script
     from .validate import CaptureDataset, validate
 
     cap = _open_capture(args.dir)
@@ -588,7 +588,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     if problems and not args.force:
         _err(str(PlanRefused(problems)))
         return EXIT_INVALID
-    script = write_script(cap, Plan(capture_dir, root, scratch, args.model_size, layers, problems))
+    notes = prover_notes(cap, args.model_size)
+    script = write_script(cap, Plan(capture_dir, root, scratch, args.model_size, layers, problems, notes))
     if out is None:
         sys.stdout.write(script)
     else:
@@ -597,7 +598,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         tmp.chmod(0o755)
         tmp.replace(out)
         print(f"wrote {out}: {len(layers)} layer(s); run it with bash {shlex.quote(str(out))}", file=sys.stderr)
-    for p in problems:
+    for p in [*problems, *notes]:
         print(f"warning: {p}", file=sys.stderr)
     return EXIT_OK
 

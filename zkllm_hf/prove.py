@@ -14,7 +14,7 @@ import math
 import shlex
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -152,6 +152,19 @@ def prover_problems(cap: Any, model_size: int, layers: Sequence[int], zkllm_root
     return out
 
 
+def prover_notes(cap: Any, model_size: int) -> list[str]:
+    """What plan cannot check but the prover's user must know: zkLLM proves with the weights of the model it
+    loads by name, whatever model the capture came from."""
+    name = str(cap.metadata.get("model", {}).get("name_or_path") or "")
+    if f"llama-2-{model_size}b" in name.lower().replace("_", "-"):
+        return []
+    return [
+        f"the capture's model is {name or 'unnamed'}; zkLLM commits to and proves with the weights of "
+        f"meta-llama/Llama-2-{model_size}b-hf, so unless these are exactly those weights the proof is about "
+        f"another model (compare the manifest's weights_fingerprint with that model's)"
+    ]
+
+
 # --------------------------------------------------------------------------------------------------
 # The script
 
@@ -163,7 +176,8 @@ class Plan:
     scratch: Path  # absolute; prover outputs and logs, never inside the capture
     model_size: int
     layers: list[int]
-    warnings: list[str]
+    warnings: list[str]  # limits zkLLM would reject (written only with --force)
+    notes: list[str] = field(default_factory=list)  # what the user must know but plan cannot check
 
 
 def _q(path: Path | str) -> str:
@@ -205,6 +219,8 @@ def write_script(cap: Any, plan: Plan, *, python: str = sys.executable) -> str:
         lines.append("# WARNING: written with --force; zkLLM will reject or mis-prove this capture as it stands:")
         for w in plan.warnings:
             lines.append(f"#   - {_c(w)}")
+    for note in plan.notes:
+        lines.append(f"# NOTE: {_c(note)}")
     lines += [
         "set -euo pipefail",
         "",
@@ -377,6 +393,7 @@ __all__ = [
     "Plan",
     "PlanRefused",
     "compare_files",
+    "prover_notes",
     "prover_problems",
     "write_script",
 ]

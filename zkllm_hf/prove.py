@@ -80,6 +80,10 @@ FAILURE_PATTERN = (
 )
 
 
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+_FLOAT_DTYPES = {str(t).removeprefix("torch."): t for t in _FLOATS}
+
+
 class PlanRefused(ValueError):
     """zkLLM would reject (or silently mis-prove) this capture; ``problems`` lists each limit and its fix."""
 
@@ -368,7 +372,9 @@ def compare_files(produced: Path, captured: Path, capture: Any) -> Comparison:
         rule = "equal (exact)"
     else:
         params = {k: float(spec.params[k]) for k in ("quantisation_lsb", "rounding_ulps") if k in spec.params}
-        dtype = getattr(torch, str(row["source_dtype"]))
+        dtype = _FLOAT_DTYPES.get(str(row["source_dtype"]))
+        if dtype is None:
+            return Comparison(False, f"{what}: the manifest's source_dtype {row['source_dtype']!r} is not a float type")
         tol = fp.sum_tolerance(b, dtype, int(row["scale_log2"]), **params)
         rule = f"within contract check {spec.name}'s tolerance"
     bad = dev > tol

@@ -182,3 +182,20 @@ def test_exact_int_writes_the_same_capture_on_the_asynchronous_path(model, tmp_p
     assert a.manifest.select(cols).to_pylist() == b.manifest.select(cols).to_pylist()
     assert a.metadata["residuals"] == b.metadata["residuals"]
     assert zkllm_hf.validate(tmp_path / "deferred", model=model).ok
+
+
+def test_validate_caps_a_recorded_drift_that_would_loosen_the_norm_checks(pristine, model, tmp_path):
+    """The recorded drift widens the norm checks; a forged one (ratio kept small, deviation huge) is held to
+    the largest bound the contract could have allowed and fails, instead of making the norm checks vacuous."""
+    cap = tmp_path / "cap"
+    shutil.copytree(pristine / "exact-int", cap)
+
+    def forge(meta):
+        for d in meta["residuals"]["drift"]:
+            if d["layer"] == 1 and d["point"] == "post_attn_residual":
+                d["max_dev_lsb"] = 1e9
+
+    rewrite_manifest(cap, edit_meta=forge, keep_digest=True)
+    report = zkllm_hf.validate(cap, model=model)
+    bad = [f for f in report.failures if f.check == "drift_post_attn_residual"]
+    assert len(bad) == 1 and bad[0].layer == 1 and "exceeds the largest bound" in bad[0].message

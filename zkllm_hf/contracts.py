@@ -443,7 +443,8 @@ def start_identities(
             if model_codes is not None:
                 terms = [model_codes[spec.lhs]]
             else:
-                slots.append(_recorded_drift(spec, (recorded_drift or {}).get(spec.lhs), where))
+                record = (recorded_drift or {}).get(spec.lhs)
+                slots.append(_recorded_drift(spec, record, where, tensors[spec.lhs], dtypes[spec.lhs], scale_log2))
                 continue
         elif spec.previous_layer and previous is None:
             if layer > 0:
@@ -477,24 +478,43 @@ def start_identities(
     return PendingIdentities(slots, torch.cat(stats) if stats else None)
 
 
-def _recorded_drift(spec: CheckSpec, record: Mapping[str, Any] | None, where: Mapping[str, Any]) -> CheckResult:
-    """A drift check from what the manifest recorded (the model's own codes are not on disk)."""
+def _recorded_drift(
+    spec: CheckSpec,
+    record: Mapping[str, Any] | None,
+    where: Mapping[str, Any],
+    codes: torch.Tensor,
+    dtype: torch.dtype,
+    scale_log2: int,
+) -> CheckResult:
+    """A drift check from what the manifest recorded (the model's own codes are not on disk).
+
+    The recorded deviation also widens the norm checks, so it is held to the largest bound the contract
+    could have allowed any element of this file: ``drift_lsb + drift_ulps * ulp`` at the largest magnitude
+    the model's value can have had (the file's largest code plus the recorded deviation)."""
     if not record or record.get("max_ratio") is None:
         return CheckResult(
             spec.name, False, "the capture derived its residuals in the int domain but recorded no drift here", **where
         )
     ratio, lsb = float(record["max_ratio"]), float(record["max_dev_lsb"])
-    ok = 0.0 <= ratio <= 1.0 and lsb >= 0.0
-    message = "" if ok else f"recorded drift {lsb:g} LSB is {ratio:.3g}x the contract's bound"
-    index = tuple(record.get("index") or ())
+    scale = float(2**scale_log2)
+    largest = float(codes.abs().max()) if codes.numel() else 0.0
+    magnitude = torch.tensor([(largest + lsb + 0.5) / scale], dtype=torch.float64)
+    cap = (
+        float(spec.params["drift_lsb"]) + float(spec.params["drift_ulps"]) * float(fp.ulp(magnitude, dtype)[0]) * scale
+    )
+    problems = []
+    if not (0.0 <= ratio <= 1.0 and lsb >= 0.0):
+        problems.append(f"recorded drift {lsb:g} LSB is {ratio:.3g}x the contract's bound")
+    if not lsb <= cap:
+        problems.append(f"recorded drift {lsb:g} LSB exceeds the largest bound the contract allows here ({cap:g} LSB)")
     return CheckResult(
         spec.name,
-        ok,
-        message,
+        not problems,
+        "; ".join(problems),
         max_dev_lsb=lsb,
         max_ratio=ratio,
         tolerance_lsb=record.get("tolerance_lsb"),
-        index=index,
+        index=tuple(record.get("index") or ()),
         **where,
     )
 

@@ -81,3 +81,23 @@ def real(model_cache):
     from zkllm_hf.models import load
 
     return load(None)
+
+
+WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "zero", "knowledge", "proofs", "a"]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    """A tiny Llama saved with a word-level tokenizer over ``WORDS`` (id = index + 3): a local --model the CLI,
+    and each rank of an accelerate run, load in milliseconds."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    folder = tmp_path_factory.mktemp("tiny") / "model"
+    vocab = {"[UNK]": 0, "[PAD]": 1, "[EOS]": 2} | {w: i + 3 for i, w in enumerate(WORDS)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", eos_token="[EOS]")
+    make_tiny().save_pretrained(folder)
+    fast.save_pretrained(folder)
+    return folder

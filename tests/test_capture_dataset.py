@@ -13,7 +13,7 @@ from pathlib import Path
 import pyarrow.dataset as pads
 import pytest
 import torch
-from conftest import make_tiny
+from conftest import WORDS
 
 import zkllm_hf
 from zkllm_hf.cli import main
@@ -21,7 +21,6 @@ from zkllm_hf.manifest import read_manifest
 from zkllm_hf.writer import StagingDir
 
 ROOT = Path(__file__).resolve().parent.parent
-WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "zero", "knowledge", "proofs", "a"]
 PROMPTS = [
     {"text": "the quick brown fox"},  # line 1: id 1, sample-1
     {"id": 7, "text": "zero knowledge proofs"},  # sample-7
@@ -37,22 +36,6 @@ def write_jsonl(path: Path, records, blank_after: int | None = 2) -> Path:
         lines.insert(blank_after, "")  # a blank line is skipped, but counts for line numbers
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    """A tiny Llama with a word-level tokenizer, saved where the CLI (and accelerate's ranks) load it."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    folder = tmp_path_factory.mktemp("tiny") / "model"
-    vocab = {"[UNK]": 0, "[PAD]": 1, "[EOS]": 2} | {w: i + 3 for i, w in enumerate(WORDS)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", eos_token="[EOS]")
-    make_tiny().save_pretrained(folder)
-    fast.save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")

@@ -7,30 +7,11 @@ import signal
 from pathlib import Path
 
 import pytest
-from conftest import make_tiny
 
 import zkllm_hf
 from zkllm_hf import engine as engine_mod
 from zkllm_hf import writer as writer_mod
 from zkllm_hf.cli import main
-
-WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "zero", "knowledge", "proofs", "a"]
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    """A tiny Llama saved with a small word-level tokenizer: a local --model the CLI loads in milliseconds."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    folder = tmp_path_factory.mktemp("tiny") / "model"
-    vocab = {"[UNK]": 0, "[PAD]": 1, "[EOS]": 2} | {w: i + 3 for i, w in enumerate(WORDS)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", eos_token="[EOS]")
-    make_tiny().save_pretrained(folder)
-    fast.save_pretrained(folder)
-    return folder
 
 
 def capture(tiny_dir, out, *extra) -> int:

@@ -8,7 +8,7 @@ import shlex
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from . import __version__
@@ -108,19 +108,11 @@ def _extra_metadata(args: argparse.Namespace, loaded) -> dict:
     }
 
 
-def _cmd_capture(args: argparse.Namespace) -> int:
-    import torch
-
-    from . import capture
-    from .contracts import ContractViolation
-    from .fixed_point import FixedPointError
-    from .hooks import UnsupportedModelError
-    from .models import ModelFilesError, ModelLoadError, context_error, tokenize_batch
-    from .points import parse_layers
-    from .session import CaptureError
-    from .writer import TargetLock, check_target
-
-    say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
+def _start(args: argparse.Namespace, *, speak: bool = True) -> Callable[..., None] | None:
+    """What capture and capture-dataset do first: choose how loading is reported (not at all with --quiet,
+    or where ``speak`` is false), and check that the options go together. Returns the reporting function,
+    or None after printing why the options do not go together."""
+    say = (lambda *a: print(*a, file=sys.stderr)) if speak and not args.quiet else (lambda *a: None)
     if args.quiet:
         import transformers
 
@@ -128,6 +120,37 @@ def _cmd_capture(args: argparse.Namespace) -> int:
     problem = _capture_options_error(args)
     if problem is not None:
         _err(problem)
+        return None
+    return say
+
+
+def _capture_exit_code(exc: Exception) -> int | None:
+    """The exit code for what a capture run raised, after printing it; None if it is not a verdict on the
+    input (let it propagate)."""
+    from .contracts import ContractViolation
+    from .fixed_point import FixedPointError
+    from .hooks import UnsupportedModelError
+    from .session import CaptureError
+
+    if isinstance(exc, (FixedPointError, ContractViolation, CaptureError, UnsupportedModelError)):
+        _err(str(exc))
+        return EXIT_INVALID
+    if isinstance(exc, (ValueError, FileExistsError)):
+        _err(str(exc))
+        return EXIT_USAGE
+    return None
+
+
+def _cmd_capture(args: argparse.Namespace) -> int:
+    import torch
+
+    from . import capture
+    from .models import ModelFilesError, ModelLoadError, context_error, tokenize_batch
+    from .points import parse_layers
+    from .writer import TargetLock, check_target
+
+    say = _start(args)
+    if say is None:
         return EXIT_USAGE
     mode = args.mode or "prefill"
     try:
@@ -211,12 +234,11 @@ def _cmd_capture(args: argparse.Namespace) -> int:
             ):
                 model(input_ids=ids, attention_mask=mask, use_cache=False)
             res = session.result
-    except (FixedPointError, ContractViolation, CaptureError, UnsupportedModelError) as exc:
-        _err(str(exc))
-        return EXIT_INVALID
-    except (ValueError, FileExistsError) as exc:
-        _err(str(exc))
-        return EXIT_USAGE
+    except Exception as exc:
+        code = _capture_exit_code(exc)
+        if code is None:
+            raise
+        return code
     assert res is not None
     elapsed = time.perf_counter() - t0
     if res.is_dataset:
@@ -244,23 +266,12 @@ def _cmd_capture(args: argparse.Namespace) -> int:
 def _cmd_capture_dataset(args: argparse.Namespace) -> int:
     import os
 
-    from .contracts import ContractViolation
     from .dataset import PromptsError, capture_dataset, check_out_dir, read_prompts
-    from .fixed_point import FixedPointError
-    from .hooks import UnsupportedModelError
     from .models import ModelFilesError, ModelLoadError
     from .points import parse_layers
-    from .session import CaptureError
 
-    rank = int(os.environ.get("RANK", "0"))  # before accelerate is set up: only rank 0 talks
-    say = (lambda *a: None) if args.quiet or rank else (lambda *a: print(*a, file=sys.stderr))
-    if args.quiet:
-        import transformers
-
-        transformers.utils.logging.disable_progress_bar()
-    problem = _capture_options_error(args)
-    if problem is not None:
-        _err(problem)
+    say = _start(args, speak=int(os.environ.get("RANK", "0")) == 0)  # before accelerate is set up: rank 0 talks
+    if say is None:
         return EXIT_USAGE
     try:
         prompts, _ = read_prompts(args.prompts)
@@ -298,12 +309,11 @@ def _cmd_capture_dataset(args: argparse.Namespace) -> int:
             progress=not args.quiet,
             extra_metadata=_extra_metadata(args, loaded),
         )
-    except (FixedPointError, ContractViolation, CaptureError, UnsupportedModelError) as exc:
-        _err(str(exc))
-        return EXIT_INVALID
-    except (ValueError, FileExistsError) as exc:
-        _err(str(exc))
-        return EXIT_USAGE
+    except Exception as exc:
+        code = _capture_exit_code(exc)
+        if code is None:
+            raise
+        return code
     if res.rank == 0:
         units = len(res.units)
         print(

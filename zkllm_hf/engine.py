@@ -919,28 +919,22 @@ class CaptureEngine:
         fwd.fired[key] += 1
         if fwd.fired[key] > 1:
             return  # reported as a completeness failure when the forward ends
-        if tensor.dim() == 2:
-            tensor = tensor.unsqueeze(0)
-        if tensor.dim() != 3 or tensor.shape[0] != fwd.inputs.batch:
+        parts = _per_route(fwd, tensor)
+        if parts is None:
             raise CaptureError(
                 f"layer {layer} {point.name}: shape {tuple(tensor.shape)}, expected (batch {fwd.inputs.batch}, "
                 f"seq_len, hidden)"
             )
-        for r in fwd.routes:
-            cols = r.cols if isinstance(r.cols, slice) else r.cols.to(tensor.device)
-            r.unit.add(layer, point, tensor[r.row, cols])
+        for unit, rows in parts:
+            unit.add(layer, point, rows)
 
     def _on_gate(self, layer: int, tensor: torch.Tensor) -> None:
         fwd = self._fwd
         if fwd is None or not fwd.routes:
             return
-        if tensor.dim() == 2:
-            tensor = tensor.unsqueeze(0)
-        if tensor.dim() != 3 or tensor.shape[0] != fwd.inputs.batch:
-            return  # not the (batch, seq_len, intermediate) projection this probe expects; nothing recorded
-        for r in fwd.routes:
-            cols = r.cols if isinstance(r.cols, slice) else r.cols.to(tensor.device)
-            r.unit.add_gate(layer, tensor[r.row, cols])
+        # None: not the (batch, seq_len, intermediate) projection this probe expects; nothing recorded
+        for unit, rows in _per_route(fwd, tensor) or ():
+            unit.add_gate(layer, rows)
 
     # -- commit -----------------------------------------------------------------------------------
 
@@ -1158,6 +1152,18 @@ def build_index(
     results = run_capture_checks(contract, subject, kinds=kinds)
     results += run_dataset_checks(contract, root, rows, meta, entries)
     return index, [_replace(r, unit=r.unit or ".") for r in results]
+
+
+def _per_route(fwd: _Forward, tensor: torch.Tensor) -> list[tuple[UnitRecorder, torch.Tensor]] | None:
+    """Each route's unit and its rows and columns of a hooked (batch, seq_len, width) tensor (a 2-D one is a
+    batch of one), or None if the tensor is not shaped so."""
+    if tensor.dim() == 2:
+        tensor = tensor.unsqueeze(0)
+    if tensor.dim() != 3 or tensor.shape[0] != fwd.inputs.batch:
+        return None
+    return [
+        (r.unit, tensor[r.row, r.cols if isinstance(r.cols, slice) else r.cols.to(tensor.device)]) for r in fwd.routes
+    ]
 
 
 def _link(src: Path, dst: Path) -> None:

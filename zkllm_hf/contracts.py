@@ -368,48 +368,9 @@ class PendingIdentities:
         return out
 
 
-def run_identities(
-    contract: Contract,
-    layer: int,
-    tensors: Tensors,
-    dtypes: Mapping[str, torch.dtype],
-    scale_log2: int,
-    *,
-    previous: Tensors | None = None,
-    norms: Mapping[str, tuple[torch.Tensor, float] | str] | str | None = None,
-    files: Mapping[str, str] | None = None,
-    residuals: str = "model",
-    model_codes: Tensors | None = None,
-    drift_lsb: Mapping[str, float] | None = None,
-    recorded_drift: Mapping[str, Mapping[str, Any]] | None = None,
-) -> list[CheckResult]:
-    """Run the contract's layer checks on one layer's int32 codes.
-
-    ``tensors`` maps point names to (seq_len, hidden) int32 codes on any one device. Checks across layers
-    (the chain) use ``previous``, layer L-1's codes; at layer 0 they do not apply, and when L-1 is absent
-    they are reported as skipped. Model checks use ``norms``, mapping each norm module to its ``(weight,
-    eps)`` or to the reason it could not be read; a string (or None) is the reason for all of them.
-
-    With ``residuals="exact-int"`` the residual points were derived from the sublayer outputs in the int
-    domain: the sums must hold exactly, the drift checks compare each derived point with the model's own
-    codes (``model_codes``, in the gate) or read the drift the manifest recorded (``recorded_drift``, in
-    validate), and the norm checks widen their input term by the largest drift of their input, in LSB
-    (``drift_lsb`` in the gate; the recorded ``max_dev_lsb`` in validate).
-    """
-    return start_identities(
-        contract,
-        layer,
-        tensors,
-        dtypes,
-        scale_log2,
-        previous=previous,
-        norms=norms,
-        files=files,
-        residuals=residuals,
-        model_codes=model_codes,
-        drift_lsb=drift_lsb,
-        recorded_drift=recorded_drift,
-    ).resolve()
+def run_identities(*args: Any, **kwargs: Any) -> list[CheckResult]:
+    """:func:`start_identities` (same arguments), its results read back at once."""
+    return start_identities(*args, **kwargs).resolve()
 
 
 def start_identities(
@@ -427,8 +388,21 @@ def start_identities(
     drift_lsb: Mapping[str, float] | None = None,
     recorded_drift: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> PendingIdentities:
-    """:func:`run_identities` without reading the results back: every check runs now, on the codes' device,
-    and :meth:`PendingIdentities.resolve` reads them once they have reached the host."""
+    """Run the contract's layer checks on one layer's int32 codes, on the codes' device, without reading the
+    results back: :meth:`PendingIdentities.resolve` reads them once they have reached the host (no device sync
+    until then).
+
+    ``tensors`` maps point names to (seq_len, hidden) int32 codes on any one device. Checks across layers
+    (the chain) use ``previous``, layer L-1's codes; at layer 0 they do not apply, and when L-1 is absent
+    they are reported as skipped. Model checks use ``norms``, mapping each norm module to its ``(weight,
+    eps)`` or to the reason it could not be read; a string (or None) is the reason for all of them.
+
+    With ``residuals="exact-int"`` the residual points were derived from the sublayer outputs in the int
+    domain: the sums must hold exactly, the drift checks compare each derived point with the model's own
+    codes (``model_codes``, in the gate) or read the drift the manifest recorded (``recorded_drift``, in
+    validate), and the norm checks widen their input term by the largest drift of their input, in LSB
+    (``drift_lsb`` in the gate; the recorded ``max_dev_lsb`` in validate).
+    """
     if residuals not in RESIDUAL_MODES:
         raise ValueError(f"residuals {residuals!r}; one of {RESIDUAL_MODES}")
     if drift_lsb is None:

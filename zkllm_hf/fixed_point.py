@@ -408,29 +408,14 @@ def drift_deviation_stats(
     drift_lsb: float,
     drift_ulps: float,
 ) -> torch.Tensor:
-    """:func:`drift_deviation` as ``DEVIATION_STATS`` statistics, without a device sync."""
+    """How far codes derived in the int domain (``residuals="exact-int"``) drifted from the model's own, as
+    ``DEVIATION_STATS`` statistics without a device sync. The per-element bound, in LSB, is ``drift_lsb +
+    drift_ulps * ulp(|model value|)`` in the model's dtype: a fixed allowance on zkLLM's grid plus a few
+    roundings of the model's own arithmetic."""
     kernel = lambda a, b: _drift_kernel(  # noqa: E731
         a, b, dtype=dtype, scale_log2=scale_log2, drift_lsb=drift_lsb, drift_ulps=drift_ulps
     )
     return _rows_check(kernel, (q_derived, q_model), float(drift_lsb))
-
-
-def drift_deviation(
-    q_derived: torch.Tensor,
-    q_model: torch.Tensor,
-    dtype: torch.dtype,
-    scale_log2: int,
-    *,
-    drift_lsb: float,
-    drift_ulps: float,
-) -> Deviation:
-    """How far codes derived in the int domain (``--residuals exact-int``) drifted from the model's own.
-
-    The per-element bound, in LSB, is ``drift_lsb + drift_ulps * ulp(|model value|)`` in the model's dtype:
-    a fixed allowance on zkLLM's grid plus a few roundings of the model's own arithmetic.
-    """
-    stats = drift_deviation_stats(q_derived, q_model, dtype, scale_log2, drift_lsb=drift_lsb, drift_ulps=drift_ulps)
-    return Deviation.from_stats(stats.tolist(), q_derived.shape)
 
 
 def equal_deviation(q_a: torch.Tensor, q_b: torch.Tensor) -> Deviation:

@@ -747,18 +747,23 @@ def _config(spec: CheckSpec, s: CaptureSubject, contract: Contract) -> list[Chec
 
 @register_check("weights_fingerprint", "capture")
 def _weights_fingerprint(spec: CheckSpec, s: CaptureSubject, contract: Contract) -> list[CheckResult]:
-    from .provenance import weights_fingerprint
+    from .provenance import FINGERPRINT_ALGORITHM, weights_fingerprint
 
     now = s.fingerprint() if s.fingerprint is not None else weights_fingerprint(s.model)
     recorded = s.metadata.get("model", {}).get("weights_fingerprint")
+    algorithm = s.metadata.get("model", {}).get("weights_fingerprint_algorithm")
     ok = now == recorded
-    message = (
-        ""
-        if ok
-        else (
+    if ok:
+        message = ""
+    elif algorithm != FINGERPRINT_ALGORITHM:  # an unquantized model's fingerprint is the same in both: it matched
+        message = (
+            f"the capture's weights fingerprint was made by algorithm {algorithm!r}, this zkllm-hf computes "
+            f"{FINGERPRINT_ALGORITHM!r}; validate with the zkllm-hf that made the capture, or capture again"
+        )
+    else:
+        message = (
             f"model weights {now[:12]}..., capture recorded {str(recorded)[:12]}...; pass the model that was captured"
         )
-    )
     return [CheckResult(spec.name, ok, message)]
 
 

@@ -883,11 +883,13 @@ class CaptureEngine:
     def _start_fingerprint(self) -> None:
         """Hash the weights on a thread while the first captured forward runs (on a GPU the forward leaves the
         host idle, and the fingerprint is then most of a capture's cost). Not for a model with offloaded
-        weights: reading those means onloading them, which accelerate's hooks also do during the forward."""
+        weights: reading those means onloading them, which accelerate's hooks also do during the forward. Nor
+        for bitsandbytes layers, which repack or move their quant state during the forward: their fingerprint
+        is taken after it, when the capture commits."""
         if self._fingerprint is not None:
             return
         tensors = [*self.model.parameters(), *self.model.buffers()]
-        if any(t.device.type == "meta" for t in tensors):
+        if any(t.device.type == "meta" for t in tensors) or provenance.has_bnb_layers(self.model):
             return
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zkllm-fingerprint")
         self._fingerprint = pool.submit(provenance.weights_fingerprint, self.model)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -15,7 +16,10 @@ from torch import nn
 
 from .weights import read_tensor
 
-FINGERPRINT_ALGORITHM = "sha256(name|dtype|shape|sha256(bytes)) over the state dict, sorted by name"
+FINGERPRINT_ALGORITHM = (
+    "v2: sha256(name|dtype|shape|sha256(bytes)) over the state dict, sorted by name; a bitsandbytes 4-bit or "
+    "8-bit weight as its float32 dequantized values (4-bit absmax at bfloat16), its quant-state entries skipped"
+)
 
 
 def _tensor_digest(t: torch.Tensor) -> str:
@@ -36,6 +40,97 @@ def _materialize(model: nn.Module, name: str, t: torch.Tensor) -> torch.Tensor:
     return real
 
 
+class _Dequantized:
+    """A bitsandbytes weight, hashed as the float32 values it stands for (computed only when hashed)."""
+
+    def __init__(self, module: nn.Module, kind: str, shape: tuple[int, ...]) -> None:
+        self.module, self.kind, self.shape = module, kind, tuple(shape)
+
+    def values(self) -> torch.Tensor:
+        if self.kind.startswith("bnb-4bit"):
+            return _dequantize_4bit(self.module.weight)
+        return _dequantize_8bit(self.module)
+
+
+def _bnb_kind(module: nn.Module) -> tuple[str, tuple[int, ...]] | None:
+    """('bnb-4bit[quant_type,blocksize]' or 'bnb-8bit', logical weight shape) for a bitsandbytes layer whose
+    weight is quantized, else None. Reads attributes only: bitsandbytes' own state-dict code repacks."""
+    weight = getattr(module, "_parameters", {}).get("weight")
+    cls = type(weight).__name__ if weight is not None else ""
+    if cls == "Params4bit" and getattr(weight, "quant_state", None) is not None:
+        qs = weight.quant_state
+        return f"bnb-4bit[{qs.quant_type},{qs.blocksize}]", tuple(qs.shape)
+    state = getattr(module, "state", None)
+    if cls == "Int8Params" and weight.dtype == torch.int8 and not getattr(state, "has_fp16_weights", True):
+        return "bnb-8bit", tuple(weight.shape)
+    return None
+
+
+def _dequantize_4bit(weight: Any) -> torch.Tensor:
+    """A Params4bit's weight in float32, whatever bitsandbytes' packing: the 4-bit codes in their original
+    order, each times its block's absmax taken at bfloat16 (the precision bitsandbytes' CPU kernel repacks
+    absmax to in the first forward; on other devices it keeps float32). Nothing on the module changes."""
+    import bitsandbytes.functional as F
+
+    qs = weight.quant_state
+    codes = weight.data
+    if getattr(qs, "packing_format_for_cpu", False):  # repacked for the CPU kernel: undo it on copies
+        unpacked = copy.copy(qs)
+        unpacked.original_nested = False  # the absmax below is read as packed; do not requantise it
+        codes, _ = F._convert_weight_packed_for_cpu_inverse(codes, unpacked)
+        absmax = qs.absmax.T.reshape(-1)  # packed as (blocks per row, rows)
+    elif qs.nested:
+        absmax = F.dequantize_blockwise(qs.absmax, qs.state2) + qs.offset
+    else:
+        absmax = qs.absmax
+    absmax = absmax.reshape(-1).to(torch.bfloat16).to(torch.float32)
+    state = F.QuantState(
+        absmax=absmax, shape=qs.shape, code=qs.code, blocksize=qs.blocksize, quant_type=qs.quant_type,
+        dtype=torch.float32,
+    )
+    return F.dequantize_4bit(codes, state)
+
+
+def _dequantize_8bit(module: Any) -> torch.Tensor:
+    """An Int8Params weight in float32: each row's int8 codes times its scale (SCB) / 127, as bitsandbytes'
+    int8_vectorwise_dequant computes it. SCB sits on the weight before the first forward, on the state after."""
+    import bitsandbytes.functional as F
+
+    scb = module.weight.SCB if getattr(module.weight, "SCB", None) is not None else module.state.SCB
+    return F.int8_vectorwise_dequant(module.weight.data, scb.to(torch.float32))
+
+
+def _entries(model: nn.Module) -> list[tuple[str, Any]]:
+    """The state dict's (name, tensor) pairs, a bitsandbytes layer's weight as a :class:`_Dequantized` and
+    its quant-state entries (absmax, quant_map, nested_*, quant_state.*, SCB, weight_format) left out.
+
+    A model without bitsandbytes layers is read with ``state_dict()``, as it always was. One with them is
+    walked module by module as ``state_dict`` walks it, without calling a bitsandbytes layer's
+    ``_save_to_state_dict``: in bitsandbytes 0.50 that undoes the CPU repacking but leaves absmax in the
+    repacked layout, so the next forward computes other values."""
+    layers = {name: kind for name, m in model.named_modules(remove_duplicate=False) if (kind := _bnb_kind(m))}
+    if not layers:
+        return list(model.state_dict(keep_vars=False).items())
+    out: list[tuple[str, Any]] = []
+    for name, module in model.named_modules(remove_duplicate=False):
+        prefix = f"{name}." if name else ""
+        if name in layers:
+            kind, shape = layers[name]
+            out.append((f"{prefix}weight", _Dequantized(module, kind, shape)))
+            bias = module._parameters.get("bias")
+            if bias is not None:
+                out.append((f"{prefix}bias", bias.detach()))
+            continue
+        own: dict[str, Any] = {}
+        module._save_to_state_dict(own, prefix, False)
+        out += own.items()
+    return out
+
+
+def _digest(t: Any) -> str:
+    return _tensor_digest(t.values() if isinstance(t, _Dequantized) else t)
+
+
 def weights_fingerprint(model: nn.Module, *, threads: int | None = None) -> str:
     """SHA-256 fingerprint of every tensor in ``model.state_dict()``, in a stable (sorted) order.
 
@@ -45,21 +140,41 @@ def weights_fingerprint(model: nn.Module, *, threads: int | None = None) -> str:
     pass over the weights at SHA-256 speed, about 1.6 GB/s per core (3.1 GB/s on 2 cores for SmolLM2's
     538 MB of distinct tensors, 0.17 s): a 7B model in bf16 (13.5 GB) takes about 4 s on 2 cores, 1-2 s
     on 8, plus the copy to host memory for weights on a GPU.
+
+    A bitsandbytes 4-bit or 8-bit weight is defined by what it means, not by how bitsandbytes packs it at
+    the moment: its line is ``name|bnb-4bit[quant_type,blocksize]->float32|shape|digest`` (or ``bnb-8bit``)
+    with the digest of its float32 dequantized values (see :func:`_dequantize_4bit`), and the packed
+    quant-state entries are not hashed. So the fingerprint is the same before and after the first forward
+    (which repacks on CPU) and for a fresh load of the same checkpoint; reading it changes nothing.
     """
-    state = model.state_dict(keep_vars=False)
-    items = sorted((k, _materialize(model, k, v)) for k, v in state.items() if isinstance(v, torch.Tensor))
-    unique: dict[tuple[Any, ...], torch.Tensor] = {}
+    items = sorted(
+        ((k, v if isinstance(v, _Dequantized) else _materialize(model, k, v)) for k, v in _entries(model)
+         if isinstance(v, (torch.Tensor, _Dequantized))),
+        key=lambda kv: kv[0],
+    )
+    unique: dict[tuple[Any, ...], Any] = {}
     for _, t in items:
         unique.setdefault(_identity(t), t)
     workers = threads or min(8, os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        digests = dict(zip(unique, pool.map(_tensor_digest, unique.values())))
-    lines = [f"{name}|{t.dtype}|{list(t.shape)}|{digests[_identity(t)]}" for name, t in items]
+        digests = dict(zip(unique, pool.map(_digest, unique.values())))
+    lines = [f"{name}|{_dtype(t)}|{list(t.shape)}|{digests[_identity(t)]}" for name, t in items]
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
 
-def _identity(t: torch.Tensor) -> tuple[Any, ...]:
+def _dtype(t: Any) -> str:
+    return f"{t.kind}->torch.float32" if isinstance(t, _Dequantized) else str(t.dtype)
+
+
+def has_bnb_layers(model: nn.Module) -> bool:
+    """Whether any layer holds a bitsandbytes-quantized weight (bitsandbytes moves its state in a forward)."""
+    return any(_bnb_kind(m) for m in model.modules())
+
+
+def _identity(t: Any) -> tuple[Any, ...]:
     """Same memory, same view: only tensors alive together in one state dict are compared with this."""
+    if isinstance(t, _Dequantized):
+        return ("bnb", id(t.module))
     return (t.device, t.data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
 
 

@@ -1,0 +1,136 @@
+"""The weights fingerprint: what the weights mean, stable across bitsandbytes' repacking, and side-effect free."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+import torch
+from conftest import make_tiny, tiny_ids
+from test_capture import run_capture
+from test_validate import rewrite_manifest
+
+import zkllm_hf
+from zkllm_hf.provenance import FINGERPRINT_ALGORITHM, weights_fingerprint
+
+
+def _bnb_model(folder, kind: str, **kw):
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    if not (folder / "config.json").exists():
+        make_tiny().save_pretrained(folder)
+    cfg = BitsAndBytesConfig(load_in_4bit=True, **kw) if kind == "4bit" else BitsAndBytesConfig(load_in_8bit=True)
+    return AutoModelForCausalLM.from_pretrained(folder, quantization_config=cfg, device_map={"": "cpu"}).eval()
+
+
+QUANT = [
+    ("4bit", {}),
+    ("4bit", {"bnb_4bit_quant_type": "nf4"}),
+    ("4bit", {"bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True}),
+    ("8bit", {}),
+]
+QUANT_IDS = ["fp4", "nf4", "nf4-double", "int8"]
+
+
+@pytest.mark.parametrize(("kind", "kw"), QUANT, ids=QUANT_IDS)
+def test_quantized_fingerprint_is_the_same_before_and_after_the_first_forward(kind, kw, tmp_path):
+    """Defect: on CPU, bitsandbytes 0.50 repacks a 4-bit layer's quant state (absmax to bfloat16, transposed)
+    in its first forward, so the fingerprint of one in-memory model changed across that forward and
+    ``validate(dir, model=model)`` on the model that made the capture reported a mismatch. The fingerprint of
+    a freshly loaded copy of the same checkpoint must be that one too."""
+    model = _bnb_model(tmp_path / "tiny", kind, **kw)
+    before = weights_fingerprint(model)
+    with torch.no_grad():
+        model(tiny_ids())
+    assert weights_fingerprint(model) == before
+    assert weights_fingerprint(_bnb_model(tmp_path / "tiny", kind, **kw)) == before
+
+
+@pytest.mark.parametrize(("kind", "kw"), QUANT, ids=QUANT_IDS)
+def test_fingerprinting_does_not_change_what_the_model_computes(kind, kw, tmp_path):
+    """Defect: ``model.state_dict()`` on a CPU-repacked bitsandbytes 4-bit layer undoes the packing but leaves
+    absmax in the packed layout, so the next forward computed other logits: fingerprinting (or validating
+    with) a model changed the model."""
+    model = _bnb_model(tmp_path / "tiny", kind, **kw)
+    ids = tiny_ids()
+    with torch.no_grad():
+        first = model(ids).logits
+        weights_fingerprint(model)
+        again = model(ids).logits
+    assert torch.equal(first, again)
+
+
+@pytest.mark.parametrize(("kind", "kw"), QUANT, ids=QUANT_IDS)
+@pytest.mark.parametrize("after_forward", [False, True])
+def test_quantized_fingerprint_sees_a_changed_weight(kind, kw, after_forward, tmp_path):
+    """The fingerprint is not blind to the quantized weights: one changed code, or one changed scale, changes
+    it, before and after bitsandbytes repacks."""
+    for change in ("code", "scale"):
+        model = _bnb_model(tmp_path / "tiny", kind, **kw)
+        if after_forward:
+            with torch.no_grad():
+                model(tiny_ids())
+        before = weights_fingerprint(model)
+        layer = model.model.layers[1].mlp.down_proj
+        with torch.no_grad():
+            codes = layer.weight.data.view(-1)
+            if change == "code" and kind == "4bit":
+                codes[5] ^= 0x11  # both 4-bit codes of one byte, whatever the packing
+            elif change == "code":
+                codes[5] += 1 if codes[5] < 100 else -1
+            elif kind == "4bit":
+                qs = layer.weight.quant_state
+                (qs.state2.absmax if qs.nested else qs.absmax).view(-1)[0] *= 2
+            else:
+                scb = layer.weight.SCB if layer.weight.SCB is not None else layer.state.SCB
+                scb.view(-1)[0] *= 2
+        assert weights_fingerprint(model) != before, change
+
+
+def _old_fingerprint(model) -> str:
+    """The fingerprint as FINGERPRINT_ALGORITHM defined it before quantized weights were canonicalised,
+    recomputed here from model.state_dict() (independent of zkllm_hf.provenance)."""
+    lines = []
+    for name, t in sorted(model.state_dict().items()):
+        flat = t.detach().contiguous().reshape(-1)
+        digest = hashlib.sha256(flat.view(torch.uint8).numpy() if flat.numel() else b"").hexdigest()
+        lines.append(f"{name}|{t.dtype}|{list(t.shape)}|{digest}")
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tied", [False, True])
+def test_unquantized_fingerprint_keeps_its_definition(dtype, tied):
+    """An unquantized model's fingerprint is what it always was, so captures made before stay valid."""
+    model = make_tiny(dtype=dtype, tie_word_embeddings=tied)
+    assert weights_fingerprint(model) == _old_fingerprint(model)
+
+
+def test_4bit_capture_validates_with_the_model_that_made_it(tmp_path):
+    """Defect: ``tests/test_capture.py::test_quantized_models_bitsandbytes`` failed on a fresh machine: the
+    capture recorded the fingerprint of the weights before (or during) the first forward's repacking."""
+    model = _bnb_model(tmp_path / "tiny", "4bit")
+    run_capture(model, tmp_path / "cap")
+    report = zkllm_hf.validate(tmp_path / "cap", model=model)
+    assert report.ok, str(report)
+    assert "weights_fingerprint" in {r.check for r in report.results if r.passed}
+    fresh = _bnb_model(tmp_path / "tiny", "4bit")
+    assert zkllm_hf.validate(tmp_path / "cap", model=fresh).ok
+
+
+def test_a_fingerprint_made_by_another_algorithm_is_named_as_such(tiny, tmp_path):
+    """A capture whose fingerprint was made by another algorithm fails with that reason, in one line, instead
+    of as an unexplained mismatch."""
+    run_capture(tiny, tmp_path / "cap")
+
+    def older(meta):
+        meta["model"]["weights_fingerprint_algorithm"] = "sha256 over the state dict (an older zkllm-hf)"
+        meta["model"]["weights_fingerprint"] = "0" * 64
+
+    rewrite_manifest(tmp_path / "cap", edit_meta=older, keep_digest=True)
+    report = zkllm_hf.validate(tmp_path / "cap", model=tiny)
+    [failure] = [f for f in report.failures if f.check == "weights_fingerprint"]
+    assert "an older zkllm-hf" in failure.message and FINGERPRINT_ALGORITHM in failure.message
+    assert "\n" not in failure.message
+    assert {f.check for f in report.failures} == {"weights_fingerprint"}

@@ -343,7 +343,11 @@ def _load_model_for_check(args: argparse.Namespace):
     four = args.load_in_4bit or (not args.load_in_8bit and not args.dtype and bool(ran.get("load_in_4bit")))
     eight = args.load_in_8bit or (not args.load_in_4bit and not args.dtype and bool(ran.get("load_in_8bit")))
     return load(
-        None if args.model == "default" else args.model, dtype=dtype, load_in_4bit=four, load_in_8bit=eight
+        None if args.model == "default" else args.model,
+        dtype=dtype,
+        load_in_4bit=four,
+        load_in_8bit=eight,
+        tokenizer=False,  # the checks read the weights and the config only
     ).model
 
 

@@ -200,10 +200,12 @@ def load(
     load_in_8bit: bool = False,
     device: str = "cpu",
     resolved: tuple[str, dict[str, Any]] | None = None,
+    tokenizer: bool = True,
 ) -> LoadedModel:
     """Load a causal LM and its tokenizer offline, as the CLI's ``--model``, ``--dtype`` ... ask.
 
     ``resolved`` is what :func:`resolve` already returned for ``name``, to skip resolving it twice.
+    ``tokenizer=False`` loads the model only (``LoadedModel.tokenizer`` is None): checks need no tokenizer.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
@@ -228,7 +230,6 @@ def load(
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=load_in_4bit, load_in_8bit=load_in_8bit)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except OSError as exc:
         if source["kind"] == "hub-cache":
             raise ModelLoadError(
@@ -244,7 +245,18 @@ def load(
             f"{first}); they may be truncated or corrupt: restore them or pass another --model"
         ) from exc
     model.eval()
-    return LoadedModel(model, tokenizer, source)
+    if not tokenizer:
+        return LoadedModel(model, None, source)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception as exc:  # the weights loaded: what is missing or broken is the tokenizer
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(
+            f"--model {name or 'default'}: the model in {path} loads but its tokenizer does not "
+            f"({type(exc).__name__}: {first}); save one into that folder (tokenizer.save_pretrained) or pass a "
+            f"--model that has one"
+        ) from exc
+    return LoadedModel(model, tok, source)
 
 
 @dataclass

@@ -277,6 +277,8 @@ def _cmd_capture_dataset(args: argparse.Namespace) -> int:
         prompts, _ = read_prompts(args.prompts)
         check_out_dir(Path(args.out), prompts, args.overwrite)  # refuse before spending time on the model
         parse_layers(args.layers, 1 << 20)
+        if args.threads < 1:
+            raise ValueError(f"--threads {args.threads}: give a positive intra-op thread count, such as 1")
     except (PromptsError, FileExistsError, ValueError) as exc:
         _err(str(exc).replace("layer spec", "--layers"))
         return EXIT_USAGE
@@ -308,6 +310,7 @@ def _cmd_capture_dataset(args: argparse.Namespace) -> int:
             overwrite=args.overwrite,
             progress=not args.quiet,
             extra_metadata=_extra_metadata(args, loaded),
+            threads=args.threads,
         )
     except Exception as exc:
         code = _capture_exit_code(exc)
@@ -724,6 +727,14 @@ def build_parser() -> argparse.ArgumentParser:
         "(an integer names the folder sample-ID; default: the line number)",
     )
     _add_capture_options(ds)
+    ds.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        metavar="N",
+        help="torch's intra-op thread count for each unit (default 1, what accelerate gives each rank): float32 "
+        "results depend on it, so the same N gives the same bytes in one process and in K ranks",
+    )
     ds.set_defaults(func=_cmd_capture_dataset)
 
     val = sub.add_parser("validate", help="re-check a capture folder from disk; exit 1 if invalid")

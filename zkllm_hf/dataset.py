@@ -16,6 +16,7 @@ is not a finished dataset.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -24,7 +25,7 @@ import re
 import shutil
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -403,6 +404,7 @@ def capture_dataset(
     progress: bool = False,
     extra_metadata: Mapping[str, Any] | None = None,
     state: Any = None,
+    threads: int | None = 1,
 ) -> DatasetResult:
     """Capture each prompt as a unit ``sample-{id}/`` under ``out_dir``, then write the dataset index.
 
@@ -418,8 +420,15 @@ def capture_dataset(
     rank 0 writes the index once every rank has finished. A re-run keeps the finished units and captures
     the rest; with every unit finished and the index current, it changes nothing. ``overwrite`` replaces a
     dataset (or a zkllm-hf capture) that is there.
+
+    ``threads`` is torch's intra-op thread count for each unit's capture (set around it, the caller's own
+    restored after; ``None`` leaves it alone). torch's CPU kernels give other float32 bits with another
+    count and accelerate gives each rank one thread, so the default 1 is what makes a unit's bytes the same
+    in one process and in K ranks. Each unit's manifest records the count (``runtime.torch_threads``).
     """
     t0 = time.perf_counter()
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"threads={threads!r}: give a positive intra-op thread count (1, the default, or None)")
     if generate is None and mode != "prefill":
         raise ValueError(f"mode={mode!r} applies to generate=N; pass generate, or leave mode")
     if generate is not None and generate < 1:
@@ -504,17 +513,18 @@ def capture_dataset(
                 (out / MANIFEST_NAME).unlink(missing_ok=True)  # the index is stale from here on
                 dataset = {"prompt_id": p.id, "line": p.line, "text_sha256": p.text_sha256, **asked}
                 extra = {**dict(extra_metadata or {}), "dataset": dataset}
-                _capture_one(
-                    model,
-                    tokenizer,
-                    p,
-                    batches[p.sample],
-                    out,
-                    generate,
-                    mode,
-                    {"layers": layers, "scale_log2": scale_log2, "residuals": residuals, "extra_metadata": extra},
-                    pad_to,
-                )
+                with _intra_op_threads(threads):  # the same count in one process and in K ranks
+                    _capture_one(
+                        model,
+                        tokenizer,
+                        p,
+                        batches[p.sample],
+                        out,
+                        generate,
+                        mode,
+                        {"layers": layers, "scale_log2": scale_log2, "residuals": residuals, "extra_metadata": extra},
+                        pad_to,
+                    )
                 result.captured.append(p.id)
         except Exception as exc:  # the other ranks must hear of it, or they would wait for this one forever
             problem = exc
@@ -558,6 +568,20 @@ def _prepare(out: Path, prompts: Sequence[Prompt], overwrite: bool, want: Any) -
                     f"dataset, or choose another --out"
                 )
     out.mkdir(parents=True, exist_ok=True)
+
+
+@contextlib.contextmanager
+def _intra_op_threads(threads: int | None) -> Iterator[None]:
+    """torch's intra-op thread count set to ``threads`` inside, the caller's back after (None: unchanged)."""
+    if threads is None:
+        yield
+        return
+    caller = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(caller)
 
 
 def _capture_one(

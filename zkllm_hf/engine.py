@@ -586,7 +586,7 @@ class UnitRecorder:
                 "seq_len": self.seq_len,
                 "pad_token_id": self.pad_token_id,
             },
-            "runtime": {"autocast": self.autocast},
+            "runtime": {**common.get("runtime", {}), "autocast": self.autocast},
             # zkLLM's SwiGLU lookup covers |gate| < 512: the largest |gate_proj output| per layer, over real tokens
             "ffn": {
                 "gate_abs_max": [{"layer": layer, "value": float(v)} for layer, v in sorted(self.gate_abs_max.items())]
@@ -714,6 +714,7 @@ class CaptureEngine:
         self._broken: str | None = None
         self._thread = threading.get_ident()
         self._fingerprint: Future[str] | None = None  # the weights fingerprint, started with the first forward
+        self._runtime: list[dict[str, Any]] = []  # provenance.runtime() at each captured forward, distinct ones
         self._bar = None
 
     # -- lifetime ---------------------------------------------------------------------------------
@@ -790,6 +791,7 @@ class CaptureEngine:
         self._fwd = None
         self._broken = None
         self._fingerprint = None  # a new capture hashes the weights again
+        self._runtime = []
 
     # -- units --------------------------------------------------------------------------------------
 
@@ -878,6 +880,9 @@ class CaptureEngine:
         if routes:
             self.set_in_flight_rows(sum(r.unit._rows_now for r in routes))
             self._start_fingerprint()
+            now = provenance.runtime(self.model)  # what this forward runs with, for the metadata
+            if now not in self._runtime:
+                self._runtime.append(now)
         self._fwd = _Forward(inputs, routes)
 
     def _start_fingerprint(self) -> None:
@@ -1096,13 +1101,26 @@ class CaptureEngine:
         )
         return result
 
+    def _ran_with(self) -> dict[str, Any]:
+        """The runtime the captured forwards ran with; a setting that changed between them lists each value."""
+        seen = self._runtime or [provenance.runtime(self.model)]
+        merged: dict[str, Any] = {}
+        for key in seen[0]:
+            values = [r[key] for r in seen]
+            distinct = [v for i, v in enumerate(values) if v not in values[:i]]
+            merged[key] = distinct[0] if len(distinct) == 1 else distinct
+        return merged
+
     def _common_metadata(self, hidden: int) -> dict[str, Any]:
+        ran = self._ran_with()
         return {
             "contract": self.contract.identity,
             "versions": provenance.versions(),
+            "runtime": ran,
             "model": {
                 **provenance.model_info(self.model, fingerprint=False),
                 "weights_fingerprint": self.weights_fingerprint(),
+                "attn_implementation": ran["attn_implementation"],  # the one that ran, not the one now
             },
             "capture": {
                 "mode": self.mode,

@@ -1,4 +1,5 @@
-"""What an auditor needs to know about the run: model identity, weights fingerprint, library versions."""
+"""What an auditor needs to know about the run: model identity, weights fingerprint, library versions, and the
+runtime settings (threads, deterministic algorithms, attention, devices) that decide a forward's float bits."""
 
 from __future__ import annotations
 
@@ -236,6 +237,33 @@ def versions() -> dict[str, str]:
         "numpy": numpy.__version__,
         "pyarrow": pyarrow.__version__,
         "python": platform.python_version(),
+        **{name: v for name in ("accelerate", "bitsandbytes") if (v := _installed(name)) is not None},
+    }
+
+
+def _installed(name: str) -> str | None:
+    """A distribution's version when it is installed, without importing it (bitsandbytes' import is slow)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
+
+
+def runtime(model: nn.Module) -> dict[str, Any]:
+    """What, besides the weights and the inputs, decides a forward's float bits, read now (call it during the
+    forward): torch's intra-op and inter-op thread counts, whether deterministic algorithms are on, the
+    attention implementation the model dispatches to, and the devices its weights are on."""
+    config = getattr(model, "config", None)
+    devices = {str(t.device) for t in (*model.parameters(), *model.buffers()) if t.device.type != "meta"}
+    return {
+        "torch_threads": torch.get_num_threads(),
+        "torch_interop_threads": torch.get_num_interop_threads(),
+        "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+        "deterministic_warn_only": torch.is_deterministic_algorithms_warn_only_enabled(),
+        "attn_implementation": getattr(config, "_attn_implementation", None),
+        "devices": sorted(devices),
     }
 
 

@@ -414,6 +414,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
                 ["layers", _ranges(capture["layers"])],
                 ["scale", f"2**{capture['scale_log2']}"],
                 ["residuals", _residuals_line(meta)],
+                ["runtime", _runtime_line(meta)],
                 ["|gate_proj|", _gate_line(meta)],
                 [
                     "created",
@@ -490,6 +491,20 @@ def _gate_line(meta: dict) -> str:
     worst = max(gates, key=lambda g: g["value"])
     verdict = "within" if worst["value"] < GATE_LIMIT else "BEYOND"
     return f"largest {worst['value']:.4g} at layer {worst['layer']} ({verdict} zkLLM's SwiGLU table, < {GATE_LIMIT:g})"
+
+
+def _runtime_line(meta: dict) -> str:
+    """torch's intra-op threads, deterministic algorithms, attention and devices the forwards ran with."""
+    rt = meta.get("runtime") or {}
+    if "torch_threads" not in rt:
+        return "not recorded (a capture made before zkllm-hf recorded it)"
+    threads = rt["torch_threads"]
+    shown = f"{threads} thread(s)" if isinstance(threads, int) else f"{'/'.join(map(str, threads))} thread(s), changed"
+    devices = rt.get("devices")
+    return (
+        f"torch {shown}, deterministic algorithms {'on' if rt.get('deterministic_algorithms') else 'off'}, "
+        f"attention {rt.get('attn_implementation')}, {', '.join(devices) if isinstance(devices, list) else devices}"
+    )
 
 
 def _inspect_dataset(ds, report) -> int:

@@ -136,6 +136,7 @@ def test_capture_overwrite_refuses_a_manifest_whose_digest_does_not_match(tiny_d
     raw = json.dumps(meta).encode()
     write_manifest(table.replace_schema_metadata({b"zkllm_hf": raw}), out / "manifest.arrow")
     before = snapshot(out)
+    capsys.readouterr()
     assert main(["capture", "--model", str(tiny_dir), "--text", "the fox", "--out", str(out), "--overwrite",
                  "--quiet"]) == 2
     assert one_line_naming(capsys.readouterr().err, "manifest.arrow")

@@ -828,6 +828,116 @@ def _dataset_index(
     return results
 
 
+_ENTRY_FIELDS = ("folder", "sample", "step", "phase", "seq_len", "prompt_id", "manifest_sha256")
+
+
+def _prompt_set(meta: Mapping[str, Any], units: Sequence[Mapping[str, Any]]) -> bool:
+    """Is this a prompt set's dataset (capture_dataset)? The index says so, or any unit does."""
+    said = isinstance(meta.get("dataset"), Mapping) and "prompts" in meta["dataset"]
+    return said or any("dataset" in ((e.get("metadata") or {}).get("extra") or {}) for e in units)
+
+
+def _prompt_id(unit_meta: Mapping[str, Any]) -> Any:
+    dataset = (unit_meta.get("extra") or {}).get("dataset")
+    return dataset.get("prompt_id") if isinstance(dataset, Mapping) else None
+
+
+@register_check("unit_entries", "dataset")
+def _unit_entries(
+    spec: CheckSpec,
+    path: Path,
+    rows: Sequence[Mapping[str, Any]],
+    meta: Mapping[str, Any],
+    units: Sequence[Mapping[str, Any]],
+) -> list[CheckResult]:
+    """Every field of each unit entry equals what the unit's own manifest says: its folder (``sample-N``, or
+    ``sample-N/step-K`` for generation steps), sample, step, phase, seq_len, prompt id (a prompt set's) and
+    the manifest's SHA-256; an entry holds no other field. A unit that could not be read is skipped here (its
+    own checks fail it)."""
+    results = []
+    prompts = _prompt_set(meta, units)
+    for e in units:
+        folder, unit_meta = str(e.get("folder")), e.get("metadata")
+        if e.get("rows") is None or not isinstance(unit_meta, Mapping):
+            continue
+        try:
+            said = unit_meta.get("unit") or {}
+            sample, step = said.get("sample"), said.get("step")
+            stepped = (unit_meta.get("capture") or {}).get("mode") == "steps"
+            manifest = path / folder / MANIFEST_NAME
+            truth = {
+                "folder": f"sample-{sample}/step-{step}" if stepped else f"sample-{sample}",
+                "sample": sample,
+                "step": step,
+                "phase": said.get("phase"),
+                "seq_len": (unit_meta.get("tokens") or {}).get("seq_len"),
+                "manifest_sha256": sha256_file(manifest) if manifest.is_file() else None,
+            }
+            if prompts or "prompt_id" in e:
+                truth["prompt_id"] = _prompt_id(unit_meta)
+            stated = {k: v for k, v in e.items() if k not in ("rows", "metadata")}
+            wrong = [
+                f"{k} {stated.get(k)!r}, the unit's manifest says {truth[k]!r}"
+                for k in truth
+                if stated.get(k) != truth[k] or type(stated.get(k)) is not type(truth[k])
+            ]
+            wrong += [f"{k} {stated[k]!r}, which no unit manifest records" for k in stated if k not in truth]
+        except (TypeError, AttributeError, OSError) as exc:
+            wrong = [f"cannot be compared with its unit ({exc})"]
+        results.append(
+            CheckResult(spec.name, not wrong, "; ".join(f"entry {folder}: {w}" for w in wrong), unit=".")
+        )
+    return results
+
+
+@register_check("prompt_units", "dataset")
+def _prompt_units(
+    spec: CheckSpec,
+    path: Path,
+    rows: Sequence[Mapping[str, Any]],
+    meta: Mapping[str, Any],
+    units: Sequence[Mapping[str, Any]],
+) -> list[CheckResult]:
+    """A prompt set's dataset holds one prompt's units per prompt the index records (its count): as many
+    distinct prompts, each in one sample, each with its whole capture (one unit, or generation steps 0 to
+    S-1 as its manifests record S). A missing unit fails. Other datasets: nothing to check."""
+    if not _prompt_set(meta, units):
+        return []
+    fail = lambda msg: CheckResult(spec.name, False, msg, unit=".")  # noqa: E731
+    count = ((meta.get("dataset") or {}).get("prompts") or {}).get("count")
+    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+        return [fail(f"the index records prompt count {count!r}, not a number of prompts")]
+    results = []
+    by_sample: dict[Any, list[Mapping[str, Any]]] = {}
+    for e in units:
+        by_sample.setdefault(e.get("sample"), []).append(e)
+    ids = {repr(_prompt_id(e.get("metadata") or {})) for e in units if isinstance(e.get("metadata"), Mapping)}
+    if len(by_sample) != count or len(ids) != count:
+        results.append(
+            fail(
+                f"the index records {count} prompt(s); its units hold {len(by_sample)} sample(s) with "
+                f"{len(ids)} distinct prompt id(s): a prompt's units are missing, or the count is wrong"
+            )
+        )
+    for sample, entries in sorted(by_sample.items(), key=lambda kv: str(kv[0])):
+        metas = [e.get("metadata") for e in entries if isinstance(e.get("metadata"), Mapping)]
+        steps = sorted(e.get("step") for e in entries if isinstance(e.get("step"), int))
+        recorded = {(m.get("generation") or {}).get("steps") for m in metas} - {None}
+        stepped = any((m.get("capture") or {}).get("mode") == "steps" for m in metas)
+        want = (next(iter(recorded)) if len(recorded) == 1 else None) if stepped else 1
+        if len({repr(_prompt_id(m)) for m in metas}) > 1:
+            results.append(fail(f"sample {sample}'s units name different prompts"))
+        if want is None or steps != list(range(want)) or len(steps) != len(entries):
+            results.append(
+                fail(
+                    f"sample {sample} has step(s) {steps}; its units record "
+                    + (f"{want} step(s)" if want is not None else f"step counts {sorted(recorded)}")
+                    + ": a unit of this prompt is missing"
+                )
+            )
+    return results or [CheckResult(spec.name, True, unit=".")]
+
+
 def run_dataset_checks(
     contract: Contract,
     path: Path,

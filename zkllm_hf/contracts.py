@@ -832,9 +832,10 @@ _ENTRY_FIELDS = ("folder", "sample", "step", "phase", "seq_len", "prompt_id", "m
 
 
 def _prompt_set(meta: Mapping[str, Any], units: Sequence[Mapping[str, Any]]) -> bool:
-    """Is this a prompt set's dataset (capture_dataset)? The index says so, or any unit does."""
+    """Is this a prompt set's index (capture_dataset's)? It records its prompts, or its entries name prompts.
+    (The per-prompt captures capture_dataset runs are datasets of their own, over one prompt: not these.)"""
     said = isinstance(meta.get("dataset"), Mapping) and "prompts" in meta["dataset"]
-    return said or any("dataset" in ((e.get("metadata") or {}).get("extra") or {}) for e in units)
+    return said or any("prompt_id" in e for e in units)
 
 
 def _prompt_id(unit_meta: Mapping[str, Any]) -> Any:
@@ -898,43 +899,48 @@ def _prompt_units(
     meta: Mapping[str, Any],
     units: Sequence[Mapping[str, Any]],
 ) -> list[CheckResult]:
-    """A prompt set's dataset holds one prompt's units per prompt the index records (its count): as many
-    distinct prompts, each in one sample, each with its whole capture (one unit, or generation steps 0 to
-    S-1 as its manifests record S). A missing unit fails. Other datasets: nothing to check."""
-    if not _prompt_set(meta, units):
-        return []
+    """No unit is missing. Each sample's units are one capture (step 0), or generation steps ``0 .. S-1``
+    without a gap. A prompt set's dataset (capture_dataset's) holds the units of as many distinct prompts as
+    its index records (its count), each with every step its manifests record (``generation.steps``)."""
     fail = lambda msg: CheckResult(spec.name, False, msg, unit=".")  # noqa: E731
-    count = ((meta.get("dataset") or {}).get("prompts") or {}).get("count")
-    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
-        return [fail(f"the index records prompt count {count!r}, not a number of prompts")]
+    prompts = _prompt_set(meta, units)
     results = []
     by_sample: dict[Any, list[Mapping[str, Any]]] = {}
     for e in units:
         by_sample.setdefault(e.get("sample"), []).append(e)
-    ids = {repr(_prompt_id(e.get("metadata") or {})) for e in units if isinstance(e.get("metadata"), Mapping)}
-    if len(by_sample) != count or len(ids) != count:
-        results.append(
-            fail(
-                f"the index records {count} prompt(s); its units hold {len(by_sample)} sample(s) with "
-                f"{len(ids)} distinct prompt id(s): a prompt's units are missing, or the count is wrong"
+    if prompts:
+        count = ((meta.get("dataset") or {}).get("prompts") or {}).get("count")
+        ids = {repr(_prompt_id(e["metadata"])) for e in units if isinstance(e.get("metadata"), Mapping)}
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            results.append(fail(f"the index records prompt count {count!r}, not a number of prompts"))
+        elif len(by_sample) != count or len(ids) != count:
+            results.append(
+                fail(
+                    f"the index records {count} prompt(s); its units hold {len(by_sample)} sample(s) with "
+                    f"{len(ids)} distinct prompt id(s): a prompt's units are missing, or the count is wrong"
+                )
             )
-        )
     for sample, entries in sorted(by_sample.items(), key=lambda kv: str(kv[0])):
-        metas = [e.get("metadata") for e in entries if isinstance(e.get("metadata"), Mapping)]
+        metas = [e["metadata"] for e in entries if isinstance(e.get("metadata"), Mapping)]
         steps = sorted(e.get("step") for e in entries if isinstance(e.get("step"), int))
-        recorded = {(m.get("generation") or {}).get("steps") for m in metas} - {None}
         stepped = any((m.get("capture") or {}).get("mode") == "steps" for m in metas)
-        want = (next(iter(recorded)) if len(recorded) == 1 else None) if stepped else 1
-        if len({repr(_prompt_id(m)) for m in metas}) > 1:
-            results.append(fail(f"sample {sample}'s units name different prompts"))
+        recorded = {(m.get("generation") or {}).get("steps") for m in metas} - {None}
+        if not stepped:
+            want: int | None = 1
+        elif prompts:  # one prompt per generate(): its units are every step the generation ran
+            want = next(iter(recorded)) if len(recorded) == 1 else None
+        else:  # a batch's samples end at their own EOS: their steps run from 0 without a gap
+            want = steps[-1] + 1 if steps else None
         if want is None or steps != list(range(want)) or len(steps) != len(entries):
             results.append(
                 fail(
-                    f"sample {sample} has step(s) {steps}; its units record "
-                    + (f"{want} step(s)" if want is not None else f"step counts {sorted(recorded)}")
-                    + ": a unit of this prompt is missing"
+                    f"sample {sample} has unit step(s) {steps}; "
+                    + (f"it should have 0 to {want - 1}" if want else f"its units record {sorted(recorded)} steps")
+                    + ": a unit is missing or repeated"
                 )
             )
+        if prompts and len({repr(_prompt_id(m)) for m in metas}) > 1:
+            results.append(fail(f"sample {sample}'s units name different prompts"))
     return results or [CheckResult(spec.name, True, unit=".")]
 
 

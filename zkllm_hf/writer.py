@@ -4,6 +4,9 @@ A staging folder carries a ``PARTIAL`` marker from creation until it is renamed 
 can always tell a finished capture (it has ``manifest.arrow``, written last, and no marker) from a broken
 one. Writes and SHA-256 run on a background thread, with a bounded number of bytes in flight, so the
 model's forward overlaps the disk and memory held stays bounded whatever the layer count.
+
+It also holds the ownership rule (:func:`foreign_files`): what zkllm-hf may replace or delete is what a
+manifest it wrote lists, or its own pid-named staging, old, temp and lock entries; never a file by its name.
 """
 
 from __future__ import annotations

@@ -308,3 +308,27 @@ def test_folders_it_may_not_write_into(single, tiny_dir, prompts_file, tmp_path,
     assert zkllm_hf.validate(copy).ok and read_manifest(copy / "manifest.arrow")[1]["dataset"]["prompts"]["sha256"] == (
         zkllm_hf.dataset.read_prompts(changed)[1])
     assert not [p for p in tmp_path.iterdir() if ".zkllm-" in p.name]
+
+
+def test_resume_refuses_units_made_with_another_thread_count(tiny_dir, tmp_path):
+    """Defect: resume compared prompt, contract, layers, scale and model, not the intra-op thread count, so a
+    unit captured with --threads 2 was kept by a --threads 1 run, and one dataset mixed units whose float32
+    bytes depend on different counts (torch's kernels reduce in another order). Like any other setting that
+    differs, it is refused, naming the setting; --overwrite replaces the dataset."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model, tok = AutoModelForCausalLM.from_pretrained(tiny_dir), AutoTokenizer.from_pretrained(tiny_dir)
+    prompts = [{"id": 0, "text": "the quick fox"}, {"id": 1, "text": "zero knowledge"}]
+    out = tmp_path / "ds"
+    first = zkllm_hf.capture_dataset(model, tok, prompts, out, layers="0-1", threads=2)
+    assert first.captured == [0, 1]
+    assert {u.metadata["runtime"]["torch_threads"] for u in zkllm_hf.load_capture(out)} == {2}
+    before = stamp(out)
+    with pytest.raises(FileExistsError, match="threads 2, this run has 1"):
+        zkllm_hf.capture_dataset(model, tok, prompts, out, layers="0-1", threads=1)
+    assert stamp(out) == before
+    again = zkllm_hf.capture_dataset(model, tok, prompts, out, layers="0-1", threads=1, overwrite=True)
+    assert again.captured == [0, 1] and again.reused == []
+    assert {u.metadata["runtime"]["torch_threads"] for u in zkllm_hf.load_capture(out)} == {1}
+    same = zkllm_hf.capture_dataset(model, tok, prompts, out, layers="0-1", threads=1)
+    assert same.captured == [] and same.reused == [0, 1] and zkllm_hf.validate(out).ok

@@ -8,10 +8,12 @@ rank that ran it. Under ``accelerate launch`` each rank takes the prompts at pos
 with the engine's index builder, so ``validate``, ``inspect`` and ``load_capture`` read the result as any
 other dataset.
 
-A re-run resumes: a unit whose manifest is present and whose files match it (the contract's capture and
-file checks, as ``validate`` runs them) is kept untouched; a missing or broken one is captured again, and a
-dead process's staging is removed by the target locks. The index is written last, so a folder without it
-is not a finished dataset.
+A re-run resumes: a unit whose manifest is present and that passes every check of its contract that can run
+without the model (as ``validate`` runs them: capture, file and layer checks) is kept untouched; a missing
+or broken one is captured again, and a dead process's staging is removed by the target locks. The index is
+written last, so a folder without it is not a finished dataset. What the run may replace or delete is
+decided by manifest, never by name (:func:`zkllm_hf.writer.foreign_files`): anything else in the folder
+makes it refuse.
 """
 
 from __future__ import annotations
@@ -36,29 +38,35 @@ from torch import nn
 from . import provenance
 from .contracts import (
     INDEX_KINDS,
-    CaptureSubject,
     ContractViolation,
     load_contract,
-    run_capture_checks,
-    run_file_checks,
 )
 from .engine import CaptureError, build_index, index_rows
 from .hooks import find_layout
 from .manifest import read_manifest, table_metadata, write_manifest
 from .models import context_error, tokenize_batch
 from .points import parse_layers
-from .validate import _contract_of
-from .writer import MANIFEST_NAME, TargetLock, _fsync_dir, check_target, leftover_name, sha256_file
+from .validate import _contract_of, _validate
+from .writer import (
+    MANIFEST_NAME,
+    STEP_DIR,
+    UNIT_DIR,
+    WORK,
+    TargetLock,
+    _fsync_dir,
+    foreign_files,
+    leftover_name,
+    remove_leftovers,
+    sha256_file,
+    shown_paths,
+    zkllm_manifest,
+)
 
 logger = logging.getLogger(__name__)
 
-WORK = ".zkllm-work"  # per-prompt engine targets, moved into place whole; removed when the index is written
 MAX_SAMPLE = 2**31 - 1  # the manifest's sample column is int32
 _SAFE_ID = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,63}$")
-_UNIT = re.compile(r"^sample-(\d+)$")
-_STEP = re.compile(r"^step-(\d+)$")
-_UNIT_FILE = re.compile(r"^(step-\d+/)?(manifest\.arrow|layer-\d+-[A-Za-z_-]+\.bin)$")
-_OURS_HIDDEN = re.compile(r"^\.sample-\d+\.zkllm-|^\.manifest\.arrow\.tmp$")
+_UNIT, _STEP = UNIT_DIR, STEP_DIR  # sample-N/ and its step-K/ folders
 
 
 class PromptsError(ValueError):
@@ -200,67 +208,82 @@ def _digest(prompts: Sequence[Prompt]) -> str:
 # The output folder
 
 
-def _ours(entry: Path) -> bool:
-    """Could ``entry`` (directly in a dataset folder) have been written by capture_dataset?"""
-    name = entry.name
-    if name == MANIFEST_NAME:
-        return entry.is_file()
-    if name == WORK or _UNIT.match(name):
-        return entry.is_dir() and not entry.is_symlink()
-    return bool(_OURS_HIDDEN.match(name))
-
-
-def _foreign_in_unit(folder: Path) -> list[str]:
-    """Files under a unit folder that no capture writes (so replacing the folder would lose them)."""
-    out = []
-    for root, dirs, files in os.walk(folder):
-        rel = Path(root).relative_to(folder)
-        out += [(rel / f).as_posix() for f in files if not _UNIT_FILE.match((rel / f).as_posix())]
-        out += [(rel / d).as_posix() + "/" for d in dirs if rel != Path(".") or not _STEP.match(d)]
-    return out
-
-
-def _shown(names: Sequence[str]) -> str:
-    return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
-
-
 def check_out_dir(out: str | os.PathLike[str], prompts: Sequence[Prompt], overwrite: bool) -> None:
-    """Refuse an output folder that holds anything this prompt set's run did not write (read-only).
+    """Refuse an output folder that holds anything zkllm-hf does not own, by manifest (read-only).
 
-    Without ``overwrite`` it may hold this set's units, the index and an interrupted run's leftovers; with
-    it, that or a finished zkllm-hf capture holding nothing else (``check_target``), which is replaced.
+    Without ``overwrite`` it may hold this set's units, its index and an interrupted run's leftovers; with
+    it, any zkllm-hf capture or dataset holding nothing else, which is replaced. Ownership is
+    :func:`~zkllm_hf.writer.foreign_files`, the rule ``capture`` applies too.
     """
     out = Path(out)
     if not out.exists():
         return
     if not out.is_dir():
         raise FileExistsError(f"output path '{out}' exists and is not a directory; choose another --out")
-    entries = sorted(out.iterdir())
-    foreign = [e.name for e in entries if not _ours(e)]
-    foreign += [f"{e.name}/{f}" for e in entries if _UNIT.match(e.name) and e.is_dir() for f in _foreign_in_unit(e)]
-    if overwrite:
-        if foreign:
-            try:
-                check_target(out.absolute(), True)
-            except FileExistsError:
-                raise FileExistsError(
-                    f"output directory '{out}' holds files zkllm-hf did not write ({_shown(foreign)}); --overwrite "
-                    f"only replaces a capture or dataset holding nothing else. Move them away or choose another --out"
-                ) from None
-        return
+    foreign = foreign_files(out)
+    if foreign and overwrite:
+        raise FileExistsError(
+            f"output directory '{out}' holds files zkllm-hf did not write ({shown_paths(foreign)}); --overwrite "
+            f"only replaces a capture or dataset holding nothing else. Move them away or choose another --out"
+        )
     if foreign:
         raise FileExistsError(
-            f"output directory '{out}' holds files capture-dataset did not write ({_shown(foreign)}); it resumes "
-            f"only its own dataset. Move them away, pass --overwrite to replace a zkllm-hf capture, or choose "
-            f"another --out"
+            f"output directory '{out}' holds files capture-dataset did not write ({shown_paths(foreign)}); it "
+            f"resumes only its own dataset. Move them away, pass --overwrite to replace a zkllm-hf capture, or "
+            f"choose another --out"
+        )
+    if overwrite:
+        return
+    index = zkllm_manifest(out / MANIFEST_NAME)
+    if index is not None and index[1].get("kind") != "dataset":
+        raise FileExistsError(
+            f"output directory '{out}' holds a zkllm-hf capture of one unit ({MANIFEST_NAME} is a unit's), not a "
+            f"dataset; pass --overwrite to replace it, or choose another --out"
         )
     samples = {p.sample for p in prompts}
-    stray = [e.name for e in entries if (m := _UNIT.match(e.name)) and int(m[1]) not in samples]
+    stray = [e.name for e in sorted(out.iterdir()) if (m := _UNIT.match(e.name)) and int(m[1]) not in samples]
     if stray:
         raise FileExistsError(
-            f"output directory '{out}' holds {_shown(stray)}, which no prompt of this set names (another prompt "
-            f"set was captured there); pass --overwrite to replace it, or choose another --out"
+            f"output directory '{out}' holds {shown_paths(stray)}, which no prompt of this set names (another "
+            f"prompt set was captured there); pass --overwrite to replace it, or choose another --out"
         )
+
+
+def _refuse_foreign(out: Path, name: str) -> None:
+    """Before replacing ``out/name``: refuse if anything in it is not zkllm-hf's (it may have changed since
+    the folder was checked)."""
+    foreign = foreign_files(out, only=name)
+    if foreign:
+        raise FileExistsError(
+            f"{out / name} holds files zkllm-hf did not write ({shown_paths(foreign)}); move them away"
+        )
+
+
+def _discard(path: Path) -> None:
+    """Delete an entry of ours: first renamed to a pid-named leftover, so a half-deleted one is never taken
+    for a unit (or for anyone's), then removed."""
+    if path.is_dir() and not path.is_symlink():
+        old = leftover_name(path, "old")
+        os.rename(path, old)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _clear_work(out: Path) -> None:
+    """Remove the work folder's entries that are ours, then the folder if that empties it."""
+    work = out / WORK
+    if not work.is_dir() or work.is_symlink():
+        return
+    foreign = foreign_files(out, only=WORK)
+    for entry in list(work.iterdir()):
+        name = f"{WORK}/{entry.name}"
+        if not any(f == name or f.startswith(name + "/") for f in foreign):
+            _discard(entry)
+    try:
+        work.rmdir()
+    except OSError:  # something not ours is left there: it stays, and so does the folder
+        pass
 
 
 def _unit_manifests(folder: Path) -> list[Path]:
@@ -283,6 +306,7 @@ def _settings(meta: Mapping[str, Any]) -> dict[str, Any]:
         "layers": capture.get("layers"),
         "scale_log2": capture.get("scale_log2"),
         "residuals": capture.get("residuals", "model"),
+        "threads": (meta.get("runtime") or {}).get("torch_threads"),  # float32 bytes depend on it
         "model": {k: model.get(k) for k in ("config_sha256", "weights_fingerprint", "dtype", "quantization")},
     }
 
@@ -306,8 +330,8 @@ def _verify(folder: Path, prompt: Prompt, want: Mapping[str, Any]) -> str | None
     steps = None
     for i, path in enumerate(manifests):
         try:
-            table, meta = read_manifest(path)
-            contract = _contract_of(meta, None)
+            meta = read_manifest(path)[1]
+            _contract_of(meta, None)  # a contract outside the package is not this run's
         except (OSError, ValueError, KeyError, TypeError) as exc:
             return f"{path.relative_to(folder.parent)} cannot be read ({exc})"
         unit = meta.get("unit") or {}
@@ -320,10 +344,7 @@ def _verify(folder: Path, prompt: Prompt, want: Mapping[str, Any]) -> str | None
             steps = (meta.get("generation") or {}).get("steps") if steps is None else steps
             if unit.get("step") != i or path.parent.name != f"step-{i}":
                 return f"step {i} is missing"
-        rows = table.to_pylist()
-        subject = CaptureSubject(rows, table, meta, path.parent)
-        results = run_capture_checks(contract, subject) + run_file_checks(contract, path.parent, rows)
-        failed = [r for r in results if r.failed]
+        failed = _validate(path.parent, None, progress=False).failures  # every check that runs without the model
         if failed:
             return f"{path.parent.relative_to(folder.parent)} fails {failed[0].describe()}"
     if steps is not None and len(manifests) != steps:
@@ -469,6 +490,7 @@ def capture_dataset(
         "layers": layer_list,
         "scale_log2": scale_log2,
         "residuals": residuals,
+        "threads": threads if threads is not None else torch.get_num_threads(),
         "model": {k: info.get(k) for k in ("config_sha256", "weights_fingerprint", "dtype", "quantization")},
     }
 
@@ -540,7 +562,7 @@ def capture_dataset(
             try:
                 rebuild = bool(result.captured)
                 result.units, result.index_written = _write_index(out, parsed, source, ranks, rebuild=rebuild)
-                shutil.rmtree(out / WORK, ignore_errors=True)
+                _clear_work(out)
             except Exception as exc:
                 problem = exc
         agree(problem)
@@ -559,8 +581,15 @@ def _prepare(out: Path, prompts: Sequence[Prompt], overwrite: bool, want: Any) -
     if overwrite and out.exists() and any(out.iterdir()):
         old = leftover_name(out, "old")
         os.rename(out, old)
+        if foreign := foreign_files(old):  # arrived since the check: put everything back as it was
+            os.rename(old, out)
+            raise FileExistsError(
+                f"output directory '{out}' holds files zkllm-hf did not write ({shown_paths(foreign)}); --overwrite "
+                f"only replaces a capture or dataset holding nothing else. Move them away or choose another --out"
+            )
         shutil.rmtree(old, ignore_errors=True)
     elif out.exists():
+        remove_leftovers(out / MANIFEST_NAME)  # a dead run's temporary index (we hold the folder's lock)
         for p in prompts:
             if (out / p.folder).is_dir() and (why := _mismatch(out / p.folder, want(p))) is not None:
                 raise FileExistsError(
@@ -603,7 +632,8 @@ def _capture_one(
     try:
         work = out / WORK / p.folder
         if work.exists():  # an interrupted run finished the capture but not the move
-            shutil.rmtree(work)
+            _refuse_foreign(out / WORK, p.folder)
+            _discard(work)
         device = next(p_.device for p_ in model.parameters())
         ids, mask = batch.input_ids.to(device), batch.attention_mask.to(device)
         if generate is None:
@@ -637,17 +667,16 @@ def _capture_one(
                 proc.finalize(generated)
         tree = work / p.folder if mode == "steps" and generate is not None else work
         old = None
-        if target.exists():  # a broken unit being replaced: only capture files in it (checked before)
-            foreign = _foreign_in_unit(target)
-            if foreign:
-                raise FileExistsError(f"{target} holds files no capture writes ({_shown(foreign)}); move them away")
+        if target.exists():  # a broken unit being replaced: ours by its manifest, holding nothing else
+            _refuse_foreign(out, p.folder)
             old = leftover_name(target, "old")
             os.rename(target, old)
         os.rename(tree, target)
         _fsync_dir(out)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-        shutil.rmtree(work, ignore_errors=True)
+        if work.exists():
+            _discard(work)
     finally:
         lock.release()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import uuid
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -68,12 +69,16 @@ def build_table(rows: list[dict[str, Any]], metadata: dict[str, Any]) -> pa.Tabl
 def write_manifest(table: pa.Table, path: str | os.PathLike[str]) -> None:
     """Write an Arrow IPC file atomically (temporary name, fsync, rename)."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
-        writer.write_table(table)
-    with open(tmp, "rb+") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.name}.zkllm-tmp-{os.getpid()}-{uuid.uuid4().hex[:12]}")  # pid-named: ours
+    try:
+        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+            writer.write_table(table)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def table_metadata(table: pa.Table) -> dict[str, Any]:

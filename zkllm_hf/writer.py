@@ -4,6 +4,9 @@ A staging folder carries a ``PARTIAL`` marker from creation until it is renamed 
 can always tell a finished capture (it has ``manifest.arrow``, written last, and no marker) from a broken
 one. Writes and SHA-256 run on a background thread, with a bounded number of bytes in flight, so the
 model's forward overlaps the disk and memory held stays bounded whatever the layer count.
+
+It also holds the ownership rule (:func:`foreign_files`): what zkllm-hf may replace or delete is what a
+manifest it wrote lists, or its own pid-named staging, old, temp and lock entries; never a file by its name.
 """
 
 from __future__ import annotations
@@ -125,7 +128,7 @@ def clean_leftovers(target: Path) -> list[Path]:
 
 def check_target(out_dir: Path, overwrite: bool) -> None:
     """Refuse a target that exists and is not empty, unless ``overwrite`` and it is a finished capture that
-    holds nothing but the files its manifests list (so replacing it deletes nothing zkllm-hf did not write)."""
+    holds nothing zkllm-hf does not own (:func:`foreign_files`), so replacing it deletes nothing of anyone's."""
     if not out_dir.exists():
         return
     if not out_dir.is_dir():
@@ -138,43 +141,162 @@ def check_target(out_dir: Path, overwrite: bool) -> None:
             f"output directory '{out_dir}' exists and is not empty ({len(entries)} entries); pass "
             f"--overwrite (overwrite=True) to replace it, or choose another --out"
         )
-    if not (out_dir / MANIFEST_NAME).is_file():
-        raise FileExistsError(
-            f"output directory '{out_dir}' is not a finished zkllm-hf capture (no {MANIFEST_NAME}); refusing to "
-            f"replace it even with --overwrite. Remove it yourself or choose another --out"
+    if zkllm_manifest(out_dir / MANIFEST_NAME) is None:
+        why = (
+            f"its {MANIFEST_NAME} does not read as one zkllm-hf wrote (format, metadata or digest)"
+            if (out_dir / MANIFEST_NAME).exists()
+            else f"no {MANIFEST_NAME}"
         )
-    foreign = sorted(set(_files_below(out_dir)) - _capture_files(out_dir))
+        raise FileExistsError(
+            f"output directory '{out_dir}' is not a finished zkllm-hf capture ({why}); refusing to replace it "
+            f"even with --overwrite. Remove it yourself or choose another --out"
+        )
+    foreign = foreign_files(out_dir)
     if foreign:
-        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
         raise FileExistsError(
-            f"output directory '{out_dir}' holds files its manifest does not list ({shown}); --overwrite only "
-            f"replaces a capture holding nothing else. Move them away or choose another --out"
+            f"output directory '{out_dir}' holds files its manifest does not list ({shown_paths(foreign)}); "
+            f"--overwrite only replaces a capture holding nothing else. Move them away or choose another --out"
         )
 
 
-def _files_below(folder: Path) -> list[str]:
-    out = []
-    for root, dirs, files in os.walk(folder):
-        rel = Path(root).relative_to(folder)
-        out += [(rel / name).as_posix() for name in files]
-        out += [(rel / name).as_posix() + "/" for name in dirs if not any(os.scandir(Path(root) / name))]
-    return out
+# --------------------------------------------------------------------------------------------------
+# Ownership: what zkllm-hf may replace or delete. By manifest, never by name.
+
+WORK = ".zkllm-work"  # capture_dataset's per-prompt engine targets, inside a dataset folder
+UNIT_DIR = re.compile(r"^sample-(\d+)$")
+STEP_DIR = re.compile(r"^step-(\d+)$")
+_LOCK_NAME = re.compile(r"^\..+\.zkllm-lock$")
 
 
-def _capture_files(folder: Path) -> set[str]:
-    """Every file a finished capture's manifests list (a dataset's index, its units, their files)."""
-    from .manifest import read_manifest
+def shown_paths(names: list[str]) -> str:
+    """A few paths, then how many more."""
+    return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+
+
+def zkllm_manifest(path: Path) -> tuple[Any, dict[str, Any]] | None:
+    """The table and metadata of ``path`` if it reads as a manifest zkllm-hf wrote, else None: a regular file,
+    an Arrow IPC file with every column of the schema, ``zkllm_hf`` metadata of this format version, and a
+    digest over rows and metadata that matches (edits are detected; it is not a signature)."""
+    from .manifest import COLUMNS, FORMAT_VERSION, read_manifest, rows_digest
 
     try:
-        table, meta = read_manifest(folder / MANIFEST_NAME)
-    except (OSError, ValueError) as exc:
-        raise FileExistsError(
-            f"output directory '{folder}': its {MANIFEST_NAME} cannot be read ({exc}); refusing to replace it"
-        ) from None
-    names = {MANIFEST_NAME} | {str(f) for f in table.column("file").to_pylist()}
-    for unit in meta.get("units", []) if meta.get("kind") == "dataset" else []:
-        names.add(f"{unit.get('folder')}/{MANIFEST_NAME}")
-    return names
+        if path.is_symlink() or not path.is_file():
+            return None
+        table, meta = read_manifest(path)
+        if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
+            return None
+        if any(c not in table.column_names for c in COLUMNS):
+            return None
+        if rows_digest(table.to_pylist(), meta) != meta.get("manifest_digest"):
+            return None
+    except Exception:  # noqa: BLE001 - whatever fails to read as our manifest is simply not one
+        return None
+    return table, meta
+
+
+def _plain(name: Any) -> str | None:
+    """``name`` as a plain relative posix path inside its folder (no ``..``, not absolute), else None."""
+    if not isinstance(name, str) or not name or name.startswith("/") or "\\" in name:
+        return None
+    parts = [p for p in name.split("/") if p not in ("", ".")]
+    return "/".join(parts) if parts and ".." not in parts else None
+
+
+def _is_leftover(entry: os.DirEntry) -> bool:
+    """A pid-named staging, old or temp entry, or a target's lock file (each is zkllm-hf's by its name)."""
+    if entry.is_symlink() or not entry.name.startswith("."):
+        return False
+    if _LOCK_NAME.match(entry.name):
+        return entry.is_file()
+    return bool(_LEFTOVER.search(entry.name))
+
+
+def _claim(folder: Path, rel: str, files: set[str]) -> bool:
+    """Add to ``files`` what the zkllm-hf manifest in ``folder`` lists (a dataset index: its units, each by
+    its own manifest); False if ``folder`` holds no such manifest."""
+    found = zkllm_manifest(folder / MANIFEST_NAME)
+    if found is None:
+        return False
+    table, meta = found
+    files.add(rel + MANIFEST_NAME)
+    if meta.get("kind") == "dataset":
+        for unit in meta.get("units") or []:
+            name = _plain(unit.get("folder")) if isinstance(unit, dict) else None
+            if name is not None:
+                _claim(folder / name, f"{rel}{name}/", files)
+        return True
+    for column in ("file", "alias_of"):
+        for name in table.column(column).to_pylist():
+            if (name := _plain(name)) is not None:
+                files.add(rel + name)
+    return True
+
+
+def _claim_unit(folder: Path, rel: str, files: set[str]) -> None:
+    """A unit folder ``sample-N``: its own manifest's, or (units of generation steps) its ``step-K`` folders'."""
+    if _claim(folder, rel, files):
+        return
+    for entry in os.scandir(folder):
+        if STEP_DIR.match(entry.name) and entry.is_dir(follow_symlinks=False):
+            _claim(Path(entry.path), f"{rel}{entry.name}/", files)
+
+
+def foreign_files(folder: Path, *, only: str | None = None) -> list[str]:
+    """Every path under ``folder`` that zkllm-hf does not own, relative to it (folders with a trailing ``/``,
+    named once as a whole when nothing in them is ours), sorted.
+
+    zkllm-hf owns a file only if a manifest it wrote lists it (:func:`zkllm_manifest`: right format,
+    metadata and digest): ``folder``'s own manifest, a dataset index's units by their own manifests, a unit
+    folder ``sample-N`` (or its ``step-K`` folders) by its manifest, and under the work folder ``.zkllm-work``
+    each capture by its manifest. Besides, a pid-named staging, old or temp entry and a lock file
+    (:func:`leftover_name`, :class:`TargetLock`) are its own. A unit folder without a manifest is foreign as
+    a whole (units are renamed into place complete), and so is any symlink. ``only`` limits the answer to one
+    entry of ``folder`` (and reads only that entry's manifests).
+    """
+    files: set[str] = set()
+    whole: set[str] = set()  # entries that are ours with all they hold
+    containers: set[str] = set()  # folders that are ours to look into, whatever they hold
+    if only is None:
+        _claim(folder, "", files)
+    for entry in os.scandir(folder):
+        if only is not None and entry.name != only:
+            continue
+        if _is_leftover(entry):
+            whole.add(entry.name)
+        elif entry.is_symlink() or not entry.is_dir():
+            continue
+        elif UNIT_DIR.match(entry.name):
+            _claim_unit(Path(entry.path), f"{entry.name}/", files)
+        elif entry.name == WORK:
+            containers.add(f"{WORK}/")
+            for sub in os.scandir(entry.path):
+                if _is_leftover(sub):
+                    whole.add(f"{WORK}/{sub.name}")
+                elif sub.is_dir(follow_symlinks=False):
+                    _claim(Path(sub.path), f"{WORK}/{sub.name}/", files)
+    dirs = set(containers)
+    for name in files:
+        parts = name.split("/")[:-1]
+        dirs.update("/".join(parts[: i + 1]) + "/" for i in range(len(parts)))
+    foreign: list[str] = []
+
+    def walk(path: Path, rel: str) -> None:
+        for entry in sorted(os.scandir(path), key=lambda e: e.name):
+            name = rel + entry.name
+            if (rel == "" and only is not None and entry.name != only) or name in whole:
+                continue
+            if entry.is_symlink():
+                foreign.append(name)
+            elif entry.is_dir():
+                if name + "/" in dirs:
+                    walk(Path(entry.path), name + "/")
+                else:
+                    foreign.append(name + "/")
+            elif name not in files:
+                foreign.append(name)
+
+    walk(folder, "")
+    return foreign
 
 
 class StagingDir:

@@ -70,7 +70,7 @@ def ours(data: bytes) -> bool:
     lines = data.splitlines(keepends=True)
     if len(lines) < 2 or not lines[1].startswith(MARK):
         return False
-    digest = lines[1][len(MARK):].strip().decode()
+    digest = lines[1][len(MARK):].rstrip(b"\n").decode("latin-1")
     return hashlib.sha256(lines[0] + b"".join(lines[2:])).hexdigest() == digest
 
 

@@ -339,6 +339,29 @@ def test_compare_checks_the_captured_file_against_the_manifest(cap, tmp_path, ca
     assert "bytes" in one_line(capsys)
 
 
+def test_compare_refuses_a_file_whose_manifest_row_was_edited_to_match(cap, tmp_path, capsys):
+    """Defect: with the captured file edited and its manifest row's sha256 edited to match, compare passed; the
+    manifest's digest over its rows no longer matches, so compare must fail."""
+    import pyarrow as pa
+
+    from zkllm_hf.manifest import METADATA_KEY, read_manifest, write_manifest
+
+    target = file_of(cap, 1, "block_output")
+    z = np.fromfile(target, dtype="<i4")
+    z[7] -= 3000
+    z.tofile(target)
+    shutil.copyfile(target, tmp_path / "z.bin")
+    table, meta = read_manifest(cap / "manifest.arrow")
+    rows = table.to_pylist()
+    next(r for r in rows if r["file"] == target.name)["sha256"] = hashlib.sha256(target.read_bytes()).hexdigest()
+    new = pa.Table.from_pylist(rows, schema=table.schema).replace_schema_metadata(
+        {METADATA_KEY: __import__("json").dumps(meta).encode()})
+    write_manifest(new, cap / "manifest.arrow")
+    assert compare(tmp_path / "z.bin", target, cap) == 1
+    line = one_line(capsys)
+    assert "digest" in line and "validate" in line
+
+
 def test_compare_input_errors_exit_2_with_one_line(cap, tmp_path, capsys):
     """Defect: a missing or wrong-sized prover output, a folder that is not a capture and a file outside the
     capture all exited 1, as if the prover had produced different numbers."""
@@ -348,6 +371,7 @@ def test_compare_input_errors_exit_2_with_one_line(cap, tmp_path, capsys):
     short = tmp_path / "short.bin"
     short.write_bytes(target.read_bytes()[:-4])
     (tmp_path / "adir").mkdir()
+    os.mkfifo(tmp_path / "fifo")  # never opened for a blocking read
     (tmp_path / "notcap").mkdir()
     outside = tmp_path / "outside.bin"
     shutil.copyfile(target, outside)
@@ -355,6 +379,7 @@ def test_compare_input_errors_exit_2_with_one_line(cap, tmp_path, capsys):
         (tmp_path / "missing.bin", target, cap, "does not exist"),
         (short, target, cap, "bytes"),
         (tmp_path / "adir", target, cap, "not a file"),
+        (tmp_path / "fifo", target, cap, "not a file"),
         (good, target, tmp_path / "notcap", "not a finished capture"),
         (good, outside, cap, "not a file of the capture"),
         (good, cap / "missing.bin", cap, "not a file of the capture"),

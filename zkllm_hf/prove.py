@@ -416,7 +416,14 @@ def check_out(path: Path, *, overwrite: bool) -> bool:
         )
     if stat.S_ISDIR(st.st_mode):
         raise OutputRefused(f"{what} is a folder; give the script's file name, e.g. {path / 'prove.sh'}")
-    if not stat.S_ISREG(st.st_mode) or not _is_ours(path):
+    try:
+        mine = stat.S_ISREG(st.st_mode) and _is_ours(path)
+    except OSError as exc:
+        raise OutputRefused(
+            f"{what} exists and cannot be read ({exc.strerror or exc}), so it cannot be told for a script plan wrote; "
+            f"plan will not replace it: give another --out"
+        ) from None
+    if not mine:
         raise OutputRefused(
             f"{what} exists and is not a script zkllm-hf plan wrote (or it was edited since); plan will not replace "
             f"it: give another --out, or move the file away yourself"
@@ -541,17 +548,22 @@ def _input_error(message: str) -> Comparison:
 def _read_int32(path: Path, size: int, what: str) -> np.ndarray | Comparison:
     """The bytes of a regular file of exactly ``size`` bytes as int32, or the input error saying why not."""
     try:
-        with open(path, "rb") as fh:
-            st = os.fstat(fh.fileno())
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))  # a FIFO must not block
+        try:
+            st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
                 return _input_error(f"{path} is not a file; give the {what}")
             if st.st_size != size:
                 return _input_error(f"{path} holds {st.st_size} bytes; the {what} is {size} bytes")
-            data = fh.read(size + 1)
+            chunks, left = [], size + 1
+            while left > 0 and (chunk := os.read(fd, min(left, 1 << 24))):
+                chunks.append(chunk)
+                left -= len(chunk)
+            data = b"".join(chunks)
+        finally:
+            os.close(fd)
     except FileNotFoundError:
         return _input_error(f"{path} does not exist; give the {what}")
-    except IsADirectoryError:
-        return _input_error(f"{path} is not a file (a folder); give the {what}")
     except OSError as exc:
         return _input_error(f"cannot read {path}: {exc.strerror or exc}")
     if len(data) != size:
@@ -583,8 +595,10 @@ def compare_files(produced: Path, captured: Path, capture: Any, *, contract: str
         )
     rows, cols = int(row["rows"]), int(row["cols"])
     what = f"layer {row['layer']} {row['point']}"
-    if not target.is_file():
+    if not target.exists():
         return _input_error(f"{captured} does not exist; the capture at {capture.path} lists it: validate the capture")
+    if not target.is_file():
+        return _input_error(f"{captured} is not a file; the capture at {capture.path} lists it: validate the capture")
     a = _read_int32(Path(produced), rows * cols * 4, f"{what} as {rows} x {cols} int32")
     if isinstance(a, Comparison):
         return a

@@ -420,8 +420,8 @@ def check_out(path: Path, *, overwrite: bool) -> bool:
         mine = stat.S_ISREG(st.st_mode) and _is_ours(path)
     except OSError as exc:
         raise OutputRefused(
-            f"{what} exists and cannot be read ({exc.strerror or exc}), so it cannot be told for a script plan wrote; "
-            f"plan will not replace it: give another --out"
+            f"{what} exists and cannot be read ({exc.strerror or exc}), so it cannot be recognised as a script "
+            f"plan wrote; plan will not replace it: give another --out"
         ) from None
     if not mine:
         raise OutputRefused(

@@ -255,7 +255,7 @@ def test_plan_script_runs_zkllm_steps_in_order_from_another_folder(captures, stu
     # a later script skips the one-time steps, whose outputs now exist
     if len(layers) > 1:
         log.unlink()
-        assert _plan(capture, stub_root, out, "--force", "--layers", "1").returncode == 0
+        assert _plan(capture, stub_root, out, "--force", "--layers", "1", "--overwrite").returncode == 0
         again = subprocess.run(["bash", str(out)], cwd=elsewhere, capture_output=True, text=True, env=env)
         assert again.returncode == 0, again.stderr[-3000:]
         assert [json.loads(line)["script"] for line in log.read_text().splitlines()] == per_layer

@@ -574,7 +574,17 @@ def _ranges(xs: Sequence[int]) -> str:
 
 def _cmd_plan(args: argparse.Namespace) -> int:
     from .points import parse_layers
-    from .prove import Plan, PlanRefused, prover_notes, prover_problems, write_script
+    from .prove import (
+        OutputRefused,
+        Plan,
+        PlanRefused,
+        check_out,
+        check_scratch,
+        prover_notes,
+        prover_problems,
+        write_plan_file,
+        write_script,
+    )
     from .validate import CaptureDataset, validate
 
     cap = _open_capture(args.dir)
@@ -605,16 +615,20 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         _err(f"--layers {args.layers}: layers {absent} are not in the capture (it holds {_ranges(cap.layers)})")
         return EXIT_USAGE
     root = Path(args.zkllm_root).expanduser().resolve()
-    out = Path(args.out).expanduser().resolve() if args.out else None
-    scratch = Path(args.scratch).expanduser().resolve() if args.scratch else None
+    out = _unfollowed(args.out) if args.out else None  # the last component is never resolved: a link is refused
+    scratch = _unfollowed(args.scratch) if args.scratch else None
     if scratch is None:
         scratch = out.with_name(out.stem + "-outputs") if out else Path.cwd().resolve() / f"{capture_dir.name}-zkllm"
     for what, path in (("--out", out), ("--scratch", scratch)):
         if path is not None and (path == capture_dir or capture_dir in path.parents):
             _err(f"{what} {path} lies inside the capture {capture_dir}; prover outputs never go into a capture")
             return EXIT_USAGE
-    if out is not None and out.is_dir():
-        _err(f"--out {out} is a folder; give the script's file name, e.g. {out / 'prove.sh'}")
+    try:
+        if out is not None:
+            check_out(out, overwrite=args.overwrite)
+        check_scratch(scratch)
+    except OutputRefused as exc:
+        _err(str(exc))
         return EXIT_USAGE
     problems = prover_problems(cap, args.model_size, layers, root)
     if problems and not args.force:
@@ -625,29 +639,45 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     if out is None:
         sys.stdout.write(script)
     else:
-        tmp = out.with_name(f".{out.name}.tmp")
-        tmp.write_text(script)
-        tmp.chmod(0o755)
-        tmp.replace(out)
+        try:
+            write_plan_file(out, script, overwrite=args.overwrite)
+        except OutputRefused as exc:
+            _err(str(exc))
+            return EXIT_USAGE
         print(f"wrote {out}: {len(layers)} layer(s); run it with bash {shlex.quote(str(out))}", file=sys.stderr)
     for p in [*problems, *notes]:
         print(f"warning: {p}", file=sys.stderr)
     return EXIT_OK
 
 
+def _unfollowed(path: str) -> Path:
+    """``path`` made absolute with its folder resolved but not its last component, so that a symlink there is
+    seen (and refused) rather than followed."""
+    p = Path(path).expanduser()
+    return p.resolve() if p.name in ("", ".", "..") else p.parent.resolve() / p.name
+
+
 def _cmd_compare(args: argparse.Namespace) -> int:
     from .prove import compare_files
-    from .validate import CaptureDataset
+    from .validate import CaptureDataset, CaptureNotFinished, UnsafeManifestError, load_capture
 
-    cap = _open_capture(args.tolerance_from)
-    if cap is None:
+    try:
+        cap = load_capture(args.tolerance_from)
+    except UnsafeManifestError as exc:  # a crafted manifest: the capture is invalid
+        _err(str(exc))
         return EXIT_INVALID
+    except (CaptureNotFinished, OSError, ValueError) as exc:
+        _err(f"--tolerance-from: {exc}")
+        return EXIT_USAGE
     if isinstance(cap, CaptureDataset):
         _err(f"--tolerance-from {args.tolerance_from} is a dataset; give the unit folder that holds {args.captured}")
         return EXIT_USAGE
-    result = compare_files(Path(args.produced), Path(args.captured), cap)
-    print(result.message, file=sys.stdout if result.ok else sys.stderr)
-    return EXIT_OK if result.ok else EXIT_INVALID
+    result = compare_files(Path(args.produced), Path(args.captured), cap, contract=args.contract)
+    if result.ok:
+        print(result.message)
+        return EXIT_OK
+    _err(result.message)
+    return EXIT_USAGE if result.input_error else EXIT_INVALID
 
 
 # -- entry point -----------------------------------------------------------------------------------
@@ -792,9 +822,17 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--zkllm-root", required=True, help="the zkllm-ccs2024 checkout the script runs from")
     plan.add_argument("--model-size", type=int, default=7, choices=[7, 13], help="zkLLM's model_size argument")
     plan.add_argument("--layers", help="the captured layers to prove, e.g. '0-3,7' (default: all)")
-    plan.add_argument("--out", help="write the script here (made executable); default: standard output")
     plan.add_argument(
-        "--scratch", help="folder for zkLLM's outputs and logs (default: beside --out, never in the capture)"
+        "--out",
+        help="write the script here, a new file (made executable; never through a symlink); default: standard output",
+    )
+    plan.add_argument(
+        "--overwrite", action="store_true", help="replace --out if it is a script plan wrote (checked by its digest)"
+    )
+    plan.add_argument(
+        "--scratch",
+        help="folder for zkLLM's outputs and logs: new, empty or an earlier plan script's (default: beside --out, "
+        "never in the capture)",
     )
     plan.add_argument(
         "--force", action="store_true", help="write the script despite zkLLM's limits, listed in its header"
@@ -805,11 +843,18 @@ def build_parser() -> argparse.ArgumentParser:
         "compare",
         help="compare a zkLLM output with a captured file, within the capture's recorded tolerance",
         description="Exit 0 if PRODUCED equals CAPTURED within the tolerance of the contract check whose result "
-        "CAPTURED is (skip_1, skip_2), or exactly (exact-int captures, other points); else exit 1 and say where.",
+        "CAPTURED is (skip_1, skip_2), or exactly (exact-int captures, other points); exit 1 if they differ (saying "
+        "where) or CAPTURED no longer matches the capture's manifest; exit 2 if a file is missing, unreadable, of "
+        "the wrong size or not the capture's.",
     )
     compare.add_argument("produced", help="the prover's output .bin (e.g. llama-skip-connection.py's --output_file)")
     compare.add_argument("captured", help="the captured file it should reproduce")
     compare.add_argument("--tolerance-from", required=True, metavar="DIR", help="the capture folder holding CAPTURED")
+    compare.add_argument(
+        "--contract",
+        metavar="DIR",
+        help="trust this contract folder when the manifest names it (by default only the packaged contracts are used)",
+    )
     compare.set_defaults(func=_cmd_compare)
     return parser
 

@@ -6,12 +6,25 @@ them (``llama-rmsnorm.py``, ``llama-ffn.py``) write random data to a missing inp
 script :func:`write_script` produces therefore checks everything itself: each input exists before its step,
 each step printed zkLLM's success line (or wrote its output), and each skip connection's output equals the
 captured next point within the contract's tolerance (``zkllm-hf compare``). See docs/architecture.md §5.
+
+A script plan wrote is known by its content, never by its name: its second line is ``# zkllm-hf plan
+sha256:HEX``, HEX the SHA-256 of every other byte of the script (:func:`is_plan_script`), so an edited script,
+or a foreign file with that line pasted in, is not plan's. :func:`write_plan_file` writes the script
+atomically and replaces only such a file; it never follows a symlink and never chmods what it did not create.
+The script's scratch folder is marked the same way (:data:`SCRATCH_MARK`), and the script refuses one that
+is a link or holds files it did not write.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import math
+import os
+import re
+import secrets
 import shlex
+import stat
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -23,7 +36,8 @@ import torch
 
 from . import __version__
 from . import fixed_point as fp
-from .contracts import inside, load_contract
+from .contracts import inside
+from .manifest import rows_digest
 from .profile import zkllm_limit_warnings
 from .provenance import utc_now
 
@@ -80,8 +94,16 @@ FAILURE_PATTERN = (
 )
 
 
+PLAN_MARK = "# zkllm-hf plan sha256:"  # line 2 of every script plan writes; the digest of the other bytes
+SCRATCH_MARK = ".zkllm-plan-scratch"  # the file a plan script leaves in the scratch folder it made
+_MAX_SCRIPT = 64 << 20  # a file larger than this is not a plan script (one layer takes about 3 KB)
+
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _FLOAT_DTYPES = {str(t).removeprefix("torch."): t for t in _FLOATS}
+
+
+class OutputRefused(ValueError):
+    """plan will not write its script (or let it write its outputs) there; the message names the path and the fix."""
 
 
 class PlanRefused(ValueError):
@@ -251,7 +273,18 @@ def write_script(cap: Any, plan: Plan, *, python: str = sys.executable) -> str:
         "  done",
         "}",
         "",
-        'mkdir -p -- "$SCRATCH"',
+        "# The scratch folder is this script's own: made here (and marked), or marked by an earlier run, or empty.",
+        f'SCRATCH_MARK="$SCRATCH/{SCRATCH_MARK}"',
+        "if [[ -L $SCRATCH ]]; then",
+        '  fail "scratch folder $SCRATCH is a symbolic link; give plan --scratch a new folder"',
+        'elif [[ ! -e $SCRATCH ]]; then mkdir -p -- "$(dirname -- "$SCRATCH")"; mkdir -- "$SCRATCH"',
+        "elif [[ ! -d $SCRATCH ]]; then",
+        '  fail "scratch folder $SCRATCH is not a folder; give plan --scratch a new folder"',
+        'elif [[ -L $SCRATCH_MARK || ! -f $SCRATCH_MARK ]] && [[ -n $(ls -A -- "$SCRATCH") ]]; then',
+        '  fail "scratch folder $SCRATCH holds files a plan script did not write; give plan --scratch a new folder"',
+        "fi",
+        "[[ -f $SCRATCH_MARK && ! -L $SCRATCH_MARK ]] ||",
+        '  (set -C; echo "zkllm-hf plan scratch folder" >"$SCRATCH_MARK")',
         'cd -- "$ZKLLM_ROOT"',
         "for s in " + " ".join(SCRIPTS) + "; do",
         '  [[ -f $s ]] || fail "$ZKLLM_ROOT has no $s: not a zkllm-ccs2024 checkout"',
@@ -324,7 +357,177 @@ def write_script(cap: Any, plan: Plan, *, python: str = sys.executable) -> str:
             f'|| fail "layer {layer}: skip connection 2 does not reproduce the captured block output"',
         ]
     lines += ["", f'echo "zkLLM proved layers {", ".join(map(str, plan.layers))} of $CAPTURE"', ""]
-    return "\n".join(lines)
+    return _sign("\n".join(lines))
+
+
+# --------------------------------------------------------------------------------------------------
+# Writing the script: only a new file, or (with overwrite) a script plan wrote; never through a link
+
+
+def _sign(script: str) -> str:
+    """``script`` with :data:`PLAN_MARK` and the SHA-256 of its bytes inserted as the second line."""
+    first, _, rest = script.partition("\n")
+    digest = hashlib.sha256(f"{first}\n{rest}".encode()).hexdigest()
+    return f"{first}\n{PLAN_MARK}{digest}\n{rest}"
+
+
+def is_plan_script(data: bytes) -> bool:
+    """Whether ``data`` is a script plan wrote, unedited: line 2 is :data:`PLAN_MARK` and the SHA-256 of the
+    script's bytes without that line."""
+    parts = data.split(b"\n", 2)
+    if len(parts) < 3 or not parts[1].startswith(PLAN_MARK.encode()):
+        return False
+    digest = parts[1][len(PLAN_MARK) :]
+    return re.fullmatch(rb"[0-9a-f]{64}", digest) is not None and hashlib.sha256(
+        parts[0] + b"\n" + parts[2]
+    ).hexdigest() == digest.decode()
+
+
+def _is_ours(path: Path) -> bool:
+    """Whether the regular file at ``path`` (opened without following a link) is a plan script."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > _MAX_SCRIPT:
+            return False
+        chunks, left = [], st.st_size + 1
+        while left > 0 and (chunk := os.read(fd, min(left, 1 << 20))):
+            chunks.append(chunk)
+            left -= len(chunk)
+        return left > 0 and is_plan_script(b"".join(chunks))
+    finally:
+        os.close(fd)
+
+
+def check_out(path: Path, *, overwrite: bool) -> bool:
+    """Whether ``path`` holds a script plan wrote (which ``overwrite`` lets plan replace); False if nothing is
+    there. Raises :class:`OutputRefused` for a link, a folder, anything else, or without ``overwrite``."""
+    what = f"--out {path}"
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        if not path.parent.is_dir():
+            raise OutputRefused(f"{what}: the folder {path.parent} does not exist; create it first") from None
+        return False
+    if stat.S_ISLNK(st.st_mode):
+        raise OutputRefused(
+            f"{what} is a symbolic link; plan never writes through one: give the path of a new file (the link "
+            f"and what it points to are left as they are)"
+        )
+    if stat.S_ISDIR(st.st_mode):
+        raise OutputRefused(f"{what} is a folder; give the script's file name, e.g. {path / 'prove.sh'}")
+    try:
+        mine = stat.S_ISREG(st.st_mode) and _is_ours(path)
+    except OSError as exc:
+        raise OutputRefused(
+            f"{what} exists and cannot be read ({exc.strerror or exc}), so it cannot be recognised as a script "
+            f"plan wrote; plan will not replace it: give another --out"
+        ) from None
+    if not mine:
+        raise OutputRefused(
+            f"{what} exists and is not a script zkllm-hf plan wrote (or it was edited since); plan will not replace "
+            f"it: give another --out, or move the file away yourself"
+        )
+    if not overwrite:
+        raise OutputRefused(f"{what} is a script zkllm-hf plan wrote: pass --overwrite to replace it, or another --out")
+    return True
+
+
+def check_scratch(path: Path) -> None:
+    """Raise :class:`OutputRefused` unless ``path`` is absent, an empty folder, or a scratch folder a plan
+    script marked (:data:`SCRATCH_MARK`): the script writes and deletes files there."""
+    what = f"--scratch {path}"
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISLNK(st.st_mode):
+        raise OutputRefused(f"{what} is a symbolic link; the script never writes through one: give a new folder")
+    if not stat.S_ISDIR(st.st_mode):
+        raise OutputRefused(f"{what} is not a folder; give a new folder for zkLLM's outputs and logs")
+    try:
+        marked = stat.S_ISREG(os.lstat(path / SCRATCH_MARK).st_mode)
+    except FileNotFoundError:
+        marked = False
+    if not marked and any(os.scandir(path)):
+        raise OutputRefused(
+            f"{what} is not a folder plan made for its script (it holds files and no {SCRATCH_MARK}); the script "
+            f"writes and deletes files there: give a new or empty folder, e.g. {path.with_name(path.name + '-zkllm')}"
+        )
+
+
+def write_plan_file(path: Path, script: str, *, overwrite: bool = False) -> None:
+    """Write ``script`` to ``path`` atomically: a new file, or in place of a script plan wrote (``overwrite``).
+
+    The bytes go to a fresh temporary file beside ``path`` (created exclusively, mode 0o755 less the umask,
+    fsynced), which is then hard-linked into place when ``path`` does not exist (so nothing that appeared
+    there meanwhile is replaced) or renamed over plan's own script. Raises :class:`OutputRefused` (see
+    :func:`check_out`) and OSError; on any failure the temporary file is removed and ``path`` is as it was.
+    """
+    replace = check_out(path, overwrite=overwrite)
+    data = script.encode()
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.zkllm-plan-tmp")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+    fd = os.open(tmp, flags, 0o755)
+    try:
+        try:
+            _write_all(fd, data)
+        finally:
+            os.close(fd)
+        if replace:
+            check_out(path, overwrite=True)  # still plan's own script, not a link put there since
+            os.replace(tmp, path)
+        else:
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                raise OutputRefused(f"--out {path} appeared while plan was writing; it was left as it is") from None
+            except OSError as exc:  # a file system without hard links: create the file exclusively instead
+                if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
+                    raise
+                _create_exclusively(path, data)
+    finally:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+    _fsync_folder(path.parent)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+    os.fsync(fd)
+
+
+def _create_exclusively(path: Path, data: bytes) -> None:
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags, 0o755)
+    except FileExistsError:
+        raise OutputRefused(f"--out {path} appeared while plan was writing; it was left as it is") from None
+    try:
+        try:
+            _write_all(fd, data)
+        finally:
+            os.close(fd)
+    except BaseException:
+        os.unlink(path)  # the file plan just created, half-written
+        raise
+
+
+def _fsync_folder(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems cannot fsync a folder; the rename is done either way
+    finally:
+        os.close(fd)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -335,38 +538,107 @@ def write_script(cap: Any, plan: Plan, *, python: str = sys.executable) -> str:
 class Comparison:
     ok: bool
     message: str
+    input_error: bool = False  # the files could not be compared at all (exit 2), rather than differ (exit 1)
 
 
-def compare_files(produced: Path, captured: Path, capture: Any) -> Comparison:
+def _input_error(message: str) -> Comparison:
+    return Comparison(False, message, input_error=True)
+
+
+def _read_int32(path: Path, size: int, what: str) -> np.ndarray | Comparison:
+    """The bytes of a regular file of exactly ``size`` bytes as int32, or the input error saying why not."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))  # a FIFO must not block
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                return _input_error(f"{path} is not a file; give the {what}")
+            if st.st_size != size:
+                return _input_error(f"{path} holds {st.st_size} bytes; the {what} is {size} bytes")
+            chunks, left = [], size + 1
+            while left > 0 and (chunk := os.read(fd, min(left, 1 << 24))):
+                chunks.append(chunk)
+                left -= len(chunk)
+            data = b"".join(chunks)
+        finally:
+            os.close(fd)
+    except FileNotFoundError:
+        return _input_error(f"{path} does not exist; give the {what}")
+    except OSError as exc:
+        return _input_error(f"cannot read {path}: {exc.strerror or exc}")
+    if len(data) != size:
+        return _input_error(f"{path} changed while it was read ({len(data)} bytes, not {size})")
+    return np.frombuffer(data, dtype="<i4")
+
+
+def compare_files(produced: Path, captured: Path, capture: Any, *, contract: str | None = None) -> Comparison:
     """Compare ``produced`` (a zkLLM skip output) with ``captured``, a file of ``capture`` (``validate.Capture``).
 
     A residual point (post_attn_residual, block_output) is compared within the tolerance of the contract's sum
     check whose result it is, as the model's float add allows; in a capture made with
-    ``residuals="exact-int"``, and for every other point, the files must be equal.
+    ``residuals="exact-int"``, and for every other point, the files must be equal. The contract is a packaged
+    one, or the folder the manifest names only if ``contract`` names it too (as for ``validate``). The captured
+    file must still be the one the manifest recorded (its size and SHA-256, under the manifest's digest).
+    ``input_error`` is set when the files cannot be compared: a missing, unreadable or wrong-sized file, a
+    file that is not the capture's, or a contract that is not trusted.
     """
-    target = captured.resolve()
-    row = next(
-        (r for r in capture.rows.values() if (p := inside(capture.path, str(r["file"]))) is not None and p == target),
-        None,
-    )
+    from .validate import _contract_of
+
+    folder = Path(capture.path).resolve()
+    target = Path(captured).resolve()  # the capture and the file resolve alike: relative paths, symlinks
+    named = ((r, inside(folder, str(r["file"]))) for r in capture.rows.values())
+    row = next((r for r, p in named if p is not None and p.resolve() == target), None)
     if row is None:
-        return Comparison(False, f"{captured} is not a file of the capture at {capture.path}")
+        return _input_error(
+            f"{captured} is not a file of the capture at {capture.path} (its manifest names no such file); give "
+            f"one of its files, or the --tolerance-from folder that holds it"
+        )
     rows, cols = int(row["rows"]), int(row["cols"])
     what = f"layer {row['layer']} {row['point']}"
-    size = produced.stat().st_size if produced.is_file() else None
-    if size != rows * cols * 4:
+    if not target.exists():
+        return _input_error(f"{captured} does not exist; the capture at {capture.path} lists it: validate the capture")
+    if not target.is_file():
+        return _input_error(f"{captured} is not a file; the capture at {capture.path} lists it: validate the capture")
+    a = _read_int32(Path(produced), rows * cols * 4, f"{what} as {rows} x {cols} int32")
+    if isinstance(a, Comparison):
+        return a
+    try:
+        spec_contract = _contract_of(capture.metadata, contract)
+        residuals = capture.metadata.get("capture", {}).get("residuals", "model")
+        recorded = capture.metadata.get("manifest_digest")
+    except (KeyError, TypeError, AttributeError) as exc:
+        return _input_error(f"{capture.path}: the manifest's metadata lacks {exc}; it is not a zkllm-hf capture")
+    except ValueError as exc:
+        return _input_error(f"{capture.path}: {exc}")
+    if rows_digest(capture.manifest.to_pylist(), capture.metadata) != recorded:
         return Comparison(
             False,
-            f"{produced} holds {size} bytes; {what} is {rows} x {cols} int32 ({rows * cols * 4} bytes)"
-            if size is not None
-            else f"{produced} does not exist",
+            f"{capture.path}: the manifest was edited after capture (its digest does not match); run zkllm-hf "
+            f"validate {shlex.quote(str(capture.path))}",
         )
-    a = torch.from_numpy(np.fromfile(produced, dtype="<i4").reshape(rows, cols).astype(np.int64))
-    b = torch.from_numpy(np.fromfile(target, dtype="<i4").reshape(rows, cols).astype(np.int64))
+    try:
+        data = target.read_bytes()
+    except OSError as exc:
+        return _input_error(f"cannot read {captured}: {exc.strerror or exc}")
+    digest = hashlib.sha256(data).hexdigest()
+    if len(data) != int(row["byte_size"]) or digest != row["sha256"]:
+        held = (
+            f"holds {len(data)} bytes, the manifest says {row['byte_size']}"
+            if len(data) != int(row["byte_size"])
+            else f"has sha256 {digest[:16]}..., the manifest says {str(row['sha256'])[:16]}..."
+        )
+        return Comparison(
+            False,
+            f"{captured} {held}: the captured file changed after capture; run zkllm-hf validate "
+            f"{shlex.quote(str(capture.path))}",
+        )
+    if len(data) != rows * cols * 4:
+        return _input_error(f"{captured}: the manifest says {rows} x {cols} int32 in {len(data)} bytes; capture again")
+    a = torch.from_numpy(a.reshape(rows, cols).astype(np.int64))
+    b = torch.from_numpy(np.frombuffer(data, dtype="<i4").reshape(rows, cols).astype(np.int64))
     dev = (a - b).abs().to(torch.float64)
-    contract = load_contract(str(capture.metadata["contract"]["folder"]))
-    spec = next((s for s in contract.identities if s.kind == "sum" and s.lhs == row["point"]), None)
-    exact = spec is None or capture.metadata.get("capture", {}).get("residuals", "model") == "exact-int"
+    spec = next((s for s in spec_contract.identities if s.kind == "sum" and s.lhs == row["point"]), None)
+    exact = spec is None or residuals == "exact-int"
     if exact:
         tol = torch.zeros_like(dev)
         rule = "equal (exact)"
@@ -374,7 +646,7 @@ def compare_files(produced: Path, captured: Path, capture: Any) -> Comparison:
         params = {k: float(spec.params[k]) for k in ("quantisation_lsb", "rounding_ulps") if k in spec.params}
         dtype = _FLOAT_DTYPES.get(str(row["source_dtype"]))
         if dtype is None:
-            return Comparison(False, f"{what}: the manifest's source_dtype {row['source_dtype']!r} is not a float type")
+            return _input_error(f"{what}: the manifest's source_dtype {row['source_dtype']!r} is not a float type")
         tol = fp.sum_tolerance(b, dtype, int(row["scale_log2"]), **params)
         rule = f"within contract check {spec.name}'s tolerance"
     bad = dev > tol
@@ -395,11 +667,18 @@ def compare_files(produced: Path, captured: Path, capture: Any) -> Comparison:
 __all__ = [
     "GATE_LIMIT",
     "LLAMA2",
+    "PLAN_MARK",
+    "SCRATCH_MARK",
     "Comparison",
+    "OutputRefused",
     "Plan",
     "PlanRefused",
+    "check_out",
+    "check_scratch",
     "compare_files",
+    "is_plan_script",
     "prover_notes",
     "prover_problems",
+    "write_plan_file",
     "write_script",
 ]

@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 
 import zkllm_hf
 from zkllm_hf.cli import main
-from zkllm_hf.manifest import METADATA_KEY, build_table, read_manifest, write_manifest
+from zkllm_hf.manifest import METADATA_KEY, read_manifest, rows_digest, write_manifest
 
 # Reproducible in CI: a fixed sequence of examples, no example database.
 FUZZ = settings(
@@ -70,11 +70,12 @@ def copy_of(pristine: Path, which: str, into: Path) -> Path:
 
 
 def reseal(manifest: Path, edit) -> None:
-    """Rewrite a manifest's metadata with ``edit`` and recompute its digest, as a careful forger would."""
+    """Rewrite a manifest's metadata with ``edit`` and recompute its digest, as a careful forger would
+    (by hand: build_table would also put back the format version)."""
     table, meta = read_manifest(manifest)
     edit(meta)
-    meta.pop("manifest_digest", None)
-    write_manifest(build_table(table.to_pylist(), meta), manifest)
+    meta["manifest_digest"] = rows_digest(table.to_pylist(), meta)
+    write_manifest(table.replace_schema_metadata({METADATA_KEY: json.dumps(meta).encode()}), manifest)
 
 
 def commands(cap: Path, root: Path) -> list[list[str]]:
@@ -411,7 +412,7 @@ def bad_lines(draw):
     if kind == "deep":
         depth = draw(st.sampled_from([2, 500, 990, 1000, 5000, 100000]))
         inner = "[" * depth + "]" * depth
-        return draw(st.sampled_from([inner, '{"text": %s}' % inner, '{"text": "a", "id": %s}' % inner]))
+        return draw(st.sampled_from([inner, '{"text": ' + inner + "}", '{"text": "a", "id": ' + inner + "}"]))
     if kind == "value":  # JSON, but not an object
         return json.dumps(draw(JSON_VALUE.filter(lambda v: not isinstance(v, dict))))
     if kind == "text":  # no usable text

@@ -31,6 +31,7 @@ from .contracts import (
 )
 from .hooks import find_layout
 from .manifest import COLUMNS, read_manifest
+from .metadata import MetadataError, check_metadata
 from .points import POINTS
 from .writer import MANIFEST_NAME, PARTIAL_MARKER, clean_leftovers
 
@@ -185,6 +186,7 @@ def _load(path: Path, *, check_paths: bool) -> Capture | CaptureDataset:
             f"{manifest}: the manifest lacks column(s) {missing}; it was not written by this zkllm-hf, or it "
             f"was damaged: capture again"
         )
+    check_metadata(meta, str(manifest))  # every field a reader relies on, once: MetadataError names the field
     if meta.get("kind") == "dataset":
         units = {}
         for e in _unit_entries(path, meta):
@@ -313,11 +315,14 @@ def _validate(
         if (path / MANIFEST_NAME).is_file():  # a dataset is checked unit by unit, even if some are unreadable
             table, meta = read_manifest(path / MANIFEST_NAME)
             if meta.get("kind") == "dataset" and all(c in table.column_names for c in COLUMNS):
+                check_metadata(meta, str(path / MANIFEST_NAME))  # the index's fields, before any reader uses them
                 return _validate_dataset(path, table, meta, model, progress=progress, trusted=trusted)
         cap = _load(path, check_paths=False)  # the contract's containment check names every unsafe row
         contract = _contract_of(cap.metadata, trusted)
         scale = int(cap.metadata["capture"]["scale_log2"])
         layers = [int(x) for x in cap.metadata["capture"]["layers"]]
+    except MetadataError as exc:  # metadata no reader can rely on: the capture is invalid, nothing else runs
+        return ValidationReport(path, [CheckResult(exc.check, False, str(exc))])
     except (CaptureNotFinished, OSError, pa.ArrowInvalid, ValueError, KeyError, TypeError) as exc:
         return ValidationReport(path, [CheckResult("manifest", False, str(exc))])
     assert isinstance(cap, Capture)

@@ -18,9 +18,10 @@ EXIT_OK, EXIT_INVALID, EXIT_USAGE, EXIT_ENVIRONMENT = 0, 1, 2, 3
 EXIT_SIGINT, EXIT_SIGTERM = 130, 143
 EXIT_CODES = """exit codes:
   0    success
-  1    the capture is invalid, or a contract was violated
+  1    the capture is invalid (its manifest or metadata unreadable too), or a contract was violated
   2    usage or input error
-  3    environment or I/O error (disk full, read-only folder, unreadable model files)
+  3    environment or I/O error (disk full, read-only folder, unreadable model files), or an
+       unexpected error: a bug to report (ZKLLM_HF_TRACEBACK=1 shows its traceback)
   130  interrupted (Ctrl-C)
   143  terminated (SIGTERM)
 An interrupted or failed capture leaves nothing that looks like a capture."""

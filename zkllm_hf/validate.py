@@ -163,7 +163,9 @@ def _unit_entries(path: Path, meta: Mapping[str, Any]) -> list[dict[str, Any]]:
 def load_capture(path: str | os.PathLike[str]) -> Capture | CaptureDataset:
     """Open a finished capture folder (one with ``manifest.arrow``) for reading: a unit, or a dataset of units.
 
-    Raises :class:`UnsafeManifestError` if a manifest row names a file outside its folder.
+    Raises :class:`UnsafeManifestError` if a manifest row names a file outside its folder, and
+    :class:`~zkllm_hf.metadata.MetadataError` (naming the field) if its metadata lacks a field readers rely
+    on or holds a value zkllm-hf never writes.
     """
     return _load(Path(path), check_paths=True)
 

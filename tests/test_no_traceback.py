@@ -289,6 +289,53 @@ def test_any_resealed_index_error_is_one_line(pristine, capsys, data):
             assert field.split(".")[-1] in line, (argv, field, line)
 
 
+# The manifest's rows: what zkllm-hf writes in every column (docs/architecture.md §3).
+NOT_NULL = ["sample", "step", "phase", "layer", "point", "file", "rows", "cols", "dtype", "scale_log2", "byte_size",
+            "sha256", "source_dtype", "int_min", "int_max", "headroom", "hf_module", "hook"]
+AT_LEAST = {"rows": 1, "cols": 1, "byte_size": 0, "layer": 0, "sample": 0, "step": 0}
+
+
+@st.composite
+def row_mutations(draw, table):
+    """A manifest table with one column made wrong: another type, a null, or a negative shape or index."""
+    import pyarrow as pa
+
+    kind = draw(st.sampled_from(["type", "null", "range"]))
+    row = draw(st.integers(0, table.num_rows - 1))
+    if kind == "type":
+        name = draw(st.sampled_from(table.column_names))
+        other = pa.string() if table.schema.field(name).type != pa.string() else pa.int64()
+        values = [str(v) if other == pa.string() else len(str(v)) for v in table.column(name).to_pylist()]
+        return table.set_column(table.column_names.index(name), name, pa.array(values, other)), name
+    if kind == "null":
+        name = draw(st.sampled_from(NOT_NULL))
+        values = table.column(name).to_pylist()
+        values[row] = None
+    else:
+        name = draw(st.sampled_from(sorted(AT_LEAST)))
+        values = table.column(name).to_pylist()
+        values[row] = draw(st.integers(-(2**31), AT_LEAST[name] - 1))
+    field = table.schema.field(name)
+    return table.set_column(table.column_names.index(name), field, pa.array(values, field.type)), name
+
+
+@given(data=st.data())
+@FUZZ
+def test_any_resealed_manifest_row_error_is_one_line(pristine, capsys, data):
+    """Defect: a re-sealed manifest whose rows hold a null (file, rows, headroom), a column of another type
+    (layer as text) or a negative shape crashed validate, inspect and plan (TypeError in a sort or a product,
+    OverflowError from memmap). The loader now names the column and the row: exit 1."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cap = copy_of(pristine, "unit", Path(tmp))
+        table, meta = read_manifest(cap / "manifest.arrow")
+        table, name = data.draw(row_mutations(table))
+        meta["manifest_digest"] = rows_digest(table.to_pylist(), meta)
+        write_manifest(table.replace_schema_metadata({METADATA_KEY: json.dumps(meta).encode()}), cap / "manifest.arrow")
+        for argv in commands(cap, pristine):
+            line = one_error(capsys, argv, codes=(1,))
+            assert f"'{name}'" in line, (argv, line)
+
+
 @pytest.mark.parametrize(
     "raw",
     [

@@ -4,7 +4,8 @@ A manifest's digest detects edits but is no signature: anyone can rewrite the me
 readers (``validate``, ``inspect``, ``plan``, ``compare``, ``load_capture``) do not trust its shape. When a
 manifest is read, :func:`decode_metadata` refuses metadata that is not a JSON object or nests deeper than any
 capture does; when a capture is loaded, :func:`check_metadata` checks every field a reader uses: present if
-zkllm-hf always writes it, of the type and in the range zkllm-hf writes. Anything else raises one
+zkllm-hf always writes it, of the type and in the range zkllm-hf writes (and :func:`check_columns` the
+rows' columns). Anything else raises one
 :class:`MetadataError` naming the field, the value and the fix, so no reader meets a KeyError or a TypeError.
 """
 
@@ -24,7 +25,8 @@ FIX = "the manifest was edited or damaged (a re-sealed digest does not make it v
 
 
 class MetadataError(ValueError):
-    """A manifest's metadata lacks a field a reader needs, or holds a value zkllm-hf never writes.
+    """A manifest's metadata (or a column of its rows) lacks a field a reader needs, or holds a value
+    zkllm-hf never writes.
 
     ``field`` is the dotted path (``tokens.seq_len``, ``units[1].folder``); ``check`` is the contract check the
     problem belongs to (``format_version``, else ``manifest``).
@@ -282,4 +284,40 @@ def check_metadata(meta: Mapping[str, Any], where: str) -> None:
         _check_fields(meta, (("units", True, ARRAY),), where)
 
 
-__all__ = ["MAX_DEPTH", "MetadataError", "check_metadata", "decode_metadata", "shown"]
+_POSITIVE_COLUMNS = ("rows", "cols")  # a file of zero rows or columns is never written
+_NON_NEGATIVE_COLUMNS = ("sample", "step", "layer", "byte_size")
+
+
+def check_columns(table: Any, where: str) -> None:
+    """Check a manifest table's columns: each of the type zkllm-hf writes, no null where it writes none, and
+    shapes, sizes and indices not negative; raise :class:`MetadataError` naming the column and the row."""
+    import pyarrow.compute as pc
+
+    from .manifest import SCHEMA
+
+    for spec in SCHEMA:
+        if spec.name not in table.column_names:
+            continue  # the loader names every missing column at once
+        column = table.column(spec.name)
+        if column.type != spec.type:
+            raise MetadataError(
+                f"{where}: manifest column '{spec.name}' holds {column.type}; zkllm-hf writes {spec.type}: {FIX}",
+                field=spec.name,
+            )
+        if not spec.nullable and column.null_count:
+            row = column.to_pylist().index(None)
+            raise MetadataError(
+                f"{where}: manifest column '{spec.name}' is null in row {row}; zkllm-hf always writes it: {FIX}",
+                field=spec.name,
+            )
+        low = 1 if spec.name in _POSITIVE_COLUMNS else 0 if spec.name in _NON_NEGATIVE_COLUMNS else None
+        if low is not None and len(column) and pc.min(column).as_py() < low:
+            row = next(i for i, v in enumerate(column.to_pylist()) if v < low)
+            raise MetadataError(
+                f"{where}: manifest column '{spec.name}' is {column[row].as_py()} in row {row}; zkllm-hf writes "
+                f"{'a positive' if low else 'a non-negative'} number: {FIX}",
+                field=spec.name,
+            )
+
+
+__all__ = ["MAX_DEPTH", "MetadataError", "check_columns", "check_metadata", "decode_metadata", "shown"]

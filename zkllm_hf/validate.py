@@ -31,7 +31,7 @@ from .contracts import (
 )
 from .hooks import find_layout
 from .manifest import COLUMNS, read_manifest
-from .metadata import MetadataError, check_metadata
+from .metadata import MetadataError, check_columns, check_metadata
 from .points import POINTS
 from .writer import MANIFEST_NAME, PARTIAL_MARKER, clean_leftovers
 
@@ -188,7 +188,8 @@ def _load(path: Path, *, check_paths: bool) -> Capture | CaptureDataset:
             f"{manifest}: the manifest lacks column(s) {missing}; it was not written by this zkllm-hf, or it "
             f"was damaged: capture again"
         )
-    check_metadata(meta, str(manifest))  # every field a reader relies on, once: MetadataError names the field
+    check_columns(table, str(manifest))  # column types, nulls and shapes, and every metadata field a reader
+    check_metadata(meta, str(manifest))  # relies on, once: a MetadataError names the field
     if meta.get("kind") == "dataset":
         units = {}
         for e in _unit_entries(path, meta):
@@ -317,7 +318,8 @@ def _validate(
         if (path / MANIFEST_NAME).is_file():  # a dataset is checked unit by unit, even if some are unreadable
             table, meta = read_manifest(path / MANIFEST_NAME)
             if meta.get("kind") == "dataset" and all(c in table.column_names for c in COLUMNS):
-                check_metadata(meta, str(path / MANIFEST_NAME))  # the index's fields, before any reader uses them
+                check_columns(table, str(path / MANIFEST_NAME))  # the index's columns and fields, before any
+                check_metadata(meta, str(path / MANIFEST_NAME))  # reader uses them
                 return _validate_dataset(path, table, meta, model, progress=progress, trusted=trusted)
         cap = _load(path, check_paths=False)  # the contract's containment check names every unsafe row
         contract = _contract_of(cap.metadata, trusted)
@@ -341,7 +343,9 @@ def _validate(
     readable = {
         key
         for key, row in cap.rows.items()
-        if (p := inside(path, row["file"])) is not None and p.is_file() and p.stat().st_size == row["byte_size"]
+        if (p := inside(path, row["file"])) is not None
+        and p.is_file()
+        and p.stat().st_size == row["byte_size"] == row["rows"] * row["cols"] * 4  # else the schema check says so
     }
     layout = find_layout(model) if model is not None else None
     try:

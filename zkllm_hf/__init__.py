@@ -13,6 +13,7 @@ from .dataset import DatasetResult, PromptsError, capture_dataset
 from .engine import CaptureError, CaptureResult
 from .fixed_point import FixedPointError
 from .hooks import UnsupportedModelError
+from .metadata import MetadataError
 from .session import CaptureSession
 from .validate import (
     Capture,
@@ -82,6 +83,7 @@ __all__ = [
     "Capture",
     "CaptureDataset",
     "CaptureNotFinished",
+    "MetadataError",
     "UnsafeManifestError",
     "ValidationReport",
     "load_capture",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import shlex
 import signal
 import sys
@@ -17,9 +18,10 @@ EXIT_OK, EXIT_INVALID, EXIT_USAGE, EXIT_ENVIRONMENT = 0, 1, 2, 3
 EXIT_SIGINT, EXIT_SIGTERM = 130, 143
 EXIT_CODES = """exit codes:
   0    success
-  1    the capture is invalid, or a contract was violated
+  1    the capture is invalid (its manifest or metadata unreadable too), or a contract was violated
   2    usage or input error
-  3    environment or I/O error (disk full, read-only folder, unreadable model files)
+  3    environment or I/O error (disk full, read-only folder, unreadable model files), or an
+       unexpected error: a bug to report (ZKLLM_HF_TRACEBACK=1 shows its traceback)
   130  interrupted (Ctrl-C)
   143  terminated (SIGTERM)
 An interrupted or failed capture leaves nothing that looks like a capture."""
@@ -339,9 +341,11 @@ def _load_model_for_check(args: argparse.Namespace):
 
     ran: dict = {}
     try:
-        ran = read_manifest(Path(args.dir) / "manifest.arrow")[1].get("extra", {}).get("cli") or {}
+        extra = read_manifest(Path(args.dir) / "manifest.arrow")[1].get("extra")
+        ran = extra.get("cli") if isinstance(extra, dict) and isinstance(extra.get("cli"), dict) else {}
     except (OSError, ValueError):
         pass  # validate reports an unreadable manifest itself
+    ran = {k: v for k, v in ran.items() if isinstance(v, str if k == "dtype" else bool)}  # as zkllm-hf writes them
     dtype = args.dtype or ran.get("dtype") or "float32"
     four = args.load_in_4bit or (not args.load_in_8bit and not args.dtype and bool(ran.get("load_in_4bit")))
     eight = args.load_in_8bit or (not args.load_in_4bit and not args.dtype and bool(ran.get("load_in_8bit")))
@@ -355,16 +359,25 @@ def _load_model_for_check(args: argparse.Namespace):
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
+    from .hooks import UnsupportedModelError, find_layout
     from .models import ModelFilesError, ModelLoadError
     from .validate import validate
 
     try:
         model = _load_model_for_check(args)
+        if model is not None:
+            find_layout(model)  # a model whose modules do not fit the point table cannot check a capture
     except ModelLoadError as exc:
         _err(str(exc))
         return EXIT_ENVIRONMENT if isinstance(exc, ModelFilesError) else EXIT_USAGE
+    except UnsupportedModelError as exc:
+        _err(f"--model {args.model}: {exc}")
+        return EXIT_USAGE
     report = validate(args.dir, model=model, progress=True, contract=args.contract)  # bars on a terminal only
     print(report.to_json() if args.json else report)
+    if not report.ok:  # the report is on stdout; stderr says in one line why the exit code is 1
+        first = " ".join(report.failures[0].describe().split())
+        _err(f"{args.dir}: INVALID, {len(report.failures)} failed check(s); the first: {first}")
     return EXIT_OK if report.ok else EXIT_INVALID
 
 
@@ -890,6 +903,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:
         where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
         _err(f"{exc.strerror or exc}{where}; nothing was emitted")
+        return EXIT_ENVIRONMENT
+    except Exception as exc:  # the last resort: a bug, never how an input error is reported
+        if os.environ.get("ZKLLM_HF_TRACEBACK") == "1":
+            raise
+        what = " ".join(str(exc).split())[:200]
+        _err(
+            f"unexpected {type(exc).__name__}: {what}; this is a zkllm-hf bug: please report it with the command "
+            f"(ZKLLM_HF_TRACEBACK=1 shows the traceback)"
+        )
         return EXIT_ENVIRONMENT
     finally:
         signal.signal(signal.SIGTERM, previous)

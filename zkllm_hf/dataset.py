@@ -44,6 +44,7 @@ from .contracts import (
 from .engine import CaptureError, build_index, index_rows
 from .hooks import find_layout
 from .manifest import read_manifest, table_metadata, write_manifest
+from .metadata import shown
 from .models import context_error, tokenize_batch
 from .points import parse_layers
 from .validate import _contract_of, _validate
@@ -123,18 +124,32 @@ def read_prompts(path: str | os.PathLike[str]) -> tuple[list[Prompt], str]:
     except UnicodeDecodeError as exc:
         raise PromptsError(f"--prompts {path}: not UTF-8 text (byte {exc.start}); convert it to UTF-8") from None
     records = []
-    for number, line in enumerate(text.splitlines(), 1):
+    # JSON Lines ends a line at "\n" only: str.splitlines would also split at U+2028, U+0085 or a form feed,
+    # which JSON allows raw inside a string.
+    for number, line in enumerate(text.removesuffix("\n").split("\n"), 1):
+        line = line.removesuffix("\r")
         if not line.strip():
             continue
+        at = f"--prompts {path} line {number}"
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as exc:
             raise PromptsError(
-                f"--prompts {path} line {number}: not valid JSON ({exc.msg} at column {exc.colno}); each line "
+                f"{at}: not valid JSON ({exc.msg} at column {exc.colno}); each line "
                 f'must be one JSON object such as {{"id": 1, "text": "..."}}'
             ) from None
+        except RecursionError:
+            raise PromptsError(
+                f'{at}: nested too deeply to read; each line must be one flat JSON object such as {{"id": 1, '
+                f'"text": "..."}}'
+            ) from None
+        except ValueError as exc:  # e.g. an integer of more digits than Python converts
+            raise PromptsError(f"{at}: not readable JSON ({str(exc).splitlines()[0][:100]}); {_ONE_OBJECT}") from None
         records.append((number, obj))
     return parse_prompts(records, source=f"--prompts {path}"), hashlib.sha256(data).hexdigest()
+
+
+_ONE_OBJECT = 'each line must be one JSON object such as {"id": 1, "text": "..."}'
 
 
 def parse_prompts(records: Iterable[tuple[int, Any]], *, source: str = "prompts") -> list[Prompt]:
@@ -155,14 +170,21 @@ def parse_prompts(records: Iterable[tuple[int, Any]], *, source: str = "prompts"
             )
         text = obj[keys[0]]
         if not isinstance(text, str) or not text.strip():
-            raise PromptsError(f'{at}: "{keys[0]}" must be a non-empty string, got {json.dumps(text)[:40]}')
+            raise PromptsError(f'{at}: "{keys[0]}" must be a non-empty string, got {shown(text)}')
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:  # a lone surrogate, e.g. from a broken "\ud83d" escape
+            raise PromptsError(
+                f'{at}: "{keys[0]}" holds a lone surrogate ({text[exc.start]!r} at character {exc.start}), which '
+                f"is not text; fix its \\u escapes (a pair such as \\ud83d\\ude00 is one character)"
+            ) from None
         pid = obj.get("id", line)
         if isinstance(pid, bool) or not isinstance(pid, (int, str)):
-            raise PromptsError(f'{at}: id {json.dumps(pid)[:40]} must be an integer or a string; use e.g. 17 or "q-17"')
+            raise PromptsError(f'{at}: id {shown(pid)} must be an integer or a string; use e.g. 17 or "q-17"')
         if isinstance(pid, int):
             if not 0 <= pid <= MAX_SAMPLE:
                 raise PromptsError(
-                    f"{at}: id {pid} is out of range; an integer id names the folder sample-{{id}}: use 0 to "
+                    f"{at}: id {shown(pid)} is out of range; an integer id names the folder sample-{{id}}: use 0 to "
                     f"{MAX_SAMPLE}, or a string id"
                 )
             sample = pid

@@ -12,6 +12,8 @@ from typing import Any
 
 import pyarrow as pa
 
+from .metadata import decode_metadata
+
 FORMAT_VERSION = 1
 METADATA_KEY = b"zkllm_hf"
 
@@ -88,10 +90,14 @@ def table_metadata(table: pa.Table) -> dict[str, Any]:
 
 
 def read_manifest(path: str | os.PathLike[str]) -> tuple[pa.Table, dict[str, Any]]:
-    """Read ``manifest.arrow``; return the table and its decoded metadata."""
+    """Read ``manifest.arrow``; return the table and its decoded metadata, a JSON object of bounded depth.
+
+    Raises :class:`~zkllm_hf.metadata.MetadataError` (a ValueError) if the metadata is not one; what its
+    fields hold is checked where a capture is loaded (:func:`zkllm_hf.metadata.check_metadata`).
+    """
     with pa.memory_map(str(path), "r") as source:
         table = pa.ipc.open_file(source).read_all()
     raw = (table.schema.metadata or {}).get(METADATA_KEY)
     if raw is None:
         raise ValueError(f"{path}: no '{METADATA_KEY.decode()}' metadata; not a zkllm-hf manifest")
-    return table, json.loads(raw)
+    return table, decode_metadata(raw, str(path))

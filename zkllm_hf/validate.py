@@ -31,6 +31,7 @@ from .contracts import (
 )
 from .hooks import find_layout
 from .manifest import COLUMNS, read_manifest
+from .metadata import MetadataError, check_columns, check_metadata
 from .points import POINTS
 from .writer import MANIFEST_NAME, PARTIAL_MARKER, clean_leftovers
 
@@ -162,7 +163,9 @@ def _unit_entries(path: Path, meta: Mapping[str, Any]) -> list[dict[str, Any]]:
 def load_capture(path: str | os.PathLike[str]) -> Capture | CaptureDataset:
     """Open a finished capture folder (one with ``manifest.arrow``) for reading: a unit, or a dataset of units.
 
-    Raises :class:`UnsafeManifestError` if a manifest row names a file outside its folder.
+    Raises :class:`UnsafeManifestError` if a manifest row names a file outside its folder, and
+    :class:`~zkllm_hf.metadata.MetadataError` (naming the field) if its metadata lacks a field readers rely
+    on or holds a value zkllm-hf never writes.
     """
     return _load(Path(path), check_paths=True)
 
@@ -185,6 +188,8 @@ def _load(path: Path, *, check_paths: bool) -> Capture | CaptureDataset:
             f"{manifest}: the manifest lacks column(s) {missing}; it was not written by this zkllm-hf, or it "
             f"was damaged: capture again"
         )
+    check_columns(table, str(manifest))  # column types, nulls and shapes, and every metadata field a reader
+    check_metadata(meta, str(manifest))  # relies on, once: a MetadataError names the field
     if meta.get("kind") == "dataset":
         units = {}
         for e in _unit_entries(path, meta):
@@ -313,11 +318,15 @@ def _validate(
         if (path / MANIFEST_NAME).is_file():  # a dataset is checked unit by unit, even if some are unreadable
             table, meta = read_manifest(path / MANIFEST_NAME)
             if meta.get("kind") == "dataset" and all(c in table.column_names for c in COLUMNS):
+                check_columns(table, str(path / MANIFEST_NAME))  # the index's columns and fields, before any
+                check_metadata(meta, str(path / MANIFEST_NAME))  # reader uses them
                 return _validate_dataset(path, table, meta, model, progress=progress, trusted=trusted)
         cap = _load(path, check_paths=False)  # the contract's containment check names every unsafe row
         contract = _contract_of(cap.metadata, trusted)
         scale = int(cap.metadata["capture"]["scale_log2"])
         layers = [int(x) for x in cap.metadata["capture"]["layers"]]
+    except MetadataError as exc:  # metadata no reader can rely on: the capture is invalid, nothing else runs
+        return ValidationReport(path, [CheckResult(exc.check, False, str(exc))])
     except (CaptureNotFinished, OSError, pa.ArrowInvalid, ValueError, KeyError, TypeError) as exc:
         return ValidationReport(path, [CheckResult("manifest", False, str(exc))])
     assert isinstance(cap, Capture)
@@ -334,7 +343,9 @@ def _validate(
     readable = {
         key
         for key, row in cap.rows.items()
-        if (p := inside(path, row["file"])) is not None and p.is_file() and p.stat().st_size == row["byte_size"]
+        if (p := inside(path, row["file"])) is not None
+        and p.is_file()
+        and p.stat().st_size == row["byte_size"] == row["rows"] * row["cols"] * 4  # else the schema check says so
     }
     layout = find_layout(model) if model is not None else None
     try:

@@ -265,6 +265,12 @@ def _cmd_capture(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _distributed_up() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
 def _cmd_capture_dataset(args: argparse.Namespace) -> int:
     import os
 
@@ -297,6 +303,7 @@ def _cmd_capture_dataset(args: argparse.Namespace) -> int:
         _err(str(exc).replace("layer spec", "--layers"))
         return EXIT_USAGE
     say(f"loaded in {time.perf_counter() - t0:.1f} s; {len(prompts)} prompt(s)")
+    ours = not _distributed_up()  # the process group accelerate starts for this command is closed by it
     try:
         res = capture_dataset(
             loaded.model,
@@ -319,6 +326,11 @@ def _cmd_capture_dataset(args: argparse.Namespace) -> int:
         if code is None:
             raise
         return code
+    finally:
+        if ours and _distributed_up():
+            import torch.distributed as dist
+
+            dist.destroy_process_group()  # not left to the interpreter's exit, where gloo's threads may abort
     if res.rank == 0:
         units = len(res.units)
         print(

@@ -47,6 +47,25 @@ MUTANTS = [
     ("a manifest may name its own (laxer) contract", "zkllm_hf/validate.py",
      "if not packaged and (trusted is None or Path(trusted).resolve() != Path(folder).resolve()):",
      "if False:"),
+    # issue 14: ownership, the dataset index, resume, plan --out, compare, the fingerprint, metadata, threads
+    ("ownership trusts a manifest whose digest does not match", "zkllm_hf/writer.py",
+     'if rows_digest(table.to_pylist(), meta) != meta.get("manifest_digest"):\n            return None',
+     "pass"),
+    ("the index's unit entries are not compared with their units", "zkllm_hf/contracts.py",
+     "if stated.get(k) != truth[k] or type(stated.get(k)) is not type(truth[k])", "if False"),
+    ("resume keeps a unit without re-running the model-free checks", "zkllm_hf/dataset.py",
+     "failed = _validate(path.parent, None, progress=False).failures", "failed = []"),
+    ("plan writes through a symlink at --out", "zkllm_hf/prove.py",
+     "    if stat.S_ISLNK(st.st_mode):\n        raise OutputRefused(\n            f\"{what} is a symbolic link; plan",
+     "    if False:\n        raise OutputRefused(\n            f\"{what} is a symbolic link; plan"),
+    ("compare does not check the captured file's digest", "zkllm_hf/prove.py",
+     'if len(data) != int(row["byte_size"]) or digest != row["sha256"]:', "if False:"),
+    ("the fingerprint hashes bitsandbytes' transient 4-bit packing", "zkllm_hf/provenance.py",
+     'if cls == "Params4bit" and getattr(weight, "quant_state", None) is not None:', "if False:"),
+    ("the loader does not check the metadata readers rely on", "zkllm_hf/validate.py",
+     "    check_metadata(meta, str(manifest))", "    pass"),
+    ("capture-dataset leaves each unit's thread count to the process", "zkllm_hf/dataset.py",
+     "with _intra_op_threads(threads):", "with _intra_op_threads(None):"),
 ]
 
 

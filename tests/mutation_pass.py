@@ -68,7 +68,8 @@ MUTANTS = [
      "with _intra_op_threads(threads):", "with _intra_op_threads(None):"),
     # issue 16: the contract package's registry
     ("the registry runs no entry of the dataset scope", "zkllm_hf/contracts/registry.py",
-     "    return contract.entries(scope=scope)", '    return () if scope == "dataset" else contract.entries(scope=scope)'),
+     "    return contract.entries(scope=scope)",
+     '    return () if scope == "dataset" else contract.entries(scope=scope)'),
 ]
 
 

@@ -26,7 +26,7 @@ MUTANTS = [
      'skip = frozenset() if flat else frozenset({"manifest_schema"})', 'skip = frozenset({"manifest_schema"})'),
     ("the gate skips re-reading the staged files (integrity, range)", "zkllm_hf/engine.py",
      "+ run_file_checks(contract, staging.path / u.folder, rows)", "+ []"),
-    ("the range check ignores int_min", "zkllm_hf/contracts.py",
+    ("the range check ignores int_min", "zkllm_hf/contracts/file_checks.py",
      'ok = (lo, hi) == (row["int_min"], row["int_max"]) and lo > -(2**31)', 'ok = hi == row["int_max"]'),
     ("attach() leaves hooks behind when a registration fails", "zkllm_hf/hooks.py",
      "    except BaseException:\n        hooks.remove()\n        raise", "    except BaseException:\n        raise"),
@@ -38,10 +38,10 @@ MUTANTS = [
     ("the norm checks read the other norm's weight", "zkllm_hf/hooks.py",
      "params = norm_params(self.module(layer, name))",
      'params = norm_params(self.module(layer, "post_attention_layernorm"))'),
-    ("an unreadable norm weight counts as a pass", "zkllm_hf/contracts.py",
+    ("an unreadable norm weight counts as a pass", "zkllm_hf/contracts/layer_checks.py",
      "slots.append(CheckResult(spec.name, False, skipped=str(norm), **where))",
      "slots.append(CheckResult(spec.name, True, **where))"),
-    ("validate ignores a contract entry's parameters", "zkllm_hf/contracts.py",
+    ("validate ignores a contract entry's parameters", "zkllm_hf/contracts/layer_checks.py",
      'tolerance = {k: float(spec.params[k]) for k in ("quantisation_lsb", "rounding_ulps") if k in spec.params}',
      "tolerance = {}"),
     ("a manifest may name its own (laxer) contract", "zkllm_hf/validate.py",
@@ -51,7 +51,7 @@ MUTANTS = [
     ("ownership trusts a manifest whose digest does not match", "zkllm_hf/writer.py",
      'if rows_digest(table.to_pylist(), meta) != meta.get("manifest_digest"):\n            return None',
      "pass"),
-    ("the index's unit entries are not compared with their units", "zkllm_hf/contracts.py",
+    ("the index's unit entries are not compared with their units", "zkllm_hf/contracts/dataset_checks.py",
      "if stated.get(k) != truth[k] or type(stated.get(k)) is not type(truth[k])", "if False"),
     ("resume keeps a unit without re-running the model-free checks", "zkllm_hf/dataset.py",
      "failed = _validate(path.parent, None, progress=False).failures", "failed = []"),
@@ -66,6 +66,10 @@ MUTANTS = [
      "    check_metadata(meta, str(manifest))", "    pass"),
     ("capture-dataset leaves each unit's thread count to the process", "zkllm_hf/dataset.py",
      "with _intra_op_threads(threads):", "with _intra_op_threads(None):"),
+    # issue 16: the contract package's registry
+    ("the registry runs no entry of the dataset scope", "zkllm_hf/contracts/registry.py",
+     "    return contract.entries(scope=scope)",
+     '    return () if scope == "dataset" else contract.entries(scope=scope)'),
 ]
 
 

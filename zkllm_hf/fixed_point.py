@@ -249,13 +249,25 @@ def dequantize(q: torch.Tensor, scale_log2: int) -> torch.Tensor:
 _EXPONENT_BITS = 0x7FF0000000000000
 
 
-def ulp(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Unit in the last place of ``dtype`` at each magnitude in ``values`` (float64 in, float64 out)."""
+def ulp(values: torch.Tensor, dtype: torch.dtype, *, in_place: bool = False) -> torch.Tensor:
+    """Unit in the last place of ``dtype`` at each magnitude in ``values`` (float64 out).
+
+    With ``in_place`` the float64, non-negative ``values`` are overwritten with the result (no temporary)."""
     info = torch.finfo(dtype)
-    mag = values.abs().to(torch.float64).clamp(min=info.smallest_normal)
+    mag = values if in_place else values.abs().to(torch.float64)
+    mag.clamp_(min=info.smallest_normal)
     # Keeping only a float64's exponent bits gives 2**floor(log2 |v|), exactly: the binade's start.
-    binade = (mag.view(torch.int64) & _EXPONENT_BITS).view(torch.float64)
-    return binade * info.eps
+    mag.view(torch.int64).bitwise_and_(_EXPONENT_BITS)
+    return mag.mul_(info.eps)
+
+
+def ulp_bound(q: torch.Tensor, dtype: torch.dtype, scale_log2: int, *, lsb: float, ulps: float) -> torch.Tensor:
+    """Per element, in LSB: ``lsb + ulps * ulp_dtype(|v|)``, the magnitude ``|v|`` of each value taken from its
+    code ``q``, widened by the half LSB its own rounding may have removed. The one home of the sum and drift
+    tolerances (float64 out; ``q`` is never modified)."""
+    scale = float(2**scale_log2)
+    magnitude = q.to(torch.float64, copy=True).abs_().add_(0.5).div_(scale)
+    return ulp(magnitude, dtype, in_place=True).mul_(ulps).mul_(scale).add_(lsb)
 
 
 def sum_tolerance(
@@ -272,9 +284,15 @@ def sum_tolerance(
     1.5 LSB (``quantisation_lsb``). The sum's magnitude is taken from its code, widened by the half LSB its
     own rounding may have removed.
     """
-    scale = float(2**scale_log2)
-    magnitude = (q_sum.to(torch.float64).abs() + 0.5) / scale
-    return quantisation_lsb + rounding_ulps * ulp(magnitude, dtype) * scale
+    return ulp_bound(q_sum, dtype, scale_log2, lsb=quantisation_lsb, ulps=rounding_ulps)
+
+
+def drift_tolerance(
+    q_model: torch.Tensor, dtype: torch.dtype, scale_log2: int, *, drift_lsb: float, drift_ulps: float
+) -> torch.Tensor:
+    """Per-element bound, in LSB, on how far codes derived in the int domain may drift from the model's own
+    codes ``q_model``: ``drift_lsb + drift_ulps * ulp(|model value|)`` in the model's ``dtype``."""
+    return ulp_bound(q_model, dtype, scale_log2, lsb=drift_lsb, ulps=drift_ulps)
 
 
 @dataclass(frozen=True)
@@ -339,23 +357,11 @@ def _rows_check(
     return _combine(_map_blocks(one, row_blocks(rows[0]), first.device))
 
 
-def _ulp_(mag: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """:func:`ulp` in place, for a float64 tensor of magnitudes (non-negative)."""
-    info = torch.finfo(dtype)
-    mag.clamp_(min=info.smallest_normal)
-    mag.view(torch.int64).bitwise_and_(_EXPONENT_BITS)
-    return mag.mul_(info.eps)
-
-
 def _sum_kernel(q_x, q_y, q_sum, *, dtype, scale_log2, quantisation_lsb=1.5, rounding_ulps=0.5):
     # |q_sum - q_x - q_y| in float64 is exact: every term is below 2**33.
     dev = q_sum.to(torch.float64)
     dev.sub_(q_x).sub_(q_y).abs_()
-    # sum_tolerance, in place, in the same order of operations
-    scale = float(2**scale_log2)
-    tol = q_sum.to(torch.float64).abs_().add_(0.5).div_(scale)
-    tol = _ulp_(tol, dtype).mul_(rounding_ulps).mul_(scale).add_(quantisation_lsb)
-    return dev, tol
+    return dev, sum_tolerance(q_sum, dtype, scale_log2, quantisation_lsb=quantisation_lsb, rounding_ulps=rounding_ulps)
 
 
 def sum_deviation_stats(
@@ -394,9 +400,7 @@ def equal_deviation_stats(q_a: torch.Tensor, q_b: torch.Tensor) -> torch.Tensor:
 
 def _drift_kernel(q_derived, q_model, *, dtype, scale_log2, drift_lsb, drift_ulps):
     dev = q_derived.to(torch.float64).sub_(q_model).abs_()  # exact: both below 2**31
-    scale = float(2**scale_log2)
-    tol = q_model.to(torch.float64).abs_().add_(0.5).div_(scale)
-    return dev, _ulp_(tol, dtype).mul_(drift_ulps * scale).add_(drift_lsb)
+    return dev, drift_tolerance(q_model, dtype, scale_log2, drift_lsb=drift_lsb, drift_ulps=drift_ulps)
 
 
 def drift_deviation_stats(
@@ -438,8 +442,8 @@ def _rmsnorm_kernel(q_in, q_out, *, w, w_abs, eps, in_dtype, out_dtype, scale_lo
     s = n_abs.add_(from_input)  # n_abs + from_input; n_abs is not needed on its own below
     n_high = s.mul(1 + reduction)  # the largest |n| the model can have computed
     y_high = q_out.to(torch.float64).abs_().add_(0.5).div_(scale)  # the model's |y|, from its own code
-    per_value = from_input.add_(s.mul_(reduction)).add_(_ulp_(n_high, in_dtype).mul_(0.5)).mul_(w_abs)
-    tol = per_value.add_(_ulp_(y_high, out_dtype).mul_(0.5)).mul_(scale).add_(0.5)
+    per_value = from_input.add_(s.mul_(reduction)).add_(ulp(n_high, in_dtype, in_place=True).mul_(0.5)).mul_(w_abs)
+    tol = per_value.add_(ulp(y_high, out_dtype, in_place=True).mul_(0.5)).mul_(scale).add_(0.5)
     dev = q_out.to(torch.float64).sub_(y.mul_(scale)).abs_()
     return dev, tol
 

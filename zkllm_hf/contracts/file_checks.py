@@ -1,0 +1,120 @@
+"""The file checks: each file of a capture read once (on threads), for its size, digest and int range; and
+:func:`inside`, the one test of whether a manifest's file name stays inside its capture folder."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from .registry import entries_of, implementation, register_check
+from .spec import CheckResult, CheckSpec, Contract, row_place
+
+
+@register_check("integrity", "file")
+def _integrity(
+    spec: CheckSpec, row: Mapping[str, Any], data: bytes | memoryview | None, problem: str | None
+) -> CheckResult:
+    where = row_place(row)
+    if data is None:
+        return CheckResult(spec.name, False, problem or "file is unreadable", **where)
+    if len(data) != row["byte_size"]:
+        return CheckResult(spec.name, False, f"{len(data)} bytes, manifest says {row['byte_size']}", **where)
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != row["sha256"]:
+        return CheckResult(spec.name, False, f"sha256 {digest[:12]}..., manifest says {row['sha256'][:12]}...", **where)
+    return CheckResult(spec.name, True, **where)
+
+
+@register_check("range", "file")
+def _range(
+    spec: CheckSpec, row: Mapping[str, Any], data: bytes | memoryview | None, problem: str | None
+) -> CheckResult:
+    where = row_place(row)
+    if data is None or len(data) % 4:
+        return CheckResult(spec.name, False, skipped=f"no int32 data to read ({problem or 'truncated file'})", **where)
+    codes = np.frombuffer(data, dtype="<i4")
+    if not codes.size:
+        return CheckResult(spec.name, False, "file holds no values", **where)
+    lo, hi = int(codes.min()), int(codes.max())
+    ok = (lo, hi) == (row["int_min"], row["int_max"]) and lo > -(2**31)
+    message = "" if ok else f"data spans [{lo}, {hi}], manifest says [{row['int_min']}, {row['int_max']}]"
+    if lo == -(2**31):
+        message += "; -2**31 is outside the symmetric int32 range zkLLM uses"
+    return CheckResult(spec.name, ok, message, **where)
+
+
+def inside(folder: Path, name: str) -> Path | None:
+    """``folder / name`` if ``name`` is a plain relative path that stays inside ``folder``, else None.
+
+    No ``..``, no absolute path, and no symlink among its components that leads out of ``folder`` (only a
+    component that is a symlink is resolved, so the common case costs one ``lstat`` per component).
+    """
+    parts = Path(name).parts
+    if not parts or name.startswith(("/", "\\")) or ".." in parts or Path(name).is_absolute():
+        return None
+    path = folder
+    try:
+        for part in parts:
+            path = path / part
+            if path.is_symlink() and not path.resolve().is_relative_to(folder.resolve()):
+                return None
+    except OSError:
+        return None
+    return path
+
+
+def _read(path: Path, local: threading.local) -> memoryview:
+    """The whole file, read into this thread's buffer (grown as needed); the view is valid until the next read."""
+    with open(path, "rb", buffering=0) as fh:
+        size = os.fstat(fh.fileno()).st_size
+        buf = getattr(local, "buf", None)
+        if buf is None or len(buf) < size + 1:
+            buf = local.buf = bytearray(size + 1)
+        view = memoryview(buf)
+        n = 0
+        while True:  # up to the end, even if the file grew since fstat (one spare byte tells)
+            got = fh.readinto(view[n:])
+            if not got:
+                break
+            n += got
+            if n == len(buf):
+                local.buf = bytearray(2 * len(buf))
+                local.buf[:n] = buf
+                buf, view = local.buf, memoryview(local.buf)
+        return view[:n]
+
+
+def run_file_checks(
+    contract: Contract, folder: Path, rows: Sequence[Mapping[str, Any]], *, progress: bool = False
+) -> list[CheckResult]:
+    """The contract's file checks, each file read once (on threads). ``progress`` shows a bar on a terminal."""
+    specs = entries_of(contract, "file")
+    if not specs:
+        return []
+
+    local = threading.local()  # one read buffer per thread, reused: no fresh memory (and page faults) per file
+
+    def check(row: Mapping[str, Any]) -> list[CheckResult]:
+        path = inside(folder, str(row["file"]))
+        if path is None:  # never opened: the containment check names the row
+            return []
+        data, problem = None, None
+        if not path.is_file():
+            problem = "file is missing"
+        else:
+            data = _read(path, local)
+        return [implementation(s)(s, row, data, problem) for s in specs]
+
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        done = tqdm(
+            pool.map(check, rows), total=len(rows), desc="files", unit="file", disable=None if progress else True
+        )
+        return [r for results in done for r in results]

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -20,6 +19,7 @@ from torch import nn
 from transformers import LogitsProcessor
 
 from ..engine import CaptureEngine, CaptureError, CaptureResult, ForwardInputs, Route, UnitRecorder
+from .generate_probe import can_watch, watch_generate
 
 logger = logging.getLogger(__name__)
 
@@ -141,8 +141,8 @@ class CaptureLogitsProcessor(LogitsProcessor):
     def _install_probe(self):
         """Learn that a generate() with this processor has begun: generate calls the model's
         ``_get_logits_processor`` once, before any forward, with its generation config and the user's
-        processor list. One shared probe per model serves every live processor (see :func:`_probe`)."""
-        if getattr(self.model, "_get_logits_processor", None) is None:
+        processor list. One shared probe per model serves every live processor (see :mod:`.generate_probe`)."""
+        if not can_watch(self.model):
             logger.warning(
                 "%s has no _get_logits_processor: cannot see the generation config; capturing every forward "
                 "from now on",
@@ -150,7 +150,7 @@ class CaptureLogitsProcessor(LogitsProcessor):
             )
             self._armed = True
             return lambda: None
-        return _probe(self.model, self)
+        return watch_generate(self.model, self._observe)
 
     def _observe(self, config: Any, user: Any) -> None:
         """Called by the model's probe at the start of every generate() call."""
@@ -464,38 +464,3 @@ class CaptureLogitsProcessor(LogitsProcessor):
             meta["seed"] = torch.initial_seed()  # torch's default generator, which sampling draws from
         return meta
 
-
-# One probe per model, shared by its live processors, so that closing them in any order restores the model.
-_LIVE: weakref.WeakKeyDictionary[nn.Module, list[CaptureLogitsProcessor]] = weakref.WeakKeyDictionary()
-_NAME = "_get_logits_processor"
-
-
-def _probe(model: nn.Module, proc: CaptureLogitsProcessor):
-    """Register ``proc`` with ``model``'s probe (installing it for the first processor); return its removal."""
-    live = _LIVE.get(model)
-    if live is None:
-        live = _LIVE[model] = []
-        own = vars(model).get(_NAME)  # someone else's instance attribute, put back when the last one leaves
-        original = getattr(model, _NAME)
-
-        def probe(*args: Any, **kwargs: Any) -> Any:
-            config = kwargs.get("generation_config", args[0] if args else None)
-            user = kwargs.get("logits_processor", args[4] if len(args) > 4 else None)
-            for p in list(_LIVE.get(model, ())):
-                p._observe(config, user)
-            return original(*args, **kwargs)
-
-        probe.restore = lambda: setattr(model, _NAME, own) if own is not None else vars(model).pop(_NAME, None)
-        setattr(model, _NAME, probe)
-    live.append(proc)
-
-    def remove() -> None:
-        if proc in live:
-            live.remove(proc)
-        if not live:
-            probe_now = vars(model).get(_NAME)
-            _LIVE.pop(model, None)
-            if probe_now is not None and hasattr(probe_now, "restore"):
-                probe_now.restore()
-
-    return remove

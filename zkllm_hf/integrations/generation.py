@@ -19,28 +19,12 @@ from torch import nn
 from transformers import LogitsProcessor
 
 from ..engine import CaptureEngine, CaptureError, CaptureResult, ForwardInputs, Route, UnitRecorder
+from .generate_config import GenerationSettings, refuse_config
 from .generate_probe import can_watch, watch_generate
 
 logger = logging.getLogger(__name__)
 
 MODES = ("prefill", "full", "steps")
-_CONFIG_FIELDS = (
-    "do_sample",
-    "temperature",
-    "top_p",
-    "top_k",
-    "min_p",
-    "repetition_penalty",
-    "num_beams",
-    "num_return_sequences",
-    "max_new_tokens",
-    "max_length",
-    "min_new_tokens",
-    "use_cache",
-    "cache_implementation",
-    "prefill_chunk_size",
-    "prompt_lookup_num_tokens",
-)
 
 
 class CaptureLogitsProcessor(LogitsProcessor):
@@ -100,8 +84,7 @@ class CaptureLogitsProcessor(LogitsProcessor):
         self.result: CaptureResult | None = None
         self._armed = False
         self._generations = 0
-        self._config: Any = None
-        self._compile_forced = False
+        self._settings = GenerationSettings(model)
         self._calls = 0  # processor calls so far: the step the next forward belongs to
         self._forwards_since_call = 0
         self._batch: int | None = None  # rows of the prompt's forward, after generate's expansion
@@ -170,53 +153,9 @@ class CaptureLogitsProcessor(LogitsProcessor):
                 "one for each call"
             )
         self._generations += 1
-        beams = int(getattr(config, "num_beams", 1) or 1)
-        assisted = bool(getattr(config, "prompt_lookup_num_tokens", None))
-        if self.mode == "steps" and beams > 1:
-            raise CaptureError(
-                f"mode='steps' with beam search (num_beams={beams}): the cache is reordered every step, so a "
-                f"row is not one hypothesis from step to step. Use mode='prefill' or mode='full'"
-            )
-        if self.mode in ("steps", "prefill") and assisted:
-            raise CaptureError(
-                f"mode={self.mode!r} with prompt-lookup decoding: each forward checks several drafted tokens, "
-                f"some later rejected, so forwards are not steps. Use mode='full'"
-            )
-        self._compile_forced = not bool(getattr(config, "disable_compile", False))
-        if config is not None:
-            config.disable_compile = True  # a compiled decode could bypass or replay the hooks
-        self._config = config
+        refuse_config(self.mode, config)
+        self._settings.adopt(config)
         self._armed = True
-
-    @property
-    def _expand(self) -> int:
-        """Rows per prompt after generate's expansion (num_beams or num_return_sequences)."""
-        c = self._config
-        return max(int(getattr(c, "num_beams", 1) or 1), int(getattr(c, "num_return_sequences", 1) or 1))
-
-    @property
-    def _returns(self) -> int:
-        return int(getattr(self._config, "num_return_sequences", 1) or 1)
-
-    @property
-    def _eos(self) -> set[int]:
-        c = self._config if self._config is not None else getattr(self.model, "generation_config", None)
-        eos = getattr(c, "_eos_token_tensor", None)
-        if eos is None:
-            eos = getattr(c, "eos_token_id", None)
-        if eos is None:
-            return set()
-        if isinstance(eos, torch.Tensor):
-            return {int(t) for t in eos.reshape(-1).tolist()}
-        return {int(eos)} if isinstance(eos, int) else {int(t) for t in eos}
-
-    @property
-    def _pad(self) -> int | None:
-        c = self._config if self._config is not None else getattr(self.model, "generation_config", None)
-        pad = getattr(c, "_pad_token_tensor", None)
-        if pad is None:
-            pad = getattr(c, "pad_token_id", None)
-        return None if pad is None else int(pad)
 
     # -- routing ----------------------------------------------------------------------------------
 
@@ -238,7 +177,7 @@ class CaptureLogitsProcessor(LogitsProcessor):
             self._prompt_ids_unknown |= fwd.input_ids is None
             if self.mode == "full" or k:
                 return []
-            group = self._expand if self.mode == "prefill" else self._returns
+            group = self._settings.expand if self.mode == "prefill" else self._settings.returns
             routes = []
             for r in range(0, fwd.batch, group):  # rows duplicated before prefill are captured once
                 cols = fwd.real_columns(r)
@@ -261,7 +200,7 @@ class CaptureLogitsProcessor(LogitsProcessor):
         if fwd.input_ids is None:
             raise self._fail("a decode forward got inputs_embeds without input_ids; cannot tell its token")
         consumed = fwd.input_ids[:, -1].tolist()
-        eos = self._eos
+        eos = self._settings.eos
         routes = []
         for r, token in enumerate(consumed):
             if self._done[r]:
@@ -363,7 +302,7 @@ class CaptureLogitsProcessor(LogitsProcessor):
                 self._reconcile_steps(sequences, prompt_len)
             elif self.mode == "full":
                 self._run_full(sequences, prompt_len)
-            self.result = self.engine.commit(dataset_metadata={"generation": self._generation_metadata(prompt_len)})
+            self.result = self.engine.commit(dataset_metadata={"generation": self._metadata(prompt_len)})
             return self.result
         finally:
             self.close()
@@ -371,7 +310,7 @@ class CaptureLogitsProcessor(LogitsProcessor):
     def _generated(self, sequences: torch.Tensor, prompt_len: int, row: int) -> list[int]:
         """Row ``row``'s generated tokens up to and including the first EOS."""
         gen = [int(t) for t in sequences[row, prompt_len:].tolist()]
-        eos = self._eos
+        eos = self._settings.eos
         for j, t in enumerate(gen):
             if t in eos:
                 return gen[: j + 1]
@@ -386,7 +325,7 @@ class CaptureLogitsProcessor(LogitsProcessor):
         n = sequences.shape[1] - prompt_len
         for r in range(sequences.shape[0]):
             gen = self._generated(sequences, prompt_len, r)
-            ended = bool(gen) and gen[-1] in self._eos
+            ended = bool(gen) and gen[-1] in self._settings.eos
             last = len(gen) - 1 if ended else n - 1  # forward k consumes token k-1; the last is never forwarded
             steps = {k for (s, k) in self.engine.units if s == r and k}
             for k in sorted(steps - set(range(1, last + 1))):  # undone steps (deferred stop checks)
@@ -398,14 +337,14 @@ class CaptureLogitsProcessor(LogitsProcessor):
                 token = self.engine.units[(r, k)].token_ids
                 if token != [gen[k - 1]]:
                     raise CaptureError(f"sample {r} step {k}: captured token {token}, the sequence has {gen[k - 1]}")
-        group = self._returns
+        group = self._settings.returns
         for r in range(sequences.shape[0]):
             if r % group:  # the prompt's rows are identical: computed once, shared
                 self.engine.clone(self.engine.units[(r - r % group, 0)], r)
 
     def _run_full(self, sequences: torch.Tensor, prompt_len: int) -> None:
         rows = sequences.shape[0]
-        per_prompt = max(1, (self._batch or rows) // self._expand)
+        per_prompt = max(1, (self._batch or rows) // self._settings.expand)
         returns = max(1, rows // per_prompt)
         prompt_mask = None  # the real columns of each prompt row (left padding), from the prompt's forwards
         if any(m is not None for _, m in self._prompt_masks):
@@ -414,9 +353,9 @@ class CaptureLogitsProcessor(LogitsProcessor):
             ]
             prompt_mask = torch.cat(parts, dim=1)[:, :prompt_len]
         device = next((p.device for p in self.model.parameters() if p.device.type != "meta"), torch.device("cpu"))
-        pad = self._pad
+        pad = self._settings.pad
         for r in range(rows):
-            prompt_row = (r // returns) * self._expand
+            prompt_row = (r // returns) * self._settings.expand
             prompt = sequences[r, :prompt_len]
             if prompt_mask is not None:
                 prompt = prompt[prompt_mask[prompt_row]]
@@ -444,23 +383,5 @@ class CaptureLogitsProcessor(LogitsProcessor):
                 self._full_unit = None
             unit.seal()
 
-    def _generation_metadata(self, prompt_len: int) -> dict[str, Any]:
-        c = self._config
-        meta: dict[str, Any] = {"observed": c is not None}
-        if c is not None:
-            for name in _CONFIG_FIELDS:
-                value = getattr(c, name, None)
-                meta[name] = value if isinstance(value, (int, float, str, bool, type(None))) else str(value)
-        meta.update(
-            eos_token_id=sorted(self._eos),
-            pad_token_id=self._pad,
-            disable_compile=True,
-            disable_compile_forced=self._compile_forced,
-            prompt_length=prompt_len,
-            steps=self._calls,
-            rows=self._batch,
-        )
-        if meta.get("do_sample"):
-            meta["seed"] = torch.initial_seed()  # torch's default generator, which sampling draws from
-        return meta
-
+    def _metadata(self, prompt_len: int) -> dict[str, Any]:
+        return self._settings.metadata(prompt_length=prompt_len, steps=self._calls, rows=self._batch)

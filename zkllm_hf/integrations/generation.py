@@ -21,6 +21,7 @@ from transformers import LogitsProcessor
 from ..engine import CaptureEngine, CaptureError, CaptureResult, ForwardInputs, Route, UnitRecorder
 from .generate_config import GenerationSettings, refuse_config
 from .generate_probe import can_watch, watch_generate
+from .generate_steps import StepRouter
 
 logger = logging.getLogger(__name__)
 
@@ -85,17 +86,7 @@ class CaptureLogitsProcessor(LogitsProcessor):
         self._armed = False
         self._generations = 0
         self._settings = GenerationSettings(model)
-        self._calls = 0  # processor calls so far: the step the next forward belongs to
-        self._forwards_since_call = 0
-        self._batch: int | None = None  # rows of the prompt's forward, after generate's expansion
-        self._prefill_q = 0  # prompt positions covered by the forwards before the first call
-        self._prompt_masks: list[
-            tuple[int, torch.Tensor | None]
-        ] = []  # (positions, real-token mask) per prompt forward
-        self._prompt_len: int | None = None
-        self._prompt_ids_unknown = False  # the prompt came as inputs_embeds
-        self._done: list[bool] = []
-        self._pending: list[UnitRecorder] = []  # decode units of the forward awaiting its processor call
+        self._steps = StepRouter(self.engine, mode, self._settings, self._fail)
         self._full_unit: UnitRecorder | None = None
         self._error: BaseException | None = None
         self._closed = False
@@ -164,56 +155,7 @@ class CaptureLogitsProcessor(LogitsProcessor):
             return [Route(0, slice(0, fwd.q), self._full_unit)]
         if not self._armed or self._error is not None:
             return []
-        k = self._calls
-        self._forwards_since_call += 1
-        if k == 0 or not self._prompt_masks:  # the prompt's forward (or one of its chunks)
-            if self._batch is None:
-                self._batch = fwd.batch
-                self._done = [False] * fwd.batch
-            elif fwd.batch != self._batch:
-                raise self._fail(f"a prompt forward of {fwd.batch} rows followed one of {self._batch}")
-            self._prefill_q += fwd.q
-            self._prompt_masks.append((fwd.q, fwd.mask))
-            self._prompt_ids_unknown |= fwd.input_ids is None
-            if self.mode == "full" or k:
-                return []
-            group = self._settings.expand if self.mode == "prefill" else self._settings.returns
-            routes = []
-            for r in range(0, fwd.batch, group):  # rows duplicated before prefill are captured once
-                cols = fwd.real_columns(r)
-                if not fwd.width(cols):  # a chunk of this row's prompt that is all padding
-                    continue
-                unit = self.engine.unit(r // group if self.mode == "prefill" else r, 0, "prefill")
-                unit.info["row"] = r
-                routes.append(Route(r, cols, unit))
-            return routes
-        if self.mode != "steps":
-            return []
-        if fwd.past_length and fwd.q != 1:
-            raise self._fail(
-                f"a decode forward computed {fwd.q} positions at once (assisted or speculative decoding checks "
-                f"drafted tokens in one forward); mode='steps' needs one token per forward. Use mode='full'"
-            )
-        for unit in self._pending:  # a forward no processor call followed (synced_gpus): never committed
-            self.engine.drop(unit)
-        self._pending = []
-        if fwd.input_ids is None:
-            raise self._fail("a decode forward got inputs_embeds without input_ids; cannot tell its token")
-        consumed = fwd.input_ids[:, -1].tolist()
-        eos = self._settings.eos
-        routes = []
-        for r, token in enumerate(consumed):
-            if self._done[r]:
-                continue
-            if int(token) in eos:  # the sample emitted EOS: no further steps
-                self._done[r] = True
-                continue
-            unit = self.engine.unit(r, k, "decode")
-            unit.info["row"] = r
-            unit.prompt_token_count, unit.generated_token_count = 0, 1
-            routes.append(Route(r, slice(fwd.q - 1, fwd.q), unit))
-            self._pending.append(unit)
-        return routes
+        return self._steps.plan(fwd)
 
     def _fail(self, message: str) -> CaptureError:
         self._error = CaptureError(f"nothing will be emitted: {message}")
@@ -225,47 +167,9 @@ class CaptureLogitsProcessor(LogitsProcessor):
         if self._error is not None:
             raise self._error
         if not self._armed or self.mode == "full":
-            if self._prompt_len is None:
-                self._prompt_len = int(input_ids.shape[1])
-            self._calls += 1
-            return scores
-        k, width = self._calls, int(input_ids.shape[1])
-        if not self._forwards_since_call:
-            raise self._fail(
-                f"generation step {k} reached the processor without a forward of the hooked model: assisted "
-                f"decoding (the assistant's steps call the processor too) or a compiled call that bypassed the "
-                f"hooks. Use mode='full'"
-            )
-        if k == 0:
-            self._prompt_len = width
-            if self._prompt_ids_unknown:
-                raise self._fail(
-                    "generate(inputs_embeds=...) gives the prompt as embeddings: its token ids are unknown, and a "
-                    "capture records the tokens it proves. Pass input_ids"
-                )
-            if self._prefill_q != width:
-                raise self._fail(
-                    f"the prompt's forward(s) covered {self._prefill_q} positions but the prompt has {width} "
-                    f"(assisted decoding runs the prompt with drafted tokens); use mode='full'"
-                )
-            for unit in list(self.engine.units.values()):
-                unit.seal()
+            self._steps.count_call(input_ids)
         else:
-            if width != self._prompt_len + k:
-                raise self._fail(f"step {k} saw {width} tokens, expected {self._prompt_len + k}")
-            if self._pending:
-                last = input_ids[:, -1].tolist()
-                for unit in self._pending:
-                    token = unit.token_ids[-1] if unit.token_ids else None
-                    if token != int(last[unit.info["row"]]):
-                        raise self._fail(
-                            f"step {k}, row {unit.info['row']}: the forward consumed token {token}, the "
-                            f"processor sees {int(last[unit.info['row']])}"
-                        )
-                    unit.seal()
-            self._pending = []
-        self._calls += 1
-        self._forwards_since_call = 0
+            self._steps.commit_call(input_ids)
         return scores
 
     # -- finalize ---------------------------------------------------------------------------------
@@ -278,7 +182,7 @@ class CaptureLogitsProcessor(LogitsProcessor):
                 raise CaptureError("this CaptureLogitsProcessor was closed before finalize(); nothing was emitted")
             if self._error is not None:
                 raise self._error
-            if not self._calls:
+            if not self._steps.calls:
                 raise CaptureError(
                     "generate() never called this processor: pass it as "
                     "logits_processor=LogitsProcessorList([proc]) to the generate() call to capture"
@@ -290,12 +194,12 @@ class CaptureLogitsProcessor(LogitsProcessor):
                     f"got {type(out).__name__}"
                 )
             sequences = sequences.to("cpu")
-            if self._prompt_ids_unknown:
+            if self._steps.prompt_ids_unknown:
                 raise CaptureError(
                     "generate(inputs_embeds=...) returns only the generated tokens, so the prompt's token ids are "
                     "unknown and mode='full' cannot run the whole sequence; pass input_ids. Nothing was emitted"
                 )
-            prompt_len = int(self._prompt_len or 0)
+            prompt_len = int(self._steps.prompt_len or 0)
             if sequences.shape[1] <= prompt_len:
                 raise CaptureError(f"the sequences have {sequences.shape[1]} tokens, the prompt alone {prompt_len}")
             if self.mode == "steps":
@@ -317,11 +221,10 @@ class CaptureLogitsProcessor(LogitsProcessor):
         return gen
 
     def _reconcile_steps(self, sequences: torch.Tensor, prompt_len: int) -> None:
-        for unit in self._pending:  # a last forward no processor call followed
-            self.engine.drop(unit)
-        self._pending = []
-        if sequences.shape[0] != self._batch:
-            raise CaptureError(f"generate returned {sequences.shape[0]} sequences; the capture saw {self._batch} rows")
+        self._steps.drop_pending()  # a last forward no processor call followed
+        batch = self._steps.batch
+        if sequences.shape[0] != batch:
+            raise CaptureError(f"generate returned {sequences.shape[0]} sequences; the capture saw {batch} rows")
         n = sequences.shape[1] - prompt_len
         for r in range(sequences.shape[0]):
             gen = self._generated(sequences, prompt_len, r)
@@ -344,14 +247,9 @@ class CaptureLogitsProcessor(LogitsProcessor):
 
     def _run_full(self, sequences: torch.Tensor, prompt_len: int) -> None:
         rows = sequences.shape[0]
-        per_prompt = max(1, (self._batch or rows) // self._settings.expand)
+        per_prompt = max(1, (self._steps.batch or rows) // self._settings.expand)
         returns = max(1, rows // per_prompt)
-        prompt_mask = None  # the real columns of each prompt row (left padding), from the prompt's forwards
-        if any(m is not None for _, m in self._prompt_masks):
-            parts = [
-                m if m is not None else torch.ones(self._batch, q, dtype=torch.bool) for q, m in self._prompt_masks
-            ]
-            prompt_mask = torch.cat(parts, dim=1)[:, :prompt_len]
+        prompt_mask = self._steps.prompt_mask(prompt_len)
         device = next((p.device for p in self.model.parameters() if p.device.type != "meta"), torch.device("cpu"))
         pad = self._settings.pad
         for r in range(rows):
@@ -384,4 +282,4 @@ class CaptureLogitsProcessor(LogitsProcessor):
             unit.seal()
 
     def _metadata(self, prompt_len: int) -> dict[str, Any]:
-        return self._settings.metadata(prompt_length=prompt_len, steps=self._calls, rows=self._batch)
+        return self._settings.metadata(prompt_length=prompt_len, steps=self._steps.calls, rows=self._steps.batch)

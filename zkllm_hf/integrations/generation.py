@@ -18,8 +18,9 @@ import torch
 from torch import nn
 from transformers import LogitsProcessor
 
-from ..engine import CaptureEngine, CaptureError, CaptureResult, ForwardInputs, Route, UnitRecorder
+from ..engine import CaptureEngine, CaptureError, CaptureResult, ForwardInputs, Route
 from .generate_config import GenerationSettings, refuse_config
+from .generate_finalize import FullForwards, reconcile_steps, returned_sequences
 from .generate_probe import can_watch, watch_generate
 from .generate_steps import StepRouter
 
@@ -87,7 +88,7 @@ class CaptureLogitsProcessor(LogitsProcessor):
         self._generations = 0
         self._settings = GenerationSettings(model)
         self._steps = StepRouter(self.engine, mode, self._settings, self._fail)
-        self._full_unit: UnitRecorder | None = None
+        self._full = FullForwards(model, self.engine, pad_to)
         self._error: BaseException | None = None
         self._closed = False
         self.engine.attach(self._plan)
@@ -151,8 +152,8 @@ class CaptureLogitsProcessor(LogitsProcessor):
     # -- routing ----------------------------------------------------------------------------------
 
     def _plan(self, fwd: ForwardInputs) -> list[Route]:
-        if self._full_unit is not None:  # finalize's own forward in mode="full"
-            return [Route(0, slice(0, fwd.q), self._full_unit)]
+        if self._full.unit is not None:  # finalize's own forward in mode="full"
+            return self._full.route(fwd)
         if not self._armed or self._error is not None:
             return []
         return self._steps.plan(fwd)
@@ -187,13 +188,7 @@ class CaptureLogitsProcessor(LogitsProcessor):
                     "generate() never called this processor: pass it as "
                     "logits_processor=LogitsProcessorList([proc]) to the generate() call to capture"
                 )
-            sequences = getattr(out, "sequences", out)
-            if not isinstance(sequences, torch.Tensor) or sequences.dim() != 2:
-                raise TypeError(
-                    f"finalize() takes what generate() returned (a tensor or a GenerateOutput), "
-                    f"got {type(out).__name__}"
-                )
-            sequences = sequences.to("cpu")
+            sequences = returned_sequences(out)
             if self._steps.prompt_ids_unknown:
                 raise CaptureError(
                     "generate(inputs_embeds=...) returns only the generated tokens, so the prompt's token ids are "
@@ -211,75 +206,23 @@ class CaptureLogitsProcessor(LogitsProcessor):
         finally:
             self.close()
 
-    def _generated(self, sequences: torch.Tensor, prompt_len: int, row: int) -> list[int]:
-        """Row ``row``'s generated tokens up to and including the first EOS."""
-        gen = [int(t) for t in sequences[row, prompt_len:].tolist()]
-        eos = self._settings.eos
-        for j, t in enumerate(gen):
-            if t in eos:
-                return gen[: j + 1]
-        return gen
-
     def _reconcile_steps(self, sequences: torch.Tensor, prompt_len: int) -> None:
         self._steps.drop_pending()  # a last forward no processor call followed
-        batch = self._steps.batch
-        if sequences.shape[0] != batch:
-            raise CaptureError(f"generate returned {sequences.shape[0]} sequences; the capture saw {batch} rows")
-        n = sequences.shape[1] - prompt_len
-        for r in range(sequences.shape[0]):
-            gen = self._generated(sequences, prompt_len, r)
-            ended = bool(gen) and gen[-1] in self._settings.eos
-            last = len(gen) - 1 if ended else n - 1  # forward k consumes token k-1; the last is never forwarded
-            steps = {k for (s, k) in self.engine.units if s == r and k}
-            for k in sorted(steps - set(range(1, last + 1))):  # undone steps (deferred stop checks)
-                self.engine.drop(self.engine.units[(r, k)])
-            missing = sorted(set(range(1, last + 1)) - steps)
-            if missing:
-                raise CaptureError(f"sample {r}: decode steps {missing[:5]} were not captured; nothing was emitted")
-            for k in range(1, last + 1):
-                token = self.engine.units[(r, k)].token_ids
-                if token != [gen[k - 1]]:
-                    raise CaptureError(f"sample {r} step {k}: captured token {token}, the sequence has {gen[k - 1]}")
-        group = self._settings.returns
-        for r in range(sequences.shape[0]):
-            if r % group:  # the prompt's rows are identical: computed once, shared
-                self.engine.clone(self.engine.units[(r - r % group, 0)], r)
+        settings = self._settings
+        reconcile_steps(
+            self.engine, sequences, prompt_len, rows=self._steps.batch, eos=settings.eos, returns=settings.returns
+        )
 
     def _run_full(self, sequences: torch.Tensor, prompt_len: int) -> None:
-        rows = sequences.shape[0]
-        per_prompt = max(1, (self._steps.batch or rows) // self._settings.expand)
-        returns = max(1, rows // per_prompt)
-        prompt_mask = self._steps.prompt_mask(prompt_len)
-        device = next((p.device for p in self.model.parameters() if p.device.type != "meta"), torch.device("cpu"))
-        pad = self._settings.pad
-        for r in range(rows):
-            prompt_row = (r // returns) * self._settings.expand
-            prompt = sequences[r, :prompt_len]
-            if prompt_mask is not None:
-                prompt = prompt[prompt_mask[prompt_row]]
-            gen = self._generated(sequences, prompt_len, r)
-            ids = [int(t) for t in prompt.tolist()] + gen
-            real = len(ids)
-            unit = self.engine.unit(r, 0, "full")
-            unit.info.update(row=r, prompt_index=r // returns)
-            unit.prompt_token_count, unit.generated_token_count = real - len(gen), len(gen)
-            if self.pad_to is not None:
-                if real > self.pad_to:
-                    raise CaptureError(
-                        f"sample {r}: {real} tokens (prompt and generated) exceed pad_to={self.pad_to}; raise pad_to "
-                        f"or lower max_new_tokens"
-                    )
-                if pad is None:
-                    raise CaptureError("pad_to needs a pad or EOS token id in the generation config")
-                ids += [pad] * (self.pad_to - real)
-                unit.pad_token_id = pad
-            self._full_unit = unit
-            try:
-                with torch.inference_mode():
-                    self.model(input_ids=torch.tensor([ids], device=device), use_cache=False)
-            finally:
-                self._full_unit = None
-            unit.seal()
+        self._full.run(
+            sequences,
+            prompt_len,
+            batch=self._steps.batch,
+            expand=self._settings.expand,
+            prompt_mask=self._steps.prompt_mask(prompt_len),
+            eos=self._settings.eos,
+            pad=self._settings.pad,
+        )
 
     def _metadata(self, prompt_len: int) -> dict[str, Any]:
         return self._settings.metadata(prompt_length=prompt_len, steps=self._steps.calls, rows=self._steps.batch)

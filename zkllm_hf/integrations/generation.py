@@ -5,6 +5,11 @@ scores)`` only: it never sees the model. So the processor takes the model when i
 engine's hooks then (the prompt's forward runs before the first processor call), and arms them when
 ``generate`` builds its processor list with this object in it. Each processor call commits the step whose
 forward just ran; forwards that no call follows (``synced_gpus``, undone steps) are dropped.
+
+This module is the processor's public face and its lifetime; it composes the parts that do the work:
+``generate_probe`` (seeing a generate() call begin), ``generate_config`` (what its config asks for, and what a
+mode refuses), ``generate_steps`` (which forward's rows go to which unit, and the step commits) and
+``generate_finalize`` (the reconciliation with the returned sequences, and the ``full`` forwards).
 """
 
 from __future__ import annotations
@@ -27,6 +32,19 @@ from .generate_steps import StepRouter
 logger = logging.getLogger(__name__)
 
 MODES = ("prefill", "full", "steps")
+
+
+def check_arguments(mode: str, pad_to: int | None) -> None:
+    """Raise ValueError for a ``mode`` or ``pad_to`` that the processor does not take."""
+    if mode not in MODES:
+        raise ValueError(f"mode {mode!r}: choose one of {', '.join(MODES)}")
+    if pad_to is not None and mode != "full":
+        raise ValueError(
+            f"pad_to={pad_to} applies to mode='full' only: the prompt and decode forwards are generate()'s "
+            f"own and cannot be padded. Use mode='full', or drop pad_to"
+        )
+    if pad_to is not None and pad_to <= 0:
+        raise ValueError(f"pad_to={pad_to}: give a positive token count")
 
 
 class CaptureLogitsProcessor(LogitsProcessor):
@@ -60,26 +78,15 @@ class CaptureLogitsProcessor(LogitsProcessor):
         extra_metadata: Mapping[str, Any] | None = None,
         residuals: str = "model",
     ):
-        if mode not in MODES:
-            raise ValueError(f"mode {mode!r}: choose one of {', '.join(MODES)}")
-        if pad_to is not None and mode != "full":
-            raise ValueError(
-                f"pad_to={pad_to} applies to mode='full' only: the prompt and decode forwards are generate()'s "
-                f"own and cannot be padded. Use mode='full', or drop pad_to"
-            )
-        if pad_to is not None and pad_to <= 0:
-            raise ValueError(f"pad_to={pad_to}: give a positive token count")
+        check_arguments(mode, pad_to)
         self.model = model
         self.mode = mode
         self.pad_to = pad_to
-        self.engine = CaptureEngine(
-            model,
+        self.engine = self._build_engine(
             out_dir,
-            mode=mode,
             layers=layers,
             scale_log2=scale_log2,
             overwrite=overwrite,
-            stepped=mode == "steps",
             extra_metadata=extra_metadata,
             residuals=residuals,
         )
@@ -93,6 +100,10 @@ class CaptureLogitsProcessor(LogitsProcessor):
         self._closed = False
         self.engine.attach(self._plan)
         self._restore_probe = self._install_probe()
+
+    def _build_engine(self, out_dir: str | os.PathLike[str], **options: Any) -> CaptureEngine:
+        """The capture's engine (the one place it is built)."""
+        return CaptureEngine(self.model, out_dir, mode=self.mode, stepped=self.mode == "steps", **options)
 
     # -- lifetime ---------------------------------------------------------------------------------
 

@@ -5,13 +5,17 @@ scores)`` only: it never sees the model. So the processor takes the model when i
 engine's hooks then (the prompt's forward runs before the first processor call), and arms them when
 ``generate`` builds its processor list with this object in it. Each processor call commits the step whose
 forward just ran; forwards that no call follows (``synced_gpus``, undone steps) are dropped.
+
+This module is the processor's public face and its lifetime; it composes the parts that do the work:
+``generate_probe`` (seeing a generate() call begin), ``generate_config`` (what its config asks for, and what a
+mode refuses), ``generate_steps`` (which forward's rows go to which unit, and the step commits) and
+``generate_finalize`` (the reconciliation with the returned sequences, and the ``full`` forwards).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -19,28 +23,28 @@ import torch
 from torch import nn
 from transformers import LogitsProcessor
 
-from ..engine import CaptureEngine, CaptureError, CaptureResult, ForwardInputs, Route, UnitRecorder
+from ..engine import CaptureEngine, CaptureError, CaptureResult, ForwardInputs, Route
+from .generate_config import GenerationSettings, refuse_config
+from .generate_finalize import FullForwards, reconcile_steps, returned_sequences
+from .generate_probe import can_watch, watch_generate
+from .generate_steps import StepRouter
 
 logger = logging.getLogger(__name__)
 
 MODES = ("prefill", "full", "steps")
-_CONFIG_FIELDS = (
-    "do_sample",
-    "temperature",
-    "top_p",
-    "top_k",
-    "min_p",
-    "repetition_penalty",
-    "num_beams",
-    "num_return_sequences",
-    "max_new_tokens",
-    "max_length",
-    "min_new_tokens",
-    "use_cache",
-    "cache_implementation",
-    "prefill_chunk_size",
-    "prompt_lookup_num_tokens",
-)
+
+
+def check_arguments(mode: str, pad_to: int | None) -> None:
+    """Raise ValueError for a ``mode`` or ``pad_to`` that the processor does not take."""
+    if mode not in MODES:
+        raise ValueError(f"mode {mode!r}: choose one of {', '.join(MODES)}")
+    if pad_to is not None and mode != "full":
+        raise ValueError(
+            f"pad_to={pad_to} applies to mode='full' only: the prompt and decode forwards are generate()'s "
+            f"own and cannot be padded. Use mode='full', or drop pad_to"
+        )
+    if pad_to is not None and pad_to <= 0:
+        raise ValueError(f"pad_to={pad_to}: give a positive token count")
 
 
 class CaptureLogitsProcessor(LogitsProcessor):
@@ -74,50 +78,32 @@ class CaptureLogitsProcessor(LogitsProcessor):
         extra_metadata: Mapping[str, Any] | None = None,
         residuals: str = "model",
     ):
-        if mode not in MODES:
-            raise ValueError(f"mode {mode!r}: choose one of {', '.join(MODES)}")
-        if pad_to is not None and mode != "full":
-            raise ValueError(
-                f"pad_to={pad_to} applies to mode='full' only: the prompt and decode forwards are generate()'s "
-                f"own and cannot be padded. Use mode='full', or drop pad_to"
-            )
-        if pad_to is not None and pad_to <= 0:
-            raise ValueError(f"pad_to={pad_to}: give a positive token count")
+        check_arguments(mode, pad_to)
         self.model = model
         self.mode = mode
         self.pad_to = pad_to
-        self.engine = CaptureEngine(
-            model,
+        self.engine = self._build_engine(
             out_dir,
-            mode=mode,
             layers=layers,
             scale_log2=scale_log2,
             overwrite=overwrite,
-            stepped=mode == "steps",
             extra_metadata=extra_metadata,
             residuals=residuals,
         )
         self.result: CaptureResult | None = None
         self._armed = False
         self._generations = 0
-        self._config: Any = None
-        self._compile_forced = False
-        self._calls = 0  # processor calls so far: the step the next forward belongs to
-        self._forwards_since_call = 0
-        self._batch: int | None = None  # rows of the prompt's forward, after generate's expansion
-        self._prefill_q = 0  # prompt positions covered by the forwards before the first call
-        self._prompt_masks: list[
-            tuple[int, torch.Tensor | None]
-        ] = []  # (positions, real-token mask) per prompt forward
-        self._prompt_len: int | None = None
-        self._prompt_ids_unknown = False  # the prompt came as inputs_embeds
-        self._done: list[bool] = []
-        self._pending: list[UnitRecorder] = []  # decode units of the forward awaiting its processor call
-        self._full_unit: UnitRecorder | None = None
+        self._settings = GenerationSettings(model)
+        self._steps = StepRouter(self.engine, mode, self._settings, self._fail)
+        self._full = FullForwards(model, self.engine, pad_to)
         self._error: BaseException | None = None
         self._closed = False
         self.engine.attach(self._plan)
         self._restore_probe = self._install_probe()
+
+    def _build_engine(self, out_dir: str | os.PathLike[str], **options: Any) -> CaptureEngine:
+        """The capture's engine (the one place it is built)."""
+        return CaptureEngine(self.model, out_dir, mode=self.mode, stepped=self.mode == "steps", **options)
 
     # -- lifetime ---------------------------------------------------------------------------------
 
@@ -141,8 +127,8 @@ class CaptureLogitsProcessor(LogitsProcessor):
     def _install_probe(self):
         """Learn that a generate() with this processor has begun: generate calls the model's
         ``_get_logits_processor`` once, before any forward, with its generation config and the user's
-        processor list. One shared probe per model serves every live processor (see :func:`_probe`)."""
-        if getattr(self.model, "_get_logits_processor", None) is None:
+        processor list. One shared probe per model serves every live processor (see :mod:`.generate_probe`)."""
+        if not can_watch(self.model):
             logger.warning(
                 "%s has no _get_logits_processor: cannot see the generation config; capturing every forward "
                 "from now on",
@@ -150,7 +136,7 @@ class CaptureLogitsProcessor(LogitsProcessor):
             )
             self._armed = True
             return lambda: None
-        return _probe(self.model, self)
+        return watch_generate(self.model, self._observe)
 
     def _observe(self, config: Any, user: Any) -> None:
         """Called by the model's probe at the start of every generate() call."""
@@ -170,111 +156,18 @@ class CaptureLogitsProcessor(LogitsProcessor):
                 "one for each call"
             )
         self._generations += 1
-        beams = int(getattr(config, "num_beams", 1) or 1)
-        assisted = bool(getattr(config, "prompt_lookup_num_tokens", None))
-        if self.mode == "steps" and beams > 1:
-            raise CaptureError(
-                f"mode='steps' with beam search (num_beams={beams}): the cache is reordered every step, so a "
-                f"row is not one hypothesis from step to step. Use mode='prefill' or mode='full'"
-            )
-        if self.mode in ("steps", "prefill") and assisted:
-            raise CaptureError(
-                f"mode={self.mode!r} with prompt-lookup decoding: each forward checks several drafted tokens, "
-                f"some later rejected, so forwards are not steps. Use mode='full'"
-            )
-        self._compile_forced = not bool(getattr(config, "disable_compile", False))
-        if config is not None:
-            config.disable_compile = True  # a compiled decode could bypass or replay the hooks
-        self._config = config
+        refuse_config(self.mode, config)
+        self._settings.adopt(config)
         self._armed = True
-
-    @property
-    def _expand(self) -> int:
-        """Rows per prompt after generate's expansion (num_beams or num_return_sequences)."""
-        c = self._config
-        return max(int(getattr(c, "num_beams", 1) or 1), int(getattr(c, "num_return_sequences", 1) or 1))
-
-    @property
-    def _returns(self) -> int:
-        return int(getattr(self._config, "num_return_sequences", 1) or 1)
-
-    @property
-    def _eos(self) -> set[int]:
-        c = self._config if self._config is not None else getattr(self.model, "generation_config", None)
-        eos = getattr(c, "_eos_token_tensor", None)
-        if eos is None:
-            eos = getattr(c, "eos_token_id", None)
-        if eos is None:
-            return set()
-        if isinstance(eos, torch.Tensor):
-            return {int(t) for t in eos.reshape(-1).tolist()}
-        return {int(eos)} if isinstance(eos, int) else {int(t) for t in eos}
-
-    @property
-    def _pad(self) -> int | None:
-        c = self._config if self._config is not None else getattr(self.model, "generation_config", None)
-        pad = getattr(c, "_pad_token_tensor", None)
-        if pad is None:
-            pad = getattr(c, "pad_token_id", None)
-        return None if pad is None else int(pad)
 
     # -- routing ----------------------------------------------------------------------------------
 
     def _plan(self, fwd: ForwardInputs) -> list[Route]:
-        if self._full_unit is not None:  # finalize's own forward in mode="full"
-            return [Route(0, slice(0, fwd.q), self._full_unit)]
+        if self._full.unit is not None:  # finalize's own forward in mode="full"
+            return self._full.route(fwd)
         if not self._armed or self._error is not None:
             return []
-        k = self._calls
-        self._forwards_since_call += 1
-        if k == 0 or not self._prompt_masks:  # the prompt's forward (or one of its chunks)
-            if self._batch is None:
-                self._batch = fwd.batch
-                self._done = [False] * fwd.batch
-            elif fwd.batch != self._batch:
-                raise self._fail(f"a prompt forward of {fwd.batch} rows followed one of {self._batch}")
-            self._prefill_q += fwd.q
-            self._prompt_masks.append((fwd.q, fwd.mask))
-            self._prompt_ids_unknown |= fwd.input_ids is None
-            if self.mode == "full" or k:
-                return []
-            group = self._expand if self.mode == "prefill" else self._returns
-            routes = []
-            for r in range(0, fwd.batch, group):  # rows duplicated before prefill are captured once
-                cols = fwd.real_columns(r)
-                if not fwd.width(cols):  # a chunk of this row's prompt that is all padding
-                    continue
-                unit = self.engine.unit(r // group if self.mode == "prefill" else r, 0, "prefill")
-                unit.info["row"] = r
-                routes.append(Route(r, cols, unit))
-            return routes
-        if self.mode != "steps":
-            return []
-        if fwd.past_length and fwd.q != 1:
-            raise self._fail(
-                f"a decode forward computed {fwd.q} positions at once (assisted or speculative decoding checks "
-                f"drafted tokens in one forward); mode='steps' needs one token per forward. Use mode='full'"
-            )
-        for unit in self._pending:  # a forward no processor call followed (synced_gpus): never committed
-            self.engine.drop(unit)
-        self._pending = []
-        if fwd.input_ids is None:
-            raise self._fail("a decode forward got inputs_embeds without input_ids; cannot tell its token")
-        consumed = fwd.input_ids[:, -1].tolist()
-        eos = self._eos
-        routes = []
-        for r, token in enumerate(consumed):
-            if self._done[r]:
-                continue
-            if int(token) in eos:  # the sample emitted EOS: no further steps
-                self._done[r] = True
-                continue
-            unit = self.engine.unit(r, k, "decode")
-            unit.info["row"] = r
-            unit.prompt_token_count, unit.generated_token_count = 0, 1
-            routes.append(Route(r, slice(fwd.q - 1, fwd.q), unit))
-            self._pending.append(unit)
-        return routes
+        return self._steps.plan(fwd)
 
     def _fail(self, message: str) -> CaptureError:
         self._error = CaptureError(f"nothing will be emitted: {message}")
@@ -286,47 +179,9 @@ class CaptureLogitsProcessor(LogitsProcessor):
         if self._error is not None:
             raise self._error
         if not self._armed or self.mode == "full":
-            if self._prompt_len is None:
-                self._prompt_len = int(input_ids.shape[1])
-            self._calls += 1
-            return scores
-        k, width = self._calls, int(input_ids.shape[1])
-        if not self._forwards_since_call:
-            raise self._fail(
-                f"generation step {k} reached the processor without a forward of the hooked model: assisted "
-                f"decoding (the assistant's steps call the processor too) or a compiled call that bypassed the "
-                f"hooks. Use mode='full'"
-            )
-        if k == 0:
-            self._prompt_len = width
-            if self._prompt_ids_unknown:
-                raise self._fail(
-                    "generate(inputs_embeds=...) gives the prompt as embeddings: its token ids are unknown, and a "
-                    "capture records the tokens it proves. Pass input_ids"
-                )
-            if self._prefill_q != width:
-                raise self._fail(
-                    f"the prompt's forward(s) covered {self._prefill_q} positions but the prompt has {width} "
-                    f"(assisted decoding runs the prompt with drafted tokens); use mode='full'"
-                )
-            for unit in list(self.engine.units.values()):
-                unit.seal()
+            self._steps.count_call(input_ids)
         else:
-            if width != self._prompt_len + k:
-                raise self._fail(f"step {k} saw {width} tokens, expected {self._prompt_len + k}")
-            if self._pending:
-                last = input_ids[:, -1].tolist()
-                for unit in self._pending:
-                    token = unit.token_ids[-1] if unit.token_ids else None
-                    if token != int(last[unit.info["row"]]):
-                        raise self._fail(
-                            f"step {k}, row {unit.info['row']}: the forward consumed token {token}, the "
-                            f"processor sees {int(last[unit.info['row']])}"
-                        )
-                    unit.seal()
-            self._pending = []
-        self._calls += 1
-        self._forwards_since_call = 0
+            self._steps.commit_call(input_ids)
         return scores
 
     # -- finalize ---------------------------------------------------------------------------------
@@ -339,163 +194,46 @@ class CaptureLogitsProcessor(LogitsProcessor):
                 raise CaptureError("this CaptureLogitsProcessor was closed before finalize(); nothing was emitted")
             if self._error is not None:
                 raise self._error
-            if not self._calls:
+            if not self._steps.calls:
                 raise CaptureError(
                     "generate() never called this processor: pass it as "
                     "logits_processor=LogitsProcessorList([proc]) to the generate() call to capture"
                 )
-            sequences = getattr(out, "sequences", out)
-            if not isinstance(sequences, torch.Tensor) or sequences.dim() != 2:
-                raise TypeError(
-                    f"finalize() takes what generate() returned (a tensor or a GenerateOutput), "
-                    f"got {type(out).__name__}"
-                )
-            sequences = sequences.to("cpu")
-            if self._prompt_ids_unknown:
+            sequences = returned_sequences(out)
+            if self._steps.prompt_ids_unknown:
                 raise CaptureError(
                     "generate(inputs_embeds=...) returns only the generated tokens, so the prompt's token ids are "
                     "unknown and mode='full' cannot run the whole sequence; pass input_ids. Nothing was emitted"
                 )
-            prompt_len = int(self._prompt_len or 0)
+            prompt_len = int(self._steps.prompt_len or 0)
             if sequences.shape[1] <= prompt_len:
                 raise CaptureError(f"the sequences have {sequences.shape[1]} tokens, the prompt alone {prompt_len}")
             if self.mode == "steps":
                 self._reconcile_steps(sequences, prompt_len)
             elif self.mode == "full":
                 self._run_full(sequences, prompt_len)
-            self.result = self.engine.commit(dataset_metadata={"generation": self._generation_metadata(prompt_len)})
+            self.result = self.engine.commit(dataset_metadata={"generation": self._metadata(prompt_len)})
             return self.result
         finally:
             self.close()
 
-    def _generated(self, sequences: torch.Tensor, prompt_len: int, row: int) -> list[int]:
-        """Row ``row``'s generated tokens up to and including the first EOS."""
-        gen = [int(t) for t in sequences[row, prompt_len:].tolist()]
-        eos = self._eos
-        for j, t in enumerate(gen):
-            if t in eos:
-                return gen[: j + 1]
-        return gen
-
     def _reconcile_steps(self, sequences: torch.Tensor, prompt_len: int) -> None:
-        for unit in self._pending:  # a last forward no processor call followed
-            self.engine.drop(unit)
-        self._pending = []
-        if sequences.shape[0] != self._batch:
-            raise CaptureError(f"generate returned {sequences.shape[0]} sequences; the capture saw {self._batch} rows")
-        n = sequences.shape[1] - prompt_len
-        for r in range(sequences.shape[0]):
-            gen = self._generated(sequences, prompt_len, r)
-            ended = bool(gen) and gen[-1] in self._eos
-            last = len(gen) - 1 if ended else n - 1  # forward k consumes token k-1; the last is never forwarded
-            steps = {k for (s, k) in self.engine.units if s == r and k}
-            for k in sorted(steps - set(range(1, last + 1))):  # undone steps (deferred stop checks)
-                self.engine.drop(self.engine.units[(r, k)])
-            missing = sorted(set(range(1, last + 1)) - steps)
-            if missing:
-                raise CaptureError(f"sample {r}: decode steps {missing[:5]} were not captured; nothing was emitted")
-            for k in range(1, last + 1):
-                token = self.engine.units[(r, k)].token_ids
-                if token != [gen[k - 1]]:
-                    raise CaptureError(f"sample {r} step {k}: captured token {token}, the sequence has {gen[k - 1]}")
-        group = self._returns
-        for r in range(sequences.shape[0]):
-            if r % group:  # the prompt's rows are identical: computed once, shared
-                self.engine.clone(self.engine.units[(r - r % group, 0)], r)
+        self._steps.drop_pending()  # a last forward no processor call followed
+        settings = self._settings
+        reconcile_steps(
+            self.engine, sequences, prompt_len, rows=self._steps.batch, eos=settings.eos, returns=settings.returns
+        )
 
     def _run_full(self, sequences: torch.Tensor, prompt_len: int) -> None:
-        rows = sequences.shape[0]
-        per_prompt = max(1, (self._batch or rows) // self._expand)
-        returns = max(1, rows // per_prompt)
-        prompt_mask = None  # the real columns of each prompt row (left padding), from the prompt's forwards
-        if any(m is not None for _, m in self._prompt_masks):
-            parts = [
-                m if m is not None else torch.ones(self._batch, q, dtype=torch.bool) for q, m in self._prompt_masks
-            ]
-            prompt_mask = torch.cat(parts, dim=1)[:, :prompt_len]
-        device = next((p.device for p in self.model.parameters() if p.device.type != "meta"), torch.device("cpu"))
-        pad = self._pad
-        for r in range(rows):
-            prompt_row = (r // returns) * self._expand
-            prompt = sequences[r, :prompt_len]
-            if prompt_mask is not None:
-                prompt = prompt[prompt_mask[prompt_row]]
-            gen = self._generated(sequences, prompt_len, r)
-            ids = [int(t) for t in prompt.tolist()] + gen
-            real = len(ids)
-            unit = self.engine.unit(r, 0, "full")
-            unit.info.update(row=r, prompt_index=r // returns)
-            unit.prompt_token_count, unit.generated_token_count = real - len(gen), len(gen)
-            if self.pad_to is not None:
-                if real > self.pad_to:
-                    raise CaptureError(
-                        f"sample {r}: {real} tokens (prompt and generated) exceed pad_to={self.pad_to}; raise pad_to "
-                        f"or lower max_new_tokens"
-                    )
-                if pad is None:
-                    raise CaptureError("pad_to needs a pad or EOS token id in the generation config")
-                ids += [pad] * (self.pad_to - real)
-                unit.pad_token_id = pad
-            self._full_unit = unit
-            try:
-                with torch.inference_mode():
-                    self.model(input_ids=torch.tensor([ids], device=device), use_cache=False)
-            finally:
-                self._full_unit = None
-            unit.seal()
-
-    def _generation_metadata(self, prompt_len: int) -> dict[str, Any]:
-        c = self._config
-        meta: dict[str, Any] = {"observed": c is not None}
-        if c is not None:
-            for name in _CONFIG_FIELDS:
-                value = getattr(c, name, None)
-                meta[name] = value if isinstance(value, (int, float, str, bool, type(None))) else str(value)
-        meta.update(
-            eos_token_id=sorted(self._eos),
-            pad_token_id=self._pad,
-            disable_compile=True,
-            disable_compile_forced=self._compile_forced,
-            prompt_length=prompt_len,
-            steps=self._calls,
-            rows=self._batch,
+        self._full.run(
+            sequences,
+            prompt_len,
+            batch=self._steps.batch,
+            expand=self._settings.expand,
+            prompt_mask=self._steps.prompt_mask(prompt_len),
+            eos=self._settings.eos,
+            pad=self._settings.pad,
         )
-        if meta.get("do_sample"):
-            meta["seed"] = torch.initial_seed()  # torch's default generator, which sampling draws from
-        return meta
 
-
-# One probe per model, shared by its live processors, so that closing them in any order restores the model.
-_LIVE: weakref.WeakKeyDictionary[nn.Module, list[CaptureLogitsProcessor]] = weakref.WeakKeyDictionary()
-_NAME = "_get_logits_processor"
-
-
-def _probe(model: nn.Module, proc: CaptureLogitsProcessor):
-    """Register ``proc`` with ``model``'s probe (installing it for the first processor); return its removal."""
-    live = _LIVE.get(model)
-    if live is None:
-        live = _LIVE[model] = []
-        own = vars(model).get(_NAME)  # someone else's instance attribute, put back when the last one leaves
-        original = getattr(model, _NAME)
-
-        def probe(*args: Any, **kwargs: Any) -> Any:
-            config = kwargs.get("generation_config", args[0] if args else None)
-            user = kwargs.get("logits_processor", args[4] if len(args) > 4 else None)
-            for p in list(_LIVE.get(model, ())):
-                p._observe(config, user)
-            return original(*args, **kwargs)
-
-        probe.restore = lambda: setattr(model, _NAME, own) if own is not None else vars(model).pop(_NAME, None)
-        setattr(model, _NAME, probe)
-    live.append(proc)
-
-    def remove() -> None:
-        if proc in live:
-            live.remove(proc)
-        if not live:
-            probe_now = vars(model).get(_NAME)
-            _LIVE.pop(model, None)
-            if probe_now is not None and hasattr(probe_now, "restore"):
-                probe_now.restore()
-
-    return remove
+    def _metadata(self, prompt_len: int) -> dict[str, Any]:
+        return self._settings.metadata(prompt_length=prompt_len, steps=self._steps.calls, rows=self._steps.batch)

@@ -20,12 +20,12 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # (what the bug does, file, the exact text it replaces, the text it plants)
 MUTANTS = [
-    ("the gate never runs the chain check", "zkllm_hf/engine.py",
+    ("the gate never runs the chain check", "zkllm_hf/unit.py",
      'previous=None if previous is None else {"block_output": previous},', "previous=None,"),
-    ("the gate skips the pandera manifest schema", "zkllm_hf/engine.py",
+    ("the gate skips the pandera manifest schema", "zkllm_hf/gate.py",
      'skip = frozenset() if flat else frozenset({"manifest_schema"})', 'skip = frozenset({"manifest_schema"})'),
-    ("the gate skips re-reading the staged files (integrity, range)", "zkllm_hf/engine.py",
-     "+ run_file_checks(contract, staging.path / u.folder, rows)", "+ []"),
+    ("the gate skips re-reading the staged files (integrity, range)", "zkllm_hf/gate.py",
+     "file_checks = run_file_checks(contract, root / u.folder, rows)", "file_checks = []"),
     ("the range check ignores int_min", "zkllm_hf/contracts/file_checks.py",
      'ok = (lo, hi) == (row["int_min"], row["int_max"]) and lo > -(2**31)', 'ok = hi == row["int_max"]'),
     ("attach() leaves hooks behind when a registration fails", "zkllm_hf/hooks.py",
@@ -70,6 +70,14 @@ MUTANTS = [
     ("the registry runs no entry of the dataset scope", "zkllm_hf/contracts/registry.py",
      "    return contract.entries(scope=scope)",
      '    return () if scope == "dataset" else contract.entries(scope=scope)'),
+    # issue 16: the seams of the engine's split (options, sink, gate)
+    ("a layer spec is not checked against the model's layer count", "zkllm_hf/options.py",
+     "n = num_layers() if callable(num_layers) else num_layers", "n = 1 << 20"),
+    ("the in-memory sink drops a point", "zkllm_hf/sink.py",
+     "self._parts.setdefault(point_of_file(name), []).append(part)",
+     'self._parts.setdefault(point_of_file(name), []).append(part) if "attn-output" not in name else None'),
+    ("the gate skips the dataset index's checks", "zkllm_hf/gate.py",
+     "bad = [r for r in gated.index_results if r.failed]", "bad = []"),
 ]
 
 

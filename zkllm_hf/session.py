@@ -13,6 +13,7 @@ from typing import Any
 from torch import nn
 
 from .engine import CaptureEngine, CaptureError, CaptureResult, ForwardInputs, Route
+from .options import CaptureOptions
 
 __all__ = ["CaptureError", "CaptureResult", "CaptureSession"]
 
@@ -34,29 +35,31 @@ class CaptureSession:
         extra_metadata: Mapping[str, Any] | None = None,
         contract: str = "v1",
         residuals: str = "model",
+        options: CaptureOptions | None = None,
     ):
-        self.engine = CaptureEngine(
-            model,
-            out_dir,
-            mode="forward",
-            layers=layers,
-            scale_log2=scale_log2,
-            overwrite=overwrite,
-            progress=progress,
-            extra_metadata=extra_metadata,
-            contract=contract,
-            residuals=residuals,
-        )
+        """``options`` (a :class:`~zkllm_hf.options.CaptureOptions` of mode ``"forward"``) replaces ``layers``,
+        ``scale_log2``, ``overwrite``, ``progress``, ``extra_metadata``, ``contract`` and ``residuals``."""
+        if options is None:
+            self.engine = CaptureEngine(
+                model,
+                out_dir,
+                mode="forward",
+                layers=layers,
+                scale_log2=scale_log2,
+                overwrite=overwrite,
+                progress=progress,
+                extra_metadata=extra_metadata,
+                contract=contract,
+                residuals=residuals,
+            )
+        else:
+            self.engine = CaptureEngine(model, out_dir, options=options)
         self.model = model
         self.layers = self.engine.layers
         self.prompt_length = prompt_length
         self.pad_token_id = pad_token_id
         self.result: CaptureResult | None = None
         self._forwards = 0
-
-    @property
-    def _hooks(self):  # the live hooks (tests count them)
-        return self.engine._hooks
 
     def __enter__(self) -> CaptureSession:
         self._forwards = 0

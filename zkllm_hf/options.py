@@ -1,0 +1,96 @@
+"""What a capture was asked for, resolved and checked once: :class:`CaptureOptions`.
+
+The entry points (``capture()``, ``capture_dataset()``, the integrations, the CLI) take the same keyword
+arguments; :meth:`CaptureOptions.build` turns them into one frozen value, with the layer spec parsed against
+the model's layer count, the residual mode and the scale checked, and the contract loaded. The layer
+coercion and the residual-mode check live here, once, as public functions the others call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import fixed_point as fp
+from .contracts import RESIDUAL_MODES, Contract, load_contract
+from .points import parse_layers
+
+__all__ = ["PADDABLE_MODES", "CaptureOptions", "check_residuals", "resolve_layers"]
+
+PADDABLE_MODES = frozenset({"forward", "full", "evaluate", "predict"})  # can the user pad these forwards?
+
+
+def check_residuals(residuals: str) -> str:
+    """Return ``residuals`` if it is a residual mode the capture knows, else raise naming the choices."""
+    if residuals not in RESIDUAL_MODES:
+        raise ValueError(
+            f"residuals={residuals!r}; one of {RESIDUAL_MODES}: 'model' writes the model's own residual stream, "
+            f"'exact-int' derives it in int32 from the sublayer outputs so zkLLM's skip steps reproduce it exactly"
+        )
+    return residuals
+
+
+def resolve_layers(layers: Sequence[int] | str | None, num_layers: int) -> list[int]:
+    """The sorted layer indices of ``layers`` (None: all; a spec such as ``"0-3,7"``; or indices), each
+    checked against ``num_layers``; an empty choice is refused."""
+    if layers is None or isinstance(layers, str):
+        chosen = parse_layers(layers, num_layers)
+    else:
+        chosen = parse_layers(",".join(str(int(i)) for i in layers), num_layers) if layers else []
+    if not chosen:
+        raise ValueError("layers is empty; pass None for every layer, or a spec such as '0-3,7'")
+    return chosen
+
+
+@dataclass(frozen=True)
+class CaptureOptions:
+    """One capture's settings, already checked: build it with :meth:`build`."""
+
+    mode: str
+    layers: tuple[int, ...]
+    scale_log2: int = 16
+    residuals: str = "model"
+    contract: Contract = field(default_factory=load_contract)
+    overwrite: bool = False
+    progress: bool = False
+    stepped: bool = False  # units are sample-{b}/step-{k}/ even for one sample
+    extra_metadata: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def paddable(self) -> bool:
+        """Whether the user can pad this mode's forwards (a zkLLM limit the capture does not meet is a hint)."""
+        return self.mode in PADDABLE_MODES
+
+    @classmethod
+    def build(
+        cls,
+        num_layers: int | Callable[[], int],
+        *,
+        mode: str,
+        layers: Sequence[int] | str | None = None,
+        scale_log2: int = 16,
+        overwrite: bool = False,
+        progress: bool = False,
+        stepped: bool = False,
+        extra_metadata: Mapping[str, Any] | None = None,
+        contract: str = "v1",
+        residuals: str = "model",
+    ) -> CaptureOptions:
+        """The options of the keyword arguments the entry points take, checked in this order: scale, contract,
+        residual mode, then the layers against ``num_layers`` (an int, or a function asked only then)."""
+        scale = fp.check_scale(scale_log2)
+        loaded = load_contract(contract)
+        check_residuals(residuals)
+        n = num_layers() if callable(num_layers) else num_layers
+        return cls(
+            mode=mode,
+            layers=tuple(resolve_layers(layers, n)),
+            scale_log2=scale,
+            residuals=residuals,
+            contract=loaded,
+            overwrite=overwrite,
+            progress=progress,
+            stepped=stepped,
+            extra_metadata=dict(extra_metadata or {}),
+        )

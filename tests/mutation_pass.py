@@ -66,6 +66,10 @@ MUTANTS = [
      "    check_metadata(meta, str(manifest))", "    pass"),
     ("capture-dataset leaves each unit's thread count to the process", "zkllm_hf/dataset.py",
      "with _intra_op_threads(threads):", "with _intra_op_threads(None):"),
+    # issue 16: the command line's one table of exit codes by error type
+    ("the exit-code table makes an input error an invalid capture (1, not 2)", "zkllm_hf/cli/exits.py",
+     "    ValueError: EXIT_USAGE,  # every other input error",
+     "    ValueError: EXIT_INVALID,  # every other input error"),
 ]
 
 

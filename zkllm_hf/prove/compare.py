@@ -15,9 +15,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from .. import fixed_point as fp
 from ..contracts import inside
 from ..dtypes import SOURCE_DTYPES
+from ..fixed_point import sum_tolerance
 from ..manifest import rows_digest
 from ..trust import trusted_contract
 
@@ -165,7 +165,7 @@ def _tolerance(
     dtype = SOURCE_DTYPES.get(str(row["source_dtype"]))
     if dtype is None:
         return _input_error(f"{what}: the manifest's source_dtype {row['source_dtype']!r} is not a float type")
-    tol = fp.sum_tolerance(b, dtype, int(row["scale_log2"]), **params)
+    tol = sum_tolerance(b, dtype, int(row["scale_log2"]), **params)
     return tol, f"within contract check {spec.name}'s tolerance"
 
 

@@ -55,10 +55,10 @@ MUTANTS = [
      "if stated.get(k) != truth[k] or type(stated.get(k)) is not type(truth[k])", "if False"),
     ("resume keeps a unit without re-running the model-free checks", "zkllm_hf/dataset.py",
      "failed = _validate(path.parent, None, progress=False).failures", "failed = []"),
-    ("plan writes through a symlink at --out", "zkllm_hf/prove.py",
+    ("plan writes through a symlink at --out", "zkllm_hf/prove/output.py",
      "    if stat.S_ISLNK(st.st_mode):\n        raise OutputRefused(\n            f\"{what} is a symbolic link; plan",
      "    if False:\n        raise OutputRefused(\n            f\"{what} is a symbolic link; plan"),
-    ("compare does not check the captured file's digest", "zkllm_hf/prove.py",
+    ("compare does not check the captured file's digest", "zkllm_hf/prove/compare.py",
      'if len(data) != int(row["byte_size"]) or digest != row["sha256"]:', "if False:"),
     ("the fingerprint hashes bitsandbytes' transient 4-bit packing", "zkllm_hf/provenance.py",
      'if cls == "Params4bit" and getattr(weight, "quant_state", None) is not None:', "if False:"),
@@ -78,6 +78,10 @@ MUTANTS = [
      'self._parts.setdefault(point_of_file(name), []).append(part) if "attn-output" not in name else None'),
     ("the gate skips the dataset index's checks", "zkllm_hf/gate.py",
      "bad = [r for r in gated.index_results if r.failed]", "bad = []"),
+    # issue 16: the command line's one table of exit codes by error type
+    ("the exit-code table makes an input error an invalid capture (1, not 2)", "zkllm_hf/cli/exits.py",
+     "    ValueError: EXIT_USAGE,  # every other input error",
+     "    ValueError: EXIT_INVALID,  # every other input error"),
 ]
 
 

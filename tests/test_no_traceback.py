@@ -534,12 +534,12 @@ def test_validate_refuses_a_model_that_is_not_llama_shaped(pristine, tmp_path, c
 def test_an_unexpected_exception_is_one_line_and_exit_3(pristine, capsys, monkeypatch):
     """A bug zkllm-hf does not foresee still gives one line (the exception's type, a request to report it)
     and exit 3; ZKLLM_HF_TRACEBACK=1 shows the traceback instead (as every other test here runs)."""
-    import zkllm_hf.cli as cli
+    import zkllm_hf.cli.check as check
 
     def broken(args):
         raise RuntimeError("something nobody foresaw\nsecond line")
 
-    monkeypatch.setattr(cli, "_cmd_inspect", broken)
+    monkeypatch.setattr(check, "cmd_inspect", broken)
     monkeypatch.delenv("ZKLLM_HF_TRACEBACK")
     line = one_error(capsys, ["inspect", str(pristine / "unit")], codes=(3,))
     assert "RuntimeError" in line and "something nobody foresaw" in line and "report" in line

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -11,6 +9,7 @@ from typing import Any
 from .contracts import CheckResult, ContractViolation
 from .dataset import DatasetResult, PromptsError, capture_dataset
 from .engine import CaptureError, CaptureResult
+from .errors import ZkllmHfError
 from .fixed_point import FixedPointError
 from .hooks import UnsupportedModelError
 from .metadata import MetadataError
@@ -24,6 +23,7 @@ from .validate import (
     load_capture,
     validate,
 )
+from .version import __version__
 
 
 def capture(
@@ -98,6 +98,7 @@ __all__ = [
     "ContractViolation",
     "FixedPointError",
     "UnsupportedModelError",
+    "ZkllmHfError",
     "__version__",
     "capture",
 ]

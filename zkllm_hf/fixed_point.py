@@ -16,13 +16,11 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import FixedPointError
+
 INT32_MAX = 2**31 - 1
 MIN_SCALE_LOG2 = 0
 MAX_SCALE_LOG2 = 30
-
-
-class FixedPointError(ValueError):
-    """A value cannot be stored as int32 at the requested scale (overflow, NaN or Inf)."""
 
 
 def check_scale(scale_log2: int) -> int:

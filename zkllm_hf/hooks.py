@@ -15,16 +15,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from .errors import UnsupportedModelError
 from .points import ARCHITECTURES, POINTS, SUPPORTED_MODEL_TYPES, CapturePoint
 from .weights import norm_params
 
 logger = logging.getLogger(__name__)
 
 OnCapture = Callable[[int, CapturePoint, torch.Tensor], None]
-
-
-class UnsupportedModelError(ValueError):
-    """The model's modules do not match the capture-point table."""
 
 
 @dataclass

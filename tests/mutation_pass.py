@@ -66,6 +66,10 @@ MUTANTS = [
      "    check_metadata(meta, str(manifest))", "    pass"),
     ("capture-dataset leaves each unit's thread count to the process", "zkllm_hf/dataset.py",
      "with _intra_op_threads(self.threads):", "with _intra_op_threads(None):"),
+    # issue 16: the seams of the split
+    ("the resume decision ignores a changed capture setting (layers, threads, the model)", "zkllm_hf/resume.py",
+     "    for key in want:\n        if got.get(key) != want[key]:",
+     '    for key in ("prompt",):\n        if got.get(key) != want[key]:'),
 ]
 
 

@@ -53,8 +53,8 @@ MUTANTS = [
      "pass"),
     ("the index's unit entries are not compared with their units", "zkllm_hf/contracts/dataset_checks.py",
      "if stated.get(k) != truth[k] or type(stated.get(k)) is not type(truth[k])", "if False"),
-    ("resume keeps a unit without re-running the model-free checks", "zkllm_hf/dataset.py",
-     "failed = _validate(path.parent, None, progress=False).failures", "failed = []"),
+    ("resume keeps a unit without re-running the model-free checks", "zkllm_hf/resume.py",
+     "failed = validate_folder(path.parent, None, progress=False).failures", "failed = []"),
     ("plan writes through a symlink at --out", "zkllm_hf/prove/output.py",
      "    if stat.S_ISLNK(st.st_mode):\n        raise OutputRefused(\n            f\"{what} is a symbolic link; plan",
      "    if False:\n        raise OutputRefused(\n            f\"{what} is a symbolic link; plan"),
@@ -65,7 +65,7 @@ MUTANTS = [
     ("the loader does not check the metadata readers rely on", "zkllm_hf/validate.py",
      "    check_metadata(meta, str(manifest))", "    pass"),
     ("capture-dataset leaves each unit's thread count to the process", "zkllm_hf/dataset.py",
-     "with _intra_op_threads(threads):", "with _intra_op_threads(None):"),
+     "with _intra_op_threads(self.threads):", "with _intra_op_threads(None):"),
     # issue 16: the contract package's registry
     ("the registry runs no entry of the dataset scope", "zkllm_hf/contracts/registry.py",
      "    return contract.entries(scope=scope)",
@@ -82,6 +82,10 @@ MUTANTS = [
     ("the exit-code table makes an input error an invalid capture (1, not 2)", "zkllm_hf/cli/exits.py",
      "    ValueError: EXIT_USAGE,  # every other input error",
      "    ValueError: EXIT_INVALID,  # every other input error"),
+    # issue 16: the seams of the dataset's split
+    ("the resume decision ignores a changed capture setting (layers, threads, the model)", "zkllm_hf/resume.py",
+     "    for key in want:\n        if got.get(key) != want[key]:",
+     '    for key in ("prompt",):\n        if got.get(key) != want[key]:'),
 ]
 
 

@@ -270,13 +270,13 @@ def test_the_gate_runs_the_same_dataset_checks(copy, tiny_dir, prompts_file, mon
     and refuses to write an index whose entry misstates a unit (here: every seq_len read one too long)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    import zkllm_hf.dataset as dataset_mod
+    import zkllm_hf.dataset_index as index_mod
     from zkllm_hf.contracts import ContractViolation, load_contract
 
     names = {c.name for c in load_contract("v1").scope("dataset")}
     assert {"dataset_index", "dataset_units", "dataset_prompts"} <= names
     (copy / "manifest.arrow").unlink()
-    real_read = dataset_mod.read_manifest
+    real_read = index_mod.read_manifest
 
     def misread(path):
         table, meta = real_read(path)
@@ -284,7 +284,7 @@ def test_the_gate_runs_the_same_dataset_checks(copy, tiny_dir, prompts_file, mon
         meta["tokens"]["seq_len"] += 1
         return table, meta
 
-    monkeypatch.setattr(dataset_mod, "read_manifest", misread)
+    monkeypatch.setattr(index_mod, "read_manifest", misread)
     model, tok = AutoModelForCausalLM.from_pretrained(tiny_dir), AutoTokenizer.from_pretrained(tiny_dir)
     with pytest.raises(ContractViolation, match="dataset_units"):
         zkllm_hf.capture_dataset(model, tok, prompts_file, copy, layers="0-2")

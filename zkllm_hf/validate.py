@@ -22,6 +22,7 @@ from .contracts import (
     RESIDUAL_MODES,
     CaptureSubject,
     CheckResult,
+    Contract,
     inside,
     load_contract,
     run_capture_checks,
@@ -292,10 +293,12 @@ def validate(
     """
     path = Path(path)
     clean_leftovers(path)  # a dead capture's staging or half-deleted old folder, beside this one
-    return _validate(path, model, progress=progress, trusted=contract)
+    return validate_folder(path, model, progress=progress, trusted=contract)
 
 
-def _contract_of(meta: Mapping[str, Any], trusted: str | None):
+def trusted_contract(meta: Mapping[str, Any], trusted: str | None) -> Contract:
+    """The contract a manifest's metadata names, loaded; one outside the package only if ``trusted`` names it
+    (a capture cannot choose a laxer contract for itself)."""
     folder = str(meta["contract"]["folder"])
     packaged = not ("/" in folder or os.sep in folder)
     if not packaged and (trusted is None or Path(trusted).resolve() != Path(folder).resolve()):
@@ -306,7 +309,7 @@ def _contract_of(meta: Mapping[str, Any], trusted: str | None):
     return load_contract(folder)
 
 
-def _validate(
+def validate_folder(
     path: Path,
     model: torch.nn.Module | None,
     *,
@@ -314,15 +317,17 @@ def _validate(
     fingerprint: Any = None,
     trusted: str | None = None,
 ) -> ValidationReport:
+    """:func:`validate`'s checks on one folder as it is (a unit or a dataset), leaving whatever is beside it.
+
+    ``fingerprint`` is a callable giving the model's weights fingerprint (shared by a dataset's units, so
+    it is computed once); ``trusted`` is the contract folder the caller trusts besides the packaged ones.
+    """
     try:
-        if (path / MANIFEST_NAME).is_file():  # a dataset is checked unit by unit, even if some are unreadable
-            table, meta = read_manifest(path / MANIFEST_NAME)
-            if meta.get("kind") == "dataset" and all(c in table.column_names for c in COLUMNS):
-                check_columns(table, str(path / MANIFEST_NAME))  # the index's columns and fields, before any
-                check_metadata(meta, str(path / MANIFEST_NAME))  # reader uses them
-                return _validate_dataset(path, table, meta, model, progress=progress, trusted=trusted)
+        index = _dataset_index(path)
+        if index is not None:  # a dataset is checked unit by unit, even if some are unreadable
+            return _validate_dataset(path, *index, model, progress=progress, trusted=trusted)
         cap = _load(path, check_paths=False)  # the contract's containment check names every unsafe row
-        contract = _contract_of(cap.metadata, trusted)
+        contract = trusted_contract(cap.metadata, trusted)
         scale = int(cap.metadata["capture"]["scale_log2"])
         layers = [int(x) for x in cap.metadata["capture"]["layers"]]
     except MetadataError as exc:  # metadata no reader can rely on: the capture is invalid, nothing else runs
@@ -330,32 +335,83 @@ def _validate(
     except (CaptureNotFinished, OSError, pa.ArrowInvalid, ValueError, KeyError, TypeError) as exc:
         return ValidationReport(path, [CheckResult("manifest", False, str(exc))])
     assert isinstance(cap, Capture)
-    meta, rows = cap.metadata, cap.manifest.to_pylist()
     if model is not None and fingerprint is None:
         fingerprint = functools.cache(lambda: provenance.weights_fingerprint(model))
+    return _validate_unit(cap, contract, scale, layers, model, progress=progress, fingerprint=fingerprint)
+
+
+# Deprecated aliases, for one release (prove.py still imports _contract_of).
+_contract_of = trusted_contract
+_validate = validate_folder
+
+
+def _dataset_index(path: Path) -> tuple[pa.Table, dict[str, Any]] | None:
+    """The folder's dataset index (its columns and metadata fields checked), or None if it is not a dataset's."""
+    if not (path / MANIFEST_NAME).is_file():
+        return None
+    table, meta = read_manifest(path / MANIFEST_NAME)
+    if meta.get("kind") != "dataset" or not all(c in table.column_names for c in COLUMNS):
+        return None
+    check_columns(table, str(path / MANIFEST_NAME))  # the index's columns and fields, before any
+    check_metadata(meta, str(path / MANIFEST_NAME))  # reader uses them
+    return table, meta
+
+
+def _validate_unit(
+    cap: Capture,
+    contract: Contract,
+    scale: int,
+    layers: list[int],
+    model: torch.nn.Module | None,
+    *,
+    progress: bool,
+    fingerprint: Any,
+) -> ValidationReport:
+    """One unit: the capture checks, then (if its format is this contract's) the file and layer checks."""
+    path, meta, rows = cap.path, cap.metadata, cap.manifest.to_pylist()
     subject = CaptureSubject(rows, cap.manifest, meta, path, model, fingerprint)
     results = run_capture_checks(contract, subject)
     report = ValidationReport(path, results, meta, rows)
     if any(r.check == "format_version" and r.failed for r in results):
         return report  # a format this contract does not describe: nothing else can be read reliably
     results += run_file_checks(contract, path, rows, progress=progress)
-    # The layer checks, on every file of the right size (a changed file also shows in what it breaks).
-    readable = {
-        key
-        for key, row in cap.rows.items()
-        if (p := inside(path, row["file"])) is not None
-        and p.is_file()
-        and p.stat().st_size == row["byte_size"] == row["rows"] * row["cols"] * 4  # else the schema check says so
-    }
     layout = find_layout(model) if model is not None else None
     try:
         residuals, drift = _residuals_of(meta)
     except (KeyError, TypeError, ValueError) as exc:
         report.results.append(CheckResult("manifest", False, f"unreadable residuals metadata: {exc}"))
         return report
+    layer_list = sorted(set(layers) | {r["layer"] for r in rows})
+    results += _layer_checks(cap, contract, scale, layer_list, layout, progress, residuals, drift)
+    return report
+
+
+def _readable(cap: Capture) -> set[tuple[int, str]]:
+    """The (layer, point) files of the right size (else the schema check says so; a changed file also shows in
+    what it breaks)."""
+    return {
+        key
+        for key, row in cap.rows.items()
+        if (p := inside(cap.path, row["file"])) is not None
+        and p.is_file()
+        and p.stat().st_size == row["byte_size"] == row["rows"] * row["cols"] * 4
+    }
+
+
+def _layer_checks(
+    cap: Capture,
+    contract: Contract,
+    scale: int,
+    layers: list[int],
+    layout: Any,
+    progress: bool,
+    residuals: str,
+    drift: Mapping[int, dict[str, dict[str, Any]]],
+) -> list[CheckResult]:
+    """The contract's layer checks (identities, norms, the chain) on every layer whose files are all readable."""
+    readable, results = _readable(cap), []
     previous: tuple[int, dict[str, torch.Tensor]] | None = None
-    all_layers = sorted(set(layers) | {r["layer"] for r in rows})
-    for layer in tqdm(all_layers, desc="identities", unit="layer", disable=None if progress else True):
+    for layer in tqdm(layers, desc="identities", unit="layer", disable=None if progress else True):
         tensors = {
             p.name: torch.from_numpy(np.array(cap.codes(layer, p.name))) for p in POINTS if (layer, p.name) in readable
         }
@@ -378,7 +434,7 @@ def _validate(
             recorded_drift=drift.get(layer, {}),
         )
         previous = (layer, tensors)
-    return report
+    return results
 
 
 def _residuals_of(meta: Mapping[str, Any]) -> tuple[str, dict[int, dict[str, dict[str, Any]]]]:
@@ -408,7 +464,7 @@ def _validate_dataset(
     trusted: str | None,
 ) -> ValidationReport:
     """The index (its capture checks), each unit on its own, and the contract's dataset checks."""
-    contract = _contract_of(meta, trusted)
+    contract = trusted_contract(meta, trusted)
     rows = table.to_pylist()
     subject = CaptureSubject(rows, table, meta, path)
     results = [replace(r, unit=".") for r in run_capture_checks(contract, subject, kinds=INDEX_KINDS)]
@@ -419,7 +475,7 @@ def _validate_dataset(
     entries = []
     for e in tqdm(_unit_entries(path, meta), desc="units", unit="unit", disable=None if progress else True):
         folder = e["folder"]
-        sub = _validate(path / folder, model, progress=False, fingerprint=fingerprint, trusted=trusted)
+        sub = validate_folder(path / folder, model, progress=False, fingerprint=fingerprint, trusted=trusted)
         results += [replace(r, unit=folder) for r in sub.results]
         entries.append(dict(e, rows=sub.rows, metadata=sub.metadata))
     results += run_dataset_checks(contract, path, rows, meta, entries)
@@ -433,5 +489,7 @@ __all__ = [
     "UnsafeManifestError",
     "ValidationReport",
     "load_capture",
+    "trusted_contract",
     "validate",
+    "validate_folder",
 ]

@@ -404,10 +404,7 @@ class StagingDir:
             os.fsync(fh.fileno())
             size = fh.seek(0, os.SEEK_END)
         for alias in aliases:
-            try:
-                os.link(path, path.with_name(alias))
-            except OSError:
-                shutil.copyfile(path, path.with_name(alias))
+            link_or_copy(path, path.with_name(alias))
         return WrittenFile(name, self._hashes.pop(name).hexdigest(), size)
 
     def remove(self, folder: str) -> None:
@@ -431,7 +428,7 @@ class StagingDir:
         self._pool.shutdown(wait=True)
         write_manifests(self.path)
         (self.path / PARTIAL_MARKER).unlink()
-        _fsync_dir(self.path)
+        fsync_dir(self.path)
         check_target(self.out_dir, self.overwrite)  # the target may have changed during the forward
         old = None
         if self.out_dir.exists():
@@ -443,7 +440,7 @@ class StagingDir:
             if old is not None:  # put the previous capture back
                 os.rename(old, self.out_dir)
             raise
-        _fsync_dir(self.out_dir.parent)
+        fsync_dir(self.out_dir.parent)
         self._closed = True
         if old is not None:  # unmark it first: a half-deleted old capture must never look finished
             (old / PARTIAL_MARKER).write_text("a replaced zkllm-hf capture being deleted\n")
@@ -464,7 +461,9 @@ class StagingDir:
         self._lock.release()
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a rename or creation inside ``path`` durable (best effort: a folder that cannot be opened or
+    synced, as on some filesystems, is left as it is)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -475,6 +474,17 @@ def _fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+_fsync_dir = fsync_dir  # deprecated alias, for one release
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    """``dst`` as a hard link to ``src``, or a copy of it where the filesystem cannot link."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
 
 
 def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 22) -> str:

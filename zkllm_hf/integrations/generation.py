@@ -24,8 +24,6 @@ from torch import nn
 from transformers import LogitsProcessor
 
 from ..engine import CaptureEngine, CaptureError, CaptureResult, ForwardInputs, Route
-from ..hooks import find_layout
-from ..options import CaptureOptions
 from .generate_config import GenerationSettings, refuse_config
 from .generate_finalize import FullForwards, reconcile_steps, returned_sequences
 from .generate_probe import can_watch, watch_generate
@@ -104,11 +102,8 @@ class CaptureLogitsProcessor(LogitsProcessor):
         self._restore_probe = self._install_probe()
 
     def _build_engine(self, out_dir: str | os.PathLike[str], **options: Any) -> CaptureEngine:
-        """The capture's engine (the one place it is built), from options resolved once."""
-        resolved = CaptureOptions.build(
-            lambda: len(find_layout(self.model).layers), mode=self.mode, stepped=self.mode == "steps", **options
-        )
-        return CaptureEngine(self.model, out_dir, options=resolved)
+        """The capture's engine (the one place it is built)."""
+        return CaptureEngine(self.model, out_dir, mode=self.mode, stepped=self.mode == "steps", **options)
 
     # -- lifetime ---------------------------------------------------------------------------------
 

@@ -44,7 +44,7 @@ MUTANTS = [
     ("validate ignores a contract entry's parameters", "zkllm_hf/contracts/layer_checks.py",
      'tolerance = {k: float(spec.params[k]) for k in ("quantisation_lsb", "rounding_ulps") if k in spec.params}',
      "tolerance = {}"),
-    ("a manifest may name its own (laxer) contract", "zkllm_hf/validate.py",
+    ("a manifest may name its own (laxer) contract", "zkllm_hf/trust.py",
      "if not packaged and (trusted is None or Path(trusted).resolve() != Path(folder).resolve()):",
      "if False:"),
     # issue 14: ownership, the dataset index, resume, plan --out, compare, the fingerprint, metadata, threads

@@ -37,7 +37,7 @@ from .dataset_folder import check_out_dir, clear_work, discard, place_unit, prep
 from .dataset_index import write_index
 from .engine import CaptureError
 from .hooks import find_layout
-from .points import parse_layers
+from .options import resolve_layers
 from .prompts import Prompt, PromptsError, as_prompts, parse_prompts, read_prompts, tokenize_prompts
 from .resume import run_settings, verify_unit, wanted
 from .session import CaptureSession
@@ -352,10 +352,7 @@ def _fixed_settings(
 
 def _layer_list(model: nn.Module, layers: Sequence[int] | str | None) -> list[int]:
     """The layer indices ``layers`` names (a spec such as ``"0-2"``, a list, or None for all)."""
-    n_layers = len(find_layout(model).layers)
-    if layers is None or isinstance(layers, str):
-        return parse_layers(layers, n_layers)
-    return parse_layers(",".join(str(int(i)) for i in layers), n_layers)
+    return resolve_layers(layers, len(find_layout(model).layers))
 
 
 @contextlib.contextmanager

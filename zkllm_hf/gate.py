@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from dataclasses import replace as _replace
@@ -33,7 +32,7 @@ from .manifest import build_table, table_metadata, write_manifest
 from .options import CaptureOptions
 from .profile import zkllm_limit_warnings
 from .unit import UnitRecorder
-from .writer import MANIFEST_NAME, sha256_file
+from .writer import MANIFEST_NAME, link_or_copy, sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -118,15 +117,6 @@ def build_index(
     return index, [_replace(r, unit=r.unit or ".") for r in results]
 
 
-def _link(src: Path, dst: Path) -> None:
-    """Hard-link ``src`` at ``dst``, or copy it where the file system cannot link (writer.link_or_copy, once
-    it exists, replaces this)."""
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copyfile(src, dst)
-
-
 def share_units(root: Path, units: Sequence[UnitRecorder], written: dict[str, Any]) -> None:
     """Give each shared unit (rows duplicated before prefill) its source's bytes, hard-linked under its own
     folder in ``root``, and its source's digests in ``written``."""
@@ -137,7 +127,7 @@ def share_units(root: Path, units: Sequence[UnitRecorder], written: dict[str, An
         (root / u.folder).mkdir(parents=True, exist_ok=True)
         for rec in u.records.values():
             for name in (rec.point.file_name(rec.layer), *rec.point.alias_names(rec.layer)):
-                _link(root / source.folder / name, root / u.folder / name)
+                link_or_copy(root / source.folder / name, root / u.folder / name)
             key = rec.point.file_name(rec.layer)
             written[f"{u.folder}/{key}"] = written[f"{source.folder}/{key}"]
 

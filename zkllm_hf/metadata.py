@@ -17,24 +17,13 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from .errors import MetadataError
+
 INT32_MAX = 2**31 - 1
 MAX_DEPTH = 64  # zkllm-hf's own metadata nests 4 levels; extra_metadata gets room, not unbounded recursion
 RESIDUAL_MODES = ("model", "exact-int")
 UNIT_FOLDER = re.compile(r"^sample-\d+(/step-\d+)?$")
 FIX = "the manifest was edited or damaged (a re-sealed digest does not make it valid): capture again"
-
-
-class MetadataError(ValueError):
-    """A manifest's metadata (or a column of its rows) lacks a field a reader needs, or holds a value
-    zkllm-hf never writes.
-
-    ``field`` is the dotted path (``tokens.seq_len``, ``units[1].folder``); ``check`` is the contract check the
-    problem belongs to (``format_version``, else ``manifest``).
-    """
-
-    def __init__(self, message: str, *, field: str = "", check: str = "manifest"):
-        super().__init__(message)
-        self.field, self.check = field, check
 
 
 def shown(value: Any) -> str:
@@ -269,7 +258,9 @@ def check_metadata(meta: Mapping[str, Any], where: str) -> None:
     found = meta.get("format_version", _MISSING)
     if isinstance(found, bool) or not isinstance(found, int) or found != FORMAT_VERSION:
         expected = _EXPLAIN["format_version"].format(want=FORMAT_VERSION)
-        raise _fail(where, "format_version", found, expected, check="format_version")
+        from .contracts import load_contract  # lazily: the contracts read manifests, which read this module
+
+        raise _fail(where, "format_version", found, expected, check=load_contract().name_of("format_version"))
     kind = meta.get("kind", _MISSING)
     if kind not in ("unit", "dataset"):
         raise _fail(where, "kind", kind, "'unit' or 'dataset'")

@@ -17,15 +17,12 @@ from typing import Any
 
 from torch import nn
 
+from .errors import PromptsError
 from .metadata import shown
 from .models import context_error, tokenize_batch
 
 MAX_SAMPLE = 2**31 - 1  # the manifest's sample column is int32
 _SAFE_ID = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,63}$")
-
-
-class PromptsError(ValueError):
-    """The prompt set cannot be used as given (bad JSONL, a bad or repeated id)."""
 
 
 @dataclass(frozen=True)

@@ -24,27 +24,19 @@ from .contracts import (
     CheckResult,
     Contract,
     inside,
-    load_contract,
     run_capture_checks,
     run_dataset_checks,
     run_file_checks,
     run_identities,
 )
+from .dtypes import SOURCE_DTYPES
+from .errors import CaptureNotFinished, UnsafeManifestError
 from .hooks import find_layout
 from .manifest import COLUMNS, read_manifest
 from .metadata import MetadataError, check_columns, check_metadata
 from .points import POINTS
+from .trust import trusted_contract
 from .writer import MANIFEST_NAME, PARTIAL_MARKER, clean_leftovers
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
-
-
-class CaptureNotFinished(FileNotFoundError):
-    """The folder is not a finished capture."""
-
-
-class UnsafeManifestError(ValueError):
-    """A manifest names a file outside its capture folder (``..``, an absolute path, a symlink leaving it)."""
 
 
 def _unsafe(folder: Path, row: Mapping[str, Any]) -> str:
@@ -219,6 +211,7 @@ class ValidationReport:
     results: list[CheckResult]
     metadata: dict[str, Any] | None = None
     rows: list[dict[str, Any]] | None = field(default=None, repr=False)  # the manifest's rows, as read
+    contract: Contract | None = field(default=None, repr=False)  # the contract the checks came from
 
     @property
     def failures(self) -> list[CheckResult]:
@@ -296,19 +289,6 @@ def validate(
     return validate_folder(path, model, progress=progress, trusted=contract)
 
 
-def trusted_contract(meta: Mapping[str, Any], trusted: str | None) -> Contract:
-    """The contract a manifest's metadata names, loaded; one outside the package only if ``trusted`` names it
-    (a capture cannot choose a laxer contract for itself)."""
-    folder = str(meta["contract"]["folder"])
-    packaged = not ("/" in folder or os.sep in folder)
-    if not packaged and (trusted is None or Path(trusted).resolve() != Path(folder).resolve()):
-        raise ValueError(
-            f"the manifest names the contract at {folder!r}, which is not one zkllm-hf ships; pass "
-            f"contract={folder!r} (--contract) if you trust it"
-        )
-    return load_contract(folder)
-
-
 def validate_folder(
     path: Path,
     model: torch.nn.Module | None,
@@ -340,7 +320,7 @@ def validate_folder(
     return _validate_unit(cap, contract, scale, layers, model, progress=progress, fingerprint=fingerprint)
 
 
-# Deprecated aliases, for one release (prove.py still imports _contract_of).
+# Deprecated aliases, for one release.
 _contract_of = trusted_contract
 _validate = validate_folder
 
@@ -371,8 +351,8 @@ def _validate_unit(
     path, meta, rows = cap.path, cap.metadata, cap.manifest.to_pylist()
     subject = CaptureSubject(rows, cap.manifest, meta, path, model, fingerprint)
     results = run_capture_checks(contract, subject)
-    report = ValidationReport(path, results, meta, rows)
-    if any(r.check == "format_version" and r.failed for r in results):
+    report = ValidationReport(path, results, meta, rows, contract)
+    if any(r.check in contract.names_of("format_version") and r.failed for r in results):
         return report  # a format this contract does not describe: nothing else can be read reliably
     results += run_file_checks(contract, path, rows, progress=progress)
     layout = find_layout(model) if model is not None else None
@@ -415,7 +395,7 @@ def _layer_checks(
         tensors = {
             p.name: torch.from_numpy(np.array(cap.codes(layer, p.name))) for p in POINTS if (layer, p.name) in readable
         }
-        dtypes = {n: _DTYPES.get(cap.rows[(layer, n)]["source_dtype"]) for n in tensors}
+        dtypes = {n: SOURCE_DTYPES.get(cap.rows[(layer, n)]["source_dtype"]) for n in tensors}
         if len(tensors) < len(POINTS) or None in dtypes.values():  # reported by integrity or the schema
             previous = None
             continue
@@ -468,8 +448,8 @@ def _validate_dataset(
     rows = table.to_pylist()
     subject = CaptureSubject(rows, table, meta, path)
     results = [replace(r, unit=".") for r in run_capture_checks(contract, subject, kinds=INDEX_KINDS)]
-    report = ValidationReport(path, results, meta)
-    if any(r.check == "format_version" and r.failed for r in results):
+    report = ValidationReport(path, results, meta, contract=contract)
+    if any(r.check in contract.names_of("format_version") and r.failed for r in results):
         return report
     fingerprint = functools.cache(lambda: provenance.weights_fingerprint(model)) if model is not None else None
     entries = []

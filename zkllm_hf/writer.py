@@ -27,6 +27,8 @@ from typing import Any
 
 import numpy as np
 
+from .errors import TargetBusyError
+
 logger = logging.getLogger(__name__)
 
 PARTIAL_MARKER = "PARTIAL"
@@ -38,10 +40,6 @@ class WrittenFile:
     name: str
     sha256: str
     byte_size: int
-
-
-class TargetBusyError(FileExistsError):
-    """Another process is writing to the same output folder."""
 
 
 class TargetLock:

@@ -89,7 +89,8 @@ def _unit_fields(meta: dict, report) -> list[list[object]]:
     ids = tokens.get("input_ids") or []
     shown = ", ".join(map(str, ids[:12])) + (f", ... ({len(ids)} in all)" if len(ids) > 12 else "")
     quant = model.get("quantization")
-    integrity = [r for r in report.results if r.check == "integrity"]
+    names = report.contract.names_of("integrity") if report.contract is not None else frozenset()
+    integrity = [r for r in report.results if r.check in names]
     return [
         ["model", f"{model['class']} ({model.get('model_type')}) {model.get('name_or_path')}"],
         [

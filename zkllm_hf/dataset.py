@@ -37,7 +37,7 @@ from .dataset_folder import check_out_dir, clear_work, discard, place_unit, prep
 from .dataset_index import write_index
 from .engine import CaptureError
 from .hooks import find_layout
-from .options import resolve_layers
+from .options import generation_problem, resolve_layers
 from .prompts import Prompt, PromptsError, as_prompts, parse_prompts, read_prompts, tokenize_prompts
 from .resume import run_settings, verify_unit, wanted
 from .session import CaptureSession
@@ -317,14 +317,9 @@ def _check_options(*, threads: int | None, generate: int | None, mode: str, pad_
     """Refuse a combination of options capture_dataset cannot run, naming the value and the fix."""
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise ValueError(f"threads={threads!r}: give a positive intra-op thread count (1, the default, or None)")
-    if generate is None and mode != "prefill":
-        raise ValueError(f"mode={mode!r} applies to generate=N; pass generate, or leave mode")
-    if generate is not None and generate < 1:
-        raise ValueError(f"generate={generate}: give a positive number of new tokens")
-    if generate is not None and mode not in ("prefill", "full", "steps"):
-        raise ValueError(f"mode={mode!r}: one of prefill, full, steps")
-    if generate is not None and pad_to is not None and mode != "full":
-        raise ValueError(f"pad_to applies to mode 'full' with generate (the {mode} forwards are generate()'s own)")
+    problem = generation_problem(generate, None if mode == "prefill" else mode, pad_to)
+    if problem is not None:
+        raise ValueError(problem)
 
 
 def _fixed_settings(

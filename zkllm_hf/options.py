@@ -16,9 +16,35 @@ from . import fixed_point as fp
 from .contracts import RESIDUAL_MODES, Contract, load_contract
 from .points import parse_layers
 
-__all__ = ["PADDABLE_MODES", "CaptureOptions", "check_residuals", "resolve_layers"]
+__all__ = ["GENERATE_MODES", "PADDABLE_MODES", "CaptureOptions", "check_residuals", "generation_problem",
+           "resolve_layers"]
 
 PADDABLE_MODES = frozenset({"forward", "full", "evaluate", "predict"})  # can the user pad these forwards?
+GENERATE_MODES = ("prefill", "full", "steps")  # what a capture inside generate() takes
+
+
+def generation_problem(
+    generate: int | bool | None, mode: str | None, pad_to: int | None, *, flags: bool = False
+) -> str | None:
+    """What is wrong with ``generate``, ``mode`` and ``pad_to`` together, else None: the one home of these rules
+    for capture-dataset, CaptureLogitsProcessor and the CLI. ``generate`` is the number of new tokens, None for
+    no generation, or True inside a ``generate()`` call; ``mode`` None when not given (prefill); ``flags``
+    spells the names as the CLI's options."""
+    g, m, p = ("--generate", "--mode", "--pad-to") if flags else ("generate", "mode", "pad_to")
+    if generate is None and mode is not None:
+        return f"{m} applies to {g} N; add {g}, or drop {m}"
+    if generate is not None and generate is not True and (isinstance(generate, bool) or generate < 1):
+        return f"{g} {generate}: give a positive number of new tokens"
+    if mode is not None and mode not in GENERATE_MODES:
+        return f"{m} {mode!r}: choose one of {', '.join(GENERATE_MODES)}"
+    if pad_to is not None and pad_to <= 0:
+        return f"{p} {pad_to}: give a positive token count"
+    if generate is not None and pad_to is not None and (mode or "prefill") != "full":
+        return (
+            f"{p} applies to {m} full with {g}: the {mode or 'prefill'} forwards are generate()'s own and cannot be "
+            f"padded; use {m} full, or drop {p}"
+        )
+    return None
 
 
 def check_residuals(residuals: str) -> str:

@@ -37,14 +37,9 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
 
 def capture_options_error(args: argparse.Namespace) -> str | None:
     """What is wrong with the combination of --generate, --mode and --pad-to (capture, capture-dataset)."""
-    if args.mode is not None and args.generate is None:
-        return "--mode applies to --generate N; add --generate, or drop --mode"
-    mode = args.mode or "prefill"
-    if args.generate is not None and args.generate < 1:
-        return f"--generate {args.generate}: give a positive number of new tokens"
-    if args.generate is not None and args.pad_to is not None and mode != "full":
-        return f"--pad-to applies to --mode full with --generate (the {mode} forwards are generate()'s own)"
-    return None
+    from ..options import generation_problem
+
+    return generation_problem(args.generate, args.mode, args.pad_to, flags=True)
 
 
 def load_model(args: argparse.Namespace, say, device: str | None = None):

@@ -24,6 +24,7 @@ from torch import nn
 from transformers import LogitsProcessor
 
 from ..engine import CaptureEngine, CaptureError, CaptureResult, ForwardInputs, Route
+from ..options import GENERATE_MODES, generation_problem
 from .generate_config import GenerationSettings, refuse_config
 from .generate_finalize import FullForwards, reconcile_steps, returned_sequences
 from .generate_probe import can_watch, watch_generate
@@ -31,20 +32,14 @@ from .generate_steps import StepRouter
 
 logger = logging.getLogger(__name__)
 
-MODES = ("prefill", "full", "steps")
+MODES = GENERATE_MODES
 
 
 def check_arguments(mode: str, pad_to: int | None) -> None:
     """Raise ValueError for a ``mode`` or ``pad_to`` that the processor does not take."""
-    if mode not in MODES:
-        raise ValueError(f"mode {mode!r}: choose one of {', '.join(MODES)}")
-    if pad_to is not None and mode != "full":
-        raise ValueError(
-            f"pad_to={pad_to} applies to mode='full' only: the prompt and decode forwards are generate()'s "
-            f"own and cannot be padded. Use mode='full', or drop pad_to"
-        )
-    if pad_to is not None and pad_to <= 0:
-        raise ValueError(f"pad_to={pad_to}: give a positive token count")
+    problem = generation_problem(True, mode, pad_to)
+    if problem is not None:
+        raise ValueError(problem)
 
 
 class CaptureLogitsProcessor(LogitsProcessor):

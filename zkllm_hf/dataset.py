@@ -37,7 +37,7 @@ from .dataset_folder import check_out_dir, clear_work, discard, place_unit, prep
 from .dataset_index import write_index
 from .engine import CaptureError
 from .hooks import find_layout
-from .options import generation_problem, resolve_layers
+from .options import generation_problem, resolve_layers, threads_problem
 from .prompts import Prompt, PromptsError, as_prompts, parse_prompts, read_prompts, tokenize_prompts
 from .resume import run_settings, verify_unit, wanted
 from .session import CaptureSession
@@ -315,8 +315,8 @@ def capture_dataset(
 
 def _check_options(*, threads: int | None, generate: int | None, mode: str, pad_to: int | None) -> None:
     """Refuse a combination of options capture_dataset cannot run, naming the value and the fix."""
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-        raise ValueError(f"threads={threads!r}: give a positive intra-op thread count (1, the default, or None)")
+    if (problem := threads_problem(threads)) is not None:
+        raise ValueError(problem)
     problem = generation_problem(generate, None if mode == "prefill" else mode, pad_to)
     if problem is not None:
         raise ValueError(problem)

@@ -17,10 +17,19 @@ from .contracts import RESIDUAL_MODES, Contract, load_contract
 from .points import parse_layers
 
 __all__ = ["GENERATE_MODES", "PADDABLE_MODES", "CaptureOptions", "check_residuals", "generation_problem",
-           "resolve_layers"]
+           "resolve_layers", "threads_problem"]
 
 PADDABLE_MODES = frozenset({"forward", "full", "evaluate", "predict"})  # can the user pad these forwards?
 GENERATE_MODES = ("prefill", "full", "steps")  # what a capture inside generate() takes
+
+
+def threads_problem(threads: int | None, *, flags: bool = False) -> str | None:
+    """What is wrong with an intra-op thread count (None: leave torch's alone), else None; ``flags`` spells it
+    as the CLI's ``--threads``."""
+    if threads is None or (isinstance(threads, int) and not isinstance(threads, bool) and threads >= 1):
+        return None
+    name = f"--threads {threads}" if flags else f"threads={threads!r}"
+    return f"{name}: give a positive intra-op thread count, such as 1 (the default)"
 
 
 def generation_problem(

@@ -254,6 +254,7 @@ def cmd_capture_dataset(args: argparse.Namespace) -> int:
     """``zkllm-hf capture-dataset``: one unit per prompt of a JSONL set, sharded over accelerate's ranks."""
     from ..dataset import PromptsError, check_out_dir
     from ..dataset import read_prompts as read_prompt_set
+    from ..options import threads_problem
     from ..points import parse_layers
 
     say = start(args, speak=int(os.environ.get("RANK", "0")) == 0)  # before accelerate is set up: rank 0 talks
@@ -263,8 +264,8 @@ def cmd_capture_dataset(args: argparse.Namespace) -> int:
         prompts, _ = read_prompt_set(args.prompts)
         check_out_dir(Path(args.out), prompts, args.overwrite)  # refuse before spending time on the model
         parse_layers(args.layers, 1 << 20)
-        if args.threads < 1:
-            raise ValueError(f"--threads {args.threads}: give a positive intra-op thread count, such as 1")
+        if (problem := threads_problem(args.threads, flags=True)) is not None:
+            raise ValueError(problem)
     except (PromptsError, FileExistsError, ValueError) as exc:
         return fail(exc, layers=True)
     t0 = time.perf_counter()

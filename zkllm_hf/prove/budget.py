@@ -255,6 +255,10 @@ def duration(s: float) -> str:
     return f"{s / 60:.1f} min" if s < 7200 else f"{s / 3600:.1f} h"
 
 
+def size(n: float) -> str:
+    return f"{n / KB:.0f} kB" if n < 1e6 else f"{n / 1e6:.1f} MB"
+
+
 def shape_text(s: Shape, seq: int, kv: object) -> str:
     """The shape the budget is for; the key/value heads and the padding when they differ from the capture's."""
     heads = f"{s.num_attention_heads} heads"
@@ -286,8 +290,9 @@ def budget_lines(meta: dict, layers: Sequence[int]) -> list[str]:
         f"  prover time  {duration(b.prover_s_per_layer)} per layer, {duration(b.prover_s)} for {s.layers} layer(s)",
         f"  GPU memory   {b.peak_bytes / GB:.2f} GB peak (the {b.peak_step} step); the commit's largest "
         f"./commit-param {b.commit_peak_bytes / GB:.2f} GB",
-        f"  proof size   {b.proof_bytes_per_layer / KB:.0f} kB per layer proved alone; {b.proof_bytes / KB:.0f} kB "
-        f"for the {s.layers} layer(s) proved together, as the paper does",
+        f"  proof size   {b.proof_bytes_per_layer / KB:.0f} kB per layer proved alone "
+        f"({size(b.proof_bytes_per_layer * s.layers)} for {s.layers} one by one, as plan's script proves them); "
+        f"{size(b.proof_bytes)} for the {s.layers} proved together, as the paper does",
         f"  commit       {duration(b.commit_s)}, once per model ({s.model_layers or s.layers} layers): llama-commit.py",
         f"  fits on      {', '.join(b.fits) or 'none of the GPUs listed'} (both peaks within "
         f"{gpus['headroom']:.0%} of the memory)" + (f"; not on {', '.join(b.too_small)}" if b.too_small else ""),

@@ -227,8 +227,10 @@ def proving_seq_len(seq_len: int, intermediate_size: int) -> int:
 
 def shape_of(meta: dict, layers: int) -> Shape | str:
     """The Shape of a capture's metadata, proving ``layers`` layers; or why there is none."""
-    model, capture = meta.get("model") or {}, meta.get("capture") or {}
-    seq = (meta.get("tokens") or {}).get("seq_len")
+    model, capture, tokens = (
+        meta.get(k) if isinstance(meta.get(k), dict) else {} for k in ("model", "capture", "tokens")
+    )
+    seq = tokens.get("seq_len")
     dims = {
         "seq_len": seq,
         "hidden_size": capture.get("hidden_size"),
@@ -278,7 +280,7 @@ def budget_lines(meta: dict, layers: Sequence[int]) -> list[str]:
     if isinstance(s, str):
         return [head, f"  not available: {s}"]
     b, model = estimate(s), cost_model()
-    seq, kv = meta["tokens"]["seq_len"], (meta.get("model") or {}).get("num_key_value_heads")
+    seq, kv = meta["tokens"]["seq_len"], meta["model"].get("num_key_value_heads")
     pub = model.costs["published"]
     points = "; ".join(
         f"{m['name']} {m['prover_s']:g} s, {m['proof_kb']:g} kB, {m['gpu_memory_gb']:g} GB" for m in pub["models"]

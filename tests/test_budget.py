@@ -103,6 +103,28 @@ def test_the_budget_never_falls_when_a_dimension_grows(s, field, more):
     assert set(estimate(bigger).fits) <= set(estimate(s).fits)
 
 
+@settings(max_examples=100, deadline=None)
+@given(s=shapes)
+def test_attention_costs_the_same_time_for_every_head_added(s):
+    """zkAttn proves each head's S x S scores: the time grows by the same positive step per head."""
+    t = [estimate(Shape(**{**vars(s), "num_attention_heads": s.num_attention_heads + d})).prover_s for d in range(3)]
+    assert t[1] - t[0] > 0
+    assert abs((t[2] - t[1]) - (t[1] - t[0])) <= 1e-9 * t[2]
+
+
+@settings(max_examples=100, deadline=None)
+@given(s=shapes)
+def test_proving_twice_the_layers_together_adds_one_sumcheck_round_per_pass(s):
+    """The paper proves the layers of one kind together: doubling them adds one round to each of a layer's 54
+    passes (30 + 8 + 4 + 3 + 9), each round three 32-byte field elements (a degree-2 sumcheck), whatever
+    the shape. One layer together is one layer alone; more together are less than one by one."""
+    one, two = estimate(s), estimate(Shape(**{**vars(s), "layers": 2 * s.layers}))
+    assert abs((two.proof_bytes - one.proof_bytes) - 54 * 3 * 32) <= 0.05 * 54 * 3 * 32
+    alone = estimate(Shape(**{**vars(s), "layers": 1}))
+    assert alone.proof_bytes == alone.proof_bytes_per_layer == one.proof_bytes_per_layer
+    assert two.proof_bytes < 2 * s.layers * two.proof_bytes_per_layer
+
+
 def label_memory(label: str) -> float:
     """The memory a "NAME N GB" label names, checked against the vendors' figures for the GPUs we know."""
     match = re.fullmatch(r"(.+) (\d+) GB", label)

@@ -79,8 +79,17 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print(
         table(["point", "files", "source", "int_min", "int_max", "headroom", "check", "worst ratio"], _point_rows(cap))
     )
+    print_budget(cap)
     _print_failures(report)
     return EXIT_OK if report.ok else EXIT_INVALID
+
+
+def print_budget(cap) -> None:
+    """The proof budget of every captured layer (prove/budget.py), after a blank line."""
+    from ..prove.budget import budget_of
+
+    print()
+    print("\n".join(budget_of(cap)))
 
 
 def _unit_fields(meta: dict, report) -> list[list[object]]:

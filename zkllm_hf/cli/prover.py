@@ -44,7 +44,15 @@ def cmd_plan(args: argparse.Namespace) -> int:
             return code
     for p in [*problems, *notes]:
         print(f"warning: {p}", file=sys.stderr)
+    print_budget(cap, layers)
     return EXIT_OK
+
+
+def print_budget(cap, layers: list[int]) -> None:
+    """The proof budget (prove/budget.py) on stderr, before the script spends any GPU time."""
+    from ..prove.budget import budget_of
+
+    print("\n".join(budget_of(cap, layers)), file=sys.stderr)
 
 
 def _valid_unit(args: argparse.Namespace):

@@ -15,15 +15,21 @@ The script's scratch folder is marked the same way (:data:`SCRATCH_MARK`), and t
 
 The modules: :mod:`.limits` (what zkLLM rejects), :mod:`.script` (the script), :mod:`.output` (where plan may
 write it) and :mod:`.compare` (``zkllm-hf compare``); every public name is importable from here.
+:mod:`.budget` is the proof budget plan and inspect print (its data: ``zkllm_costs.yaml``).
 """
 
 from ..errors import OutputRefused, PlanRefused
+from .budget import Budget, Shape, budget_of, estimate
 from .compare import Comparison, compare_files
 from .limits import GATE_LIMIT, LAYER_PARAMS, LLAMA2, SCRIPTS, ZKLLM_SCALE_LOG2, prover_notes, prover_problems
 from .output import PLAN_MARK, SCRATCH_MARK, check_out, check_scratch, is_plan_script, write_plan_file
 from .script import FAILURE_PATTERN, SUCCESS, Plan, write_script
 
 __all__ = [
+    "Budget",
+    "Shape",
+    "budget_of",
+    "estimate",
     "FAILURE_PATTERN",
     "GATE_LIMIT",
     "LAYER_PARAMS",

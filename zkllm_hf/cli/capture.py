@@ -4,6 +4,7 @@ loaded, the capture run, and its one-paragraph summary."""
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import time
@@ -86,6 +87,8 @@ def start(args: argparse.Namespace, *, speak: bool = True) -> Callable[..., None
         import transformers
 
         transformers.utils.logging.disable_progress_bar()
+    elif speak:  # the first run's GGUF conversion takes a while: say when it starts and how long it took
+        logging.getLogger("zkllm_hf.models").setLevel(logging.INFO)
     problem = capture_options_error(args)
     if problem is not None:
         err(problem)

@@ -45,6 +45,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from ..hooks import find_layout
     from ..validate import validate
 
+    folder = Path(args.dir)
+    if not (folder / "manifest.arrow").is_file():  # not a capture at all: the one line inspect gives too
+        cap = open_capture(args.dir)
+        if isinstance(cap, int):
+            return cap
     try:
         model = load_model_for_check(args)
         if model is not None:

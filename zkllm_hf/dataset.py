@@ -37,7 +37,8 @@ from .dataset_folder import check_out_dir, clear_work, discard, place_unit, prep
 from .dataset_index import write_index
 from .engine import CaptureError
 from .hooks import find_layout
-from .options import generation_problem, resolve_layers, threads_problem
+from .options import PADDABLE_MODES, generation_problem, resolve_layers, threads_problem
+from .profile import config_limit_warnings
 from .prompts import Prompt, PromptsError, as_prompts, parse_prompts, read_prompts, tokenize_prompts
 from .resume import run_settings, verify_unit, wanted
 from .session import CaptureSession
@@ -58,6 +59,7 @@ class DatasetResult:
     units: list[dict[str, Any]] = field(default_factory=list)  # the index's unit list (rank 0)
     index_written: bool = False
     seconds: float = 0.0
+    warnings: list[str] = field(default_factory=list)  # zkLLM limits the units do not meet (rank 0), as capture's
 
 
 class _Ranks:
@@ -310,6 +312,8 @@ def capture_dataset(
             bar.close()
         run.release()
     result.seconds = time.perf_counter() - t0
+    seq_lens = [int(u["seq_len"]) for u in result.units]
+    result.warnings = config_limit_warnings(seq_lens, getattr(model, "config", None), paddable=capture_mode in PADDABLE_MODES)
     return result
 
 

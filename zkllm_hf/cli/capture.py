@@ -89,7 +89,9 @@ def start(args: argparse.Namespace, *, speak: bool = True) -> Callable[..., None
         transformers.utils.logging.disable_progress_bar()
     elif speak:  # the first run's GGUF conversion takes a while: say when it starts and how long it took
         logging.getLogger("zkllm_hf.models").setLevel(logging.INFO)
-    problem = capture_options_error(args)
+    from ..options import residuals_dtype_problem
+
+    problem = capture_options_error(args) or residuals_dtype_problem(args.residuals, args.dtype, flags=True)
     if problem is not None:
         err(problem)
         return None
@@ -136,7 +138,19 @@ def cmd_capture(args: argparse.Namespace) -> int:
         return fail(exc)
     assert res is not None
     _summarise(res, time.perf_counter() - t0)
+    print_limit_warnings([u["seq_len"] for u in res.units] or [res.seq_len], loaded.model, res.mode)
     return EXIT_OK
+
+
+def print_limit_warnings(seq_lens: list[int], model, mode: str) -> None:
+    """The zkLLM limits the capture does not meet, on stderr, their fixes spelled as this command's options
+    (the result's own warnings name the API's parameters)."""
+    from ..options import PADDABLE_MODES
+    from ..profile import config_limit_warnings
+
+    config = getattr(model, "config", None)
+    for w in config_limit_warnings(seq_lens, config, paddable=mode in PADDABLE_MODES, flags=True):
+        print(f"warning: {w}", file=sys.stderr)
 
 
 def _refuse_early(args: argparse.Namespace, out: Path) -> int | None:
@@ -239,8 +253,6 @@ def _summarise(res, elapsed: float) -> None:
         f"headroom: largest |x| {res.max_abs_value:.6g} (layer {res.worst[0]} {res.worst[1]}) uses "
         f"{100 * res.headroom:.1f}% of int32 at 2**{res.scale_log2}"
     )
-    for w in res.warnings:
-        print(f"warning: {w}", file=sys.stderr)
 
 
 # -- capture-dataset -------------------------------------------------------------------------------
@@ -290,6 +302,8 @@ def cmd_capture_dataset(args: argparse.Namespace) -> int:
             f"{len(res.reused)} finished; {res.ranks} rank(s), {time.perf_counter() - t0:.1f} s; index "
             f"{'written' if res.index_written else 'unchanged'}"
         )
+        mode = "forward" if args.generate is None else args.mode or "prefill"
+        print_limit_warnings([u["seq_len"] for u in res.units], loaded.model, mode)
     return EXIT_OK
 
 

@@ -172,7 +172,7 @@ def test_sampling_options_are_used_and_recorded(tiny_dir, tmp_path, capsys):
     gen = meta["generation"]
     assert gen["do_sample"] is True and gen["temperature"] == 1.7 and gen["top_p"] == 0.95 and gen["top_k"] == 40
     assert gen["max_new_tokens"] == 6 and gen["seed"] == 1234
-    cli_meta = raw_metadata(tmp_path / "s1" / "sample-0")["extra"]["cli"]
+    cli_meta = meta["extra"]["cli"]
     assert cli_meta["max_new_tokens"] == 6 and cli_meta["seed"] == 1234 and cli_meta["do_sample"] is True
     # generate() itself with the same settings and seed, computed here
     model = AutoModelForCausalLM.from_pretrained(tiny_dir).eval()
@@ -184,8 +184,7 @@ def test_sampling_options_are_used_and_recorded(tiny_dir, tmp_path, capsys):
     want = seq[0].tolist()
     if EOS_ID in want[4:]:
         want = want[: 4 + want[4:].index(EOS_ID) + 1]
-    unit = raw_metadata(tmp_path / "s1" / "sample-0")
-    assert unit["tokens"]["input_ids"] == want
+    assert meta["tokens"]["input_ids"] == want
 
 
 def test_generate_stays_an_alias_of_max_new_tokens(tiny_dir, tmp_path, capsys):

@@ -283,12 +283,15 @@ def pad_id_of(tokenizer: Any) -> int | None:
     return None if pad is None else int(pad)
 
 
-def tokenize_batch(tokenizer: Any, texts: list[str], pad_to: int | None = None, *, side: str = "right") -> Batch:
+def tokenize_batch(
+    tokenizer: Any, texts: list[str], pad_to: int | None = None, *, side: str = "right", add_special_tokens: bool = True
+) -> Batch:
     """Tokenize prompts as one batch.
 
     With ``pad_to``, every row is padded at the end to ``pad_to`` tokens, and the padding is part of what
     is captured (mask 1; the prover needs seq_len ``pad_to``). Without it, rows are padded to the longest
-    on ``side`` with mask 0, so each row is de-padded back to its own tokens.
+    on ``side`` with mask 0, so each row is de-padded back to its own tokens. ``add_special_tokens=False``
+    tokenizes text a chat template rendered, which holds its special tokens already.
     """
     if side not in ("left", "right"):
         raise ValueError(f"side {side!r}: 'left' or 'right'")
@@ -296,7 +299,7 @@ def tokenize_batch(tokenizer: Any, texts: list[str], pad_to: int | None = None, 
         if not t.strip():
             where = f"prompt {i + 1}" if len(texts) > 1 else "the text"
             raise ValueError(f"{where} is {'only whitespace' if t else 'empty'}; give some text")
-    rows = [tokenizer(t)["input_ids"] for t in texts]
+    rows = [tokenizer(t, **({} if add_special_tokens else {"add_special_tokens": False}))["input_ids"] for t in texts]
     for i, ids in enumerate(rows):
         if not ids:
             where = f"prompt {i + 1}" if len(texts) > 1 else "the text"

@@ -39,7 +39,7 @@ def generation_problem(
     for capture-dataset, CaptureLogitsProcessor and the CLI. ``generate`` is the number of new tokens, None for
     no generation, or True inside a ``generate()`` call; ``mode`` None when not given (prefill); ``flags``
     spells the names as the CLI's options."""
-    g, m, p = ("--generate", "--mode", "--pad-to") if flags else ("generate", "mode", "pad_to")
+    g, m, p = ("--max-new-tokens", "--mode", "--pad-to") if flags else ("generate", "mode", "pad_to")
     if generate is None and mode is not None:
         return f"{m} applies to {g} N; add {g}, or drop {m}"
     if generate is not None and generate is not True and (isinstance(generate, bool) or generate < 1):

@@ -37,10 +37,12 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
 
 
 def capture_options_error(args: argparse.Namespace) -> str | None:
-    """What is wrong with the combination of --generate, --mode and --pad-to (capture, capture-dataset)."""
+    """What is wrong with the combination of --max-new-tokens, --mode, --pad-to and the sampling options
+    (capture, capture-dataset)."""
     from ..options import generation_problem
+    from .generation import sampling_problem
 
-    return generation_problem(args.generate, args.mode, args.pad_to, flags=True)
+    return generation_problem(args.generate, args.mode, args.pad_to, flags=True) or sampling_problem(args)
 
 
 def load_model(args: argparse.Namespace, say, device: str | None = None):
@@ -65,7 +67,10 @@ def load_model(args: argparse.Namespace, say, device: str | None = None):
 
 
 def extra_metadata(args: argparse.Namespace, loaded) -> dict:
-    """What the manifest records of how the command ran: the model's source and the loading options."""
+    """What the manifest records of how the command ran: the model's source, the loading and generation
+    options."""
+    from .generation import recorded_options
+
     return {
         "source": loaded.source,
         "cli": {
@@ -74,6 +79,7 @@ def extra_metadata(args: argparse.Namespace, loaded) -> dict:
             "load_in_4bit": args.load_in_4bit,
             "load_in_8bit": args.load_in_8bit,
             "generate": args.generate,
+            **recorded_options(args),
         },
     }
 
@@ -175,7 +181,17 @@ def _load_and_tokenize(args: argparse.Namespace, say, prompts: list[str]) -> tup
         loaded = load_model(args, say)
         # generate() wants left padding; a plain forward is exact with right padding (positions start at 0)
         side = "left" if args.generate is not None else "right"
-        batch = tokenize_batch(loaded.tokenizer, prompts, None if args.generate is not None else args.pad_to, side=side)
+        if args.chat:
+            from .generation import apply_chat
+
+            prompts = apply_chat(loaded.tokenizer, prompts, args.model)
+        batch = tokenize_batch(
+            loaded.tokenizer,
+            prompts,
+            None if args.generate is not None else args.pad_to,
+            side=side,
+            add_special_tokens=not args.chat,  # the template writes the special tokens itself
+        )
     except (ModelLoadError, ValueError) as exc:
         return fail(exc, layers=True)
     return loaded, batch
@@ -212,26 +228,34 @@ def _run(args: argparse.Namespace, loaded, batch, out: Path, ids, mask):
 
 
 def _run_generate(args: argparse.Namespace, loaded, batch, out: Path, ids, mask, options: dict):
-    """Greedy generate() with a CaptureLogitsProcessor capturing as --mode says."""
+    """generate() as the options say (greedy unless --do-sample), with a CaptureLogitsProcessor capturing as
+    --mode says and, unless --quiet, a bar ticking per new token."""
     import torch
     from transformers import LogitsProcessorList
 
     from ..integrations.generation import CaptureLogitsProcessor
+    from .generation import TokenProgress, generate_kwargs
 
     model = loaded.model
-    with (
-        CaptureLogitsProcessor(model, out, mode=args.mode or "prefill", pad_to=args.pad_to, **options) as proc,
-        torch.inference_mode(),
-    ):
-        generated = model.generate(
-            input_ids=ids,
-            attention_mask=mask,
-            logits_processor=LogitsProcessorList([proc]),
-            max_new_tokens=args.generate,
-            do_sample=False,
-            pad_token_id=batch.pad_token_id if batch.pad_token_id is not None else loaded.tokenizer.eos_token_id,
-        )
-        return proc.finalize(generated)
+    if args.seed is not None:
+        torch.manual_seed(args.seed)  # what sampling draws from; the manifest records it
+    bar = None if args.quiet else TokenProgress(args.generate)
+    try:
+        with (
+            CaptureLogitsProcessor(model, out, mode=args.mode or "prefill", pad_to=args.pad_to, **options) as proc,
+            torch.inference_mode(),
+        ):
+            generated = model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                logits_processor=LogitsProcessorList([proc] + ([bar] if bar is not None else [])),
+                pad_token_id=batch.pad_token_id if batch.pad_token_id is not None else loaded.tokenizer.eos_token_id,
+                **generate_kwargs(args),
+            )
+            return proc.finalize(generated)
+    finally:
+        if bar is not None:
+            bar.close()
 
 
 def _summarise(res, elapsed: float) -> None:

@@ -165,17 +165,31 @@ def _compare(sub) -> None:
 def add_capture_options(p: argparse.ArgumentParser) -> None:
     """The options capture and capture-dataset share (what runs, on which model, into which folder)."""
     p.add_argument(
+        "--max-new-tokens",
         "--generate",
+        dest="generate",
         type=int,
         default=None,
         metavar="N",
-        help="generate N new tokens (greedy) and capture as --mode says, instead of one forward",
+        help="generate() up to N new tokens (greedy unless --do-sample) and capture as --mode says, instead of "
+        "one forward (--generate N is the same)",
+    )
+    p.add_argument("--do-sample", action="store_true", help="sample the new tokens, as generate(do_sample=True)")
+    p.add_argument("--temperature", type=float, default=None, metavar="T", help="with --do-sample: generate()'s "
+                   "temperature (default: the model's generation config)")
+    p.add_argument("--top-p", type=float, default=None, metavar="P", help="with --do-sample: nucleus sampling's p")
+    p.add_argument("--top-k", type=int, default=None, metavar="K", help="with --do-sample: sample from the K likeliest")
+    p.add_argument(
+        "--seed", type=int, default=None, metavar="S", help="seed torch's generator before generating (recorded)"
+    )
+    p.add_argument(
+        "--chat", action="store_true", help="apply the tokenizer's chat template to each prompt (one user message)"
     )
     p.add_argument(
         "--mode",
         choices=["prefill", "full", "steps"],
         default=None,
-        help="with --generate: the prompt's forward (prefill, default), one forward over prompt + generated "
+        help="with --max-new-tokens: the prompt's forward (prefill, default), one forward over prompt + generated "
         "tokens (full), or every forward (steps: sample-B/step-K/)",
     )
     p.add_argument(

@@ -396,3 +396,23 @@ def test_plan_layers_out_of_range_is_one_clean_line(tiny_dir, tmp_path, capsys):
     code, _, err = cli(capsys, "plan", str(tmp_path / "a"), "--zkllm-root", str(tmp_path), "--layers", "99")
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert "layer spec" not in err and err.count("99") == 2 and "--layers 99:" in err, err
+
+
+def test_capture_dataset_takes_the_sampling_options(tiny_dir, tmp_path, capsys):
+    """capture-dataset shares capture's options: sampling reaches each unit's generate() (seeded per prompt, so
+    two runs agree) and is recorded with the unit; --chat is refused there, in one line, rather than ignored."""
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"text": "the quick brown fox"}\n{"text": "zero knowledge"}\n')
+    sample = ["--max-new-tokens", "5", "--mode", "full", "--do-sample", "--temperature", "2.0", "--seed", "9"]
+    for out in ("d1", "d2"):
+        code, _, err = cli(capsys, "capture-dataset", "--model", str(tiny_dir), "--prompts", str(prompts),
+                           "--out", str(tmp_path / out), "--quiet", *sample)
+        assert code == 0, err
+    for unit in ("sample-1", "sample-2"):
+        a, b = (raw_metadata(tmp_path / d / unit) for d in ("d1", "d2"))
+        assert a["tokens"]["input_ids"] == b["tokens"]["input_ids"]
+        assert a["extra"]["dataset"]["sampling"] == {"do_sample": True, "temperature": 2.0}
+        assert a["extra"]["dataset"]["seed"] == 9
+    code, _, err = cli(capsys, "capture-dataset", "--model", str(tiny_dir), "--prompts", str(prompts),
+                       "--out", str(tmp_path / "c"), "--quiet", "--chat")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "--chat" in err

@@ -41,9 +41,7 @@ def zkllm_limit_warnings(
     out = []
     pad, full = ("--pad-to {n}", "--mode full --pad-to {n}") if flags else ("pad_to={n}", "mode='full', pad_to={n}")
     pad_fix = (
-        f"capture again with {pad}"
-        if paddable
-        else f"generate()'s own forwards cannot be padded: capture with {full}"
+        f"capture again with {pad}" if paddable else f"generate()'s own forwards cannot be padded: capture with {full}"
     )
     if not is_power_of_two(seq_len) or seq_len < ATTENTION_MIN_SEQ_LEN:
         target = max(ATTENTION_MIN_SEQ_LEN, next_power_of_two(seq_len))

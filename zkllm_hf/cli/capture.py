@@ -299,6 +299,9 @@ def cmd_capture_dataset(args: argparse.Namespace) -> int:
     say = start(args, speak=int(os.environ.get("RANK", "0")) == 0)  # before accelerate is set up: rank 0 talks
     if say is None:
         return EXIT_USAGE
+    if args.chat:
+        err("--chat applies to capture; capture-dataset does not apply chat templates yet (drop --chat)")
+        return EXIT_USAGE
     try:
         prompts, _ = read_prompt_set(args.prompts)
         check_out_dir(Path(args.out), prompts, args.overwrite)  # refuse before spending time on the model
@@ -334,6 +337,7 @@ def cmd_capture_dataset(args: argparse.Namespace) -> int:
 def _run_dataset(args: argparse.Namespace, loaded):
     """capture_dataset() as the options say; the process group it starts here is destroyed here."""
     from ..dataset import capture_dataset
+    from .generation import generate_kwargs
 
     ours = not distributed_up()  # the process group accelerate starts for this command is closed by it
     try:
@@ -352,6 +356,10 @@ def _run_dataset(args: argparse.Namespace, loaded):
             progress=not args.quiet,
             extra_metadata=extra_metadata(args, loaded),
             threads=args.threads,
+            sampling={k: v for k, v in generate_kwargs(args).items() if k != "max_new_tokens"}
+            if args.do_sample
+            else None,
+            seed=args.seed,
         )
     finally:
         if ours and distributed_up():

@@ -289,8 +289,8 @@ def _inspect_dataset(ds, report) -> int:
         ids = tokens.get("input_ids") or []
         shown = ", ".join(map(str, ids[:6])) + (", ..." if len(ids) > 6 else "")
         bad = sum(1 for f in report.failures if f.unit == unit.path.relative_to(ds.path).as_posix())
-        generated = tokens.get("generated_token_count") or 0
-        parts = f"{tokens['prompt_token_count']} + {generated} + {tokens['seq_len'] - tokens['prompt_token_count'] - generated}"
+        prompt, generated = tokens["prompt_token_count"], tokens.get("generated_token_count") or 0
+        parts = f"{prompt} + {generated} + {tokens['seq_len'] - prompt - generated}"
         rows.append(
             [
                 unit.path.relative_to(ds.path).as_posix(),
@@ -302,9 +302,7 @@ def _inspect_dataset(ds, report) -> int:
                 "valid" if not bad else f"{bad} failed",
             ]
         )
-    print(
-        table(["unit", "phase", "seq_len", "prompt + generated + padding", "tokens", "created", "checks"], rows)
-    )
+    print(table(["unit", "phase", "seq_len", "prompt + generated + padding", "tokens", "created", "checks"], rows))
     _print_failures(report)
     return EXIT_OK if report.ok else EXIT_INVALID
 

@@ -185,6 +185,9 @@ def test_sampling_options_are_used_and_recorded(tiny_dir, tmp_path, capsys):
     if EOS_ID in want[4:]:
         want = want[: 4 + want[4:].index(EOS_ID) + 1]
     assert meta["tokens"]["input_ids"] == want
+    code, out, _ = cli(capsys, "inspect", str(tmp_path / "s1"))
+    shown = field(out, "generation")
+    assert code == 0 and "do_sample True" in shown and "temperature 1.7" in shown and "seed 1234" in shown, shown
 
 
 def test_generate_stays_an_alias_of_max_new_tokens(tiny_dir, tmp_path, capsys):

@@ -107,6 +107,7 @@ def _unit_fields(meta: dict, report) -> list[list[object]]:
         ["hidden_size", capture["hidden_size"]],
         ["layers", ranges(capture["layers"])],
         ["scale", f"2**{capture['scale_log2']}"],
+        *([["generation", _how(meta)]] if meta.get("generation") else []),
         ["residuals", _residuals_line(meta)],
         ["runtime", _runtime_line(meta)],
         ["|gate_proj|", _gate_line(meta)],
@@ -325,8 +326,8 @@ def _how(meta: dict) -> str:
     """How a dataset's units were made: generate()'s settings, the Trainer's, or one forward."""
     gen = meta.get("generation") or {}
     trainer = meta.get("trainer") or {}
-    how = ", ".join(
-        f"{k} {gen[k]}" for k in ("do_sample", "num_beams", "num_return_sequences", "max_new_tokens") if k in gen
-    )
+    keys = ("do_sample", "num_beams", "num_return_sequences", "max_new_tokens")
+    keys += ("temperature", "top_p", "top_k", "seed") if gen.get("do_sample") else ()
+    how = ", ".join(f"{k} {gen[k]}" for k in keys if k in gen)
     how += f"; eos {gen.get('eos_token_id')}, pad {gen.get('pad_token_id')}" if gen else ""
     return how or (f"Trainer {trainer.get('on')}, first {trainer.get('max_samples')} samples" if trainer else "forward")

@@ -152,24 +152,25 @@ def tokens_line(tokens: dict) -> str:
     return line
 
 
-GGUF_TYPE = re.compile(r"[.\-_](I?Q\d[A-Z0-9_]*|BF16|F16|F32)\.gguf$", re.I)
+GGUF_TYPE = re.compile(r"[.\-_](I?Q\d[A-Z0-9_]*|BF16|F16|F32)\.gguf$", re.I)  # a GGUF's type, as its name says
 
 
 def weights_line(meta: dict) -> str:
-    """The weights' dtype, where they came from (a dequantised GGUF, bitsandbytes) and their fingerprint."""
+    """The weights' dtype, where they came from (a GGUF file zkllm-hf converted, bitsandbytes) and their
+    fingerprint. A GGUF's tensor type is read from its conventional file name (``...Q4_1.gguf``)."""
     model = meta["model"]
     what = str(model["dtype"])
     quant = model.get("quantization")
-    if quant:
-        method = str(quant.get("quant_method", "quantized")) if isinstance(quant, dict) else str(quant)
+    if isinstance(quant, dict):
         bits = " 4-bit" if quant.get("load_in_4bit") else " 8-bit" if quant.get("load_in_8bit") else ""
-        what += f", {method}{bits}" if isinstance(quant, dict) else f", {method}"
+        what += f", {quant.get('quant_method', 'quantized')}{bits}"
     source = model.get("source") or (meta.get("extra") or {}).get("source") or {}
     gguf = source.get("gguf_file") if isinstance(source, dict) else None
     if gguf:
         name = Path(str(gguf)).name
-        kind = source.get("gguf_file_type") or (m.group(1).upper() if (m := GGUF_TYPE.search(name)) else None)
-        what += f" (dequantised from GGUF {kind}, {name})" if kind else f" (dequantised from GGUF file {name})"
+        kind = m.group(1).upper() if (m := GGUF_TYPE.search(name)) else None
+        how = "converted" if kind in (None, "F32", "F16", "BF16") else "dequantised"
+        what += f" ({how} from GGUF {kind}, {name})" if kind else f" ({how} from GGUF file {name})"
     return f"{what}; fingerprint {str(model.get('weights_fingerprint'))[:16]}..."
 
 

@@ -338,7 +338,7 @@ def context_error(
     what += f", padded to {pad_to}" if pad_to else ""
     return (
         f"{what} exceed the model's context of {limit} positions (max_position_embeddings); shorten the "
-        f"text, lower --generate or --pad-to"
+        f"text, lower --max-new-tokens or --pad-to"
     )
 
 

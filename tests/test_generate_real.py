@@ -108,6 +108,6 @@ def test_cli_generate_full_padded_batch(real, tmp_path, capsys):
         assert tail == [tokens["pad_token_id"]] * len(tail)
     assert main(["validate", str(out), "--model", "default"]) == 0
     assert main(["capture", "--text", "x", "--mode", "steps", "--out", str(tmp_path / "y"), "--quiet"]) == 2
-    assert "--mode applies to --generate" in capsys.readouterr().err
+    assert "--mode applies to --max-new-tokens" in capsys.readouterr().err
     assert main(["capture", "--text", "x", "--generate", "2", "--pad-to", "8", "--out", str(tmp_path / "z")]) == 2
     assert "--pad-to applies to --mode full" in capsys.readouterr().err

@@ -206,7 +206,9 @@ def test_zkllm_limits_match_the_kernels():
     assert ffn_min_seq_len(11008) == 191
     assert zkllm_limit_warnings(1024, 4096, 11008, num_attention_heads=32, num_key_value_heads=32) == []
     warnings = zkllm_limit_warnings(1024, 576, 1536, num_attention_heads=9, num_key_value_heads=3)
-    assert len(warnings) == 2 and "--pad-to 2048" in warnings[0] and "grouped-query" in warnings[1]
+    assert len(warnings) == 2 and "pad_to=2048" in warnings[0] and "grouped-query" in warnings[1]
+    flags = zkllm_limit_warnings(1024, 576, 1536, num_attention_heads=9, num_key_value_heads=3, flags=True)
+    assert "--pad-to 2048" in flags[0] and "pad_to=" not in flags[0]  # the CLI's spelling of the same fix
     assert not any("power of two" in w for w in zkllm_limit_warnings(2048, 576, 1536))  # zkLLM pads dims
 
 

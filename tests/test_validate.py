@@ -216,8 +216,8 @@ def test_cli_validate_exit_codes_and_json(cap, capsys):
 def test_cli_inspect(cap, capsys):
     assert main(["inspect", str(cap)]) == 0
     out = capsys.readouterr().out
-    for text in ("LlamaForCausalLM", "seq_len", "16 (16 prompt + 0 padding", "0-2 (3)", "all match", "VALID",
-                 "block_output", "skip_2", "headroom"):
+    for text in ("LlamaForCausalLM", "seq_len", "16 = 16 prompt + 0 generated + 0 padding", "0-2 (3)", "all match",
+                 "VALID", "block_output", "skip_2", "int32 used"):
         assert text in out, text
     (cap / "layer-0-mlp-output.bin").write_bytes(b"\0" * 4096)
     assert main(["inspect", str(cap)]) == 1

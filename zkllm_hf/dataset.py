@@ -37,7 +37,8 @@ from .dataset_folder import check_out_dir, clear_work, discard, place_unit, prep
 from .dataset_index import write_index
 from .engine import CaptureError
 from .hooks import find_layout
-from .options import generation_problem, resolve_layers, threads_problem
+from .options import PADDABLE_MODES, generation_problem, resolve_layers, threads_problem
+from .profile import config_limit_warnings
 from .prompts import Prompt, PromptsError, as_prompts, parse_prompts, read_prompts, tokenize_prompts
 from .resume import run_settings, verify_unit, wanted
 from .session import CaptureSession
@@ -58,6 +59,7 @@ class DatasetResult:
     units: list[dict[str, Any]] = field(default_factory=list)  # the index's unit list (rank 0)
     index_written: bool = False
     seconds: float = 0.0
+    warnings: list[str] = field(default_factory=list)  # zkLLM limits the units do not meet (rank 0), as capture's
 
 
 class _Ranks:
@@ -172,6 +174,8 @@ class _DatasetRun:
                 mode=self.mode,
                 pad_to=self.pad_to,
                 options=options,
+                sampling=self.asked.get("sampling"),
+                seed=self.asked.get("seed"),
             )
             tree = work / p.folder if self.mode == "steps" and self.generate is not None else work
             place_unit(self.out, p.folder, tree, work)
@@ -183,6 +187,9 @@ class _DatasetRun:
         folder's remains."""
         rebuild = bool(result.captured)
         result.units, result.index_written = write_index(self.out, self.prompts, source, ranks, rebuild=rebuild)
+        seq_lens = [int(u["seq_len"]) for u in result.units]  # the zkLLM limits the units miss, as capture says them
+        paddable = self.asked["mode"] in PADDABLE_MODES
+        result.warnings = config_limit_warnings(seq_lens, getattr(self.model, "config", None), paddable=paddable)
         clear_work(self.out)
 
     def release(self) -> None:
@@ -249,6 +256,8 @@ def capture_dataset(
     extra_metadata: Mapping[str, Any] | None = None,
     state: Any = None,
     threads: int | None = 1,
+    sampling: Mapping[str, Any] | None = None,
+    seed: int | None = None,
 ) -> DatasetResult:
     """Capture each prompt as a unit ``sample-{id}/`` under ``out_dir``, then write the dataset index.
 
@@ -269,13 +278,16 @@ def capture_dataset(
     restored after; ``None`` leaves it alone). torch's CPU kernels give other float32 bits with another
     count and accelerate gives each rank one thread, so the default 1 is what makes a unit's bytes the same
     in one process and in K ranks. Each unit's manifest records the count (``runtime.torch_threads``).
+
+    ``sampling`` holds ``generate()``'s sampling arguments (``do_sample``, ``temperature``, ``top_p``,
+    ``top_k``), greedy without it; ``seed`` seeds torch's generator before each prompt's ``generate()``, so a
+    sampled unit is the same whichever rank ran it. Both are recorded with each unit (``extra.dataset``).
     """
     t0 = time.perf_counter()
     _check_options(threads=threads, generate=generate, mode=mode, pad_to=pad_to)
     parsed, source = as_prompts(prompts)
     out = Path(out_dir).absolute()
-    device = next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
-    ranks = _Ranks(_state(state, cpu=device.type == "cpu"))
+    ranks = _Ranks(_state(state, cpu=_device(model).type == "cpu"))
     batches = tokenize_prompts(model, tokenizer, parsed, generate=generate, pad_to=pad_to)
     capture_mode = "forward" if generate is None else mode
     fixed = _fixed_settings(
@@ -293,7 +305,7 @@ def capture_dataset(
         options={"layers": layers, "scale_log2": scale_log2, "residuals": residuals},
         extra_metadata=extra_metadata,
         threads=threads,
-        asked={"generate": generate, "mode": capture_mode, "pad_to": pad_to},
+        asked=_asked(generate, capture_mode, pad_to, sampling, seed),
         fixed=fixed,
     )
     bar: _Progress | None = None
@@ -311,6 +323,22 @@ def capture_dataset(
         run.release()
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def _asked(
+    generate: int | None, mode: str, pad_to: int | None, sampling: Mapping[str, Any] | None, seed: int | None
+) -> dict[str, Any]:
+    """What a run asks of each prompt's unit besides its text (a kept unit must have been captured so); the
+    sampling settings only when given, so a greedy unit of an earlier run is still kept."""
+    asked: dict[str, Any] = {"generate": generate, "mode": mode, "pad_to": pad_to}
+    if sampling or seed is not None:
+        asked.update(sampling=dict(sampling or {}), seed=seed)
+    return asked
+
+
+def _device(model: nn.Module) -> torch.device:
+    """Where the model's first placed parameter is (the CPU for a model all on the meta device)."""
+    return next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
 
 
 def _check_options(*, threads: int | None, generate: int | None, mode: str, pad_to: int | None) -> None:
@@ -375,9 +403,11 @@ def _capture_into(
     mode: str,
     pad_to: int | None,
     options: Mapping[str, Any],
+    sampling: Mapping[str, Any] | None = None,
+    seed: int | None = None,
 ) -> None:
-    """One prompt's capture into ``work``, numbered ``sample``: ``capture()``'s session around a forward, or a greedy
-    ``generate()`` with :class:`~zkllm_hf.CaptureLogitsProcessor`."""
+    """One prompt's capture into ``work``, numbered ``sample``: ``capture()``'s session around a forward, or
+    ``generate()`` (greedy unless ``sampling`` says, seeded with ``seed``) with a CaptureLogitsProcessor."""
     device = next(p_.device for p_ in model.parameters())
     ids, mask = batch.input_ids.to(device), batch.attention_mask.to(device)
     if generate is None:
@@ -400,13 +430,15 @@ def _capture_into(
     ):
         proc.engine.sample_offset = sample
         pad = batch.pad_token_id if batch.pad_token_id is not None else tokenizer.eos_token_id
+        if seed is not None:
+            torch.manual_seed(seed)  # per prompt: the unit does not depend on which rank ran it, or after what
         generated = model.generate(
             input_ids=ids,
             attention_mask=mask,
             logits_processor=LogitsProcessorList([proc]),
             max_new_tokens=generate,
-            do_sample=False,
             pad_token_id=pad,
+            **{"do_sample": False, **dict(sampling or {})},
         )
         proc.finalize(generated)
 

@@ -28,7 +28,7 @@ from .forward import Forward, ForwardInputs, Planner, Route, autocast_state, for
 from .gate import CaptureResult, build_index, gate_units, index_rows, share_units, summarise, write_manifests
 from .hooks import HookSet, attach, find_layout
 from .manifest_rows import common_metadata, ran_with
-from .options import CaptureOptions
+from .options import CaptureOptions, residuals_dtype_problem
 from .points import POINTS, CapturePoint
 from .sink import Sink, staging_sink
 from .unit import PHASES, UnitRecorder
@@ -85,6 +85,9 @@ class CaptureEngine:
         elif kwargs:
             raise TypeError(f"pass options or keyword arguments, not both ({', '.join(kwargs)})")
         self.options = options
+        problem = residuals_dtype_problem(options.residuals, getattr(model, "dtype", None))
+        if problem is not None:  # refused before any hook or forward, with the fix
+            raise ValueError(problem)
         self.layout = find_layout(model)
         self.layers = list(options.layers)
         self._make_sink = sink

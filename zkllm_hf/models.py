@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -86,14 +87,16 @@ def convert_gguf(gguf: Path, *, cache: Path | None = None) -> tuple[Path, str]:
             doomed = leftover_name(target, "old")
             os.rename(target, doomed)
             shutil.rmtree(doomed, ignore_errors=True)
-        logger.info("converting %s to safetensors in %s (once)", gguf.name, target)
+        logger.info("converting %s to safetensors in %s (once; later runs load the result)", gguf.name, target)
         tmp = leftover_name(target, "tmp")
+        t0 = time.perf_counter()
         try:
             _convert_into(gguf, tmp, digest)
             files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
             record = {"gguf_file": gguf.name, "gguf_sha256": digest, "files": files}
             (tmp / CACHE_RECORD).write_text(json.dumps(record, indent=1, sort_keys=True))
             os.rename(tmp, target)
+            logger.info("converted %s to safetensors in %.1f s", gguf.name, time.perf_counter() - t0)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     finally:
@@ -183,7 +186,18 @@ def resolve(name: str | None) -> tuple[str, dict[str, Any]]:
                 f"(save_pretrained output) or a .gguf file"
             )
         return str(path.resolve()), {"kind": "local", "path": str(path.resolve())}
+    if looks_like_a_path(name):  # never a hub name: say the folder is missing, not how to download it
+        raise ModelLoadError(
+            f"--model {name}: no such folder ({path.absolute()}); pass a local model folder (save_pretrained "
+            f"output), a .gguf file, or a hub name such as HuggingFaceTB/SmolLM2-135M-Instruct from the HF cache"
+        )
     return name, {"kind": "hub-cache", "name": name}
+
+
+def looks_like_a_path(name: str) -> bool:
+    """Whether ``name`` can only be a path, never a hub id (``owner/name``): it starts with ``.``, ``/`` or
+    ``~``, holds a backslash, or has more than one ``/``."""
+    return name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1 or os.path.isabs(name)
 
 
 def load(
@@ -269,16 +283,23 @@ def pad_id_of(tokenizer: Any) -> int | None:
     return None if pad is None else int(pad)
 
 
-def tokenize_batch(tokenizer: Any, texts: list[str], pad_to: int | None = None, *, side: str = "right") -> Batch:
+def tokenize_batch(
+    tokenizer: Any, texts: list[str], pad_to: int | None = None, *, side: str = "right", add_special_tokens: bool = True
+) -> Batch:
     """Tokenize prompts as one batch.
 
     With ``pad_to``, every row is padded at the end to ``pad_to`` tokens, and the padding is part of what
     is captured (mask 1; the prover needs seq_len ``pad_to``). Without it, rows are padded to the longest
-    on ``side`` with mask 0, so each row is de-padded back to its own tokens.
+    on ``side`` with mask 0, so each row is de-padded back to its own tokens. ``add_special_tokens=False``
+    tokenizes text a chat template rendered, which holds its special tokens already.
     """
     if side not in ("left", "right"):
         raise ValueError(f"side {side!r}: 'left' or 'right'")
-    rows = [tokenizer(t)["input_ids"] for t in texts]
+    for i, t in enumerate(texts):  # whitespace tokenizes to tokens in most vocabularies, but is no prompt
+        if not t.strip():
+            where = f"prompt {i + 1}" if len(texts) > 1 else "the text"
+            raise ValueError(f"{where} is {'only whitespace' if t else 'empty'}; give some text")
+    rows = [tokenizer(t, **({} if add_special_tokens else {"add_special_tokens": False}))["input_ids"] for t in texts]
     for i, ids in enumerate(rows):
         if not ids:
             where = f"prompt {i + 1}" if len(texts) > 1 else "the text"
@@ -317,7 +338,7 @@ def context_error(
     what += f", padded to {pad_to}" if pad_to else ""
     return (
         f"{what} exceed the model's context of {limit} positions (max_position_embeddings); shorten the "
-        f"text, lower --generate or --pad-to"
+        f"text, lower --max-new-tokens or --pad-to"
     )
 
 

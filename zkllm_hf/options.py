@@ -17,7 +17,7 @@ from .contracts import RESIDUAL_MODES, Contract, load_contract
 from .points import parse_layers
 
 __all__ = ["GENERATE_MODES", "PADDABLE_MODES", "CaptureOptions", "check_residuals", "generation_problem",
-           "resolve_layers", "threads_problem"]
+           "residuals_dtype_problem", "resolve_layers", "threads_problem"]
 
 PADDABLE_MODES = frozenset({"forward", "full", "evaluate", "predict"})  # can the user pad these forwards?
 GENERATE_MODES = ("prefill", "full", "steps")  # what a capture inside generate() takes
@@ -39,7 +39,7 @@ def generation_problem(
     for capture-dataset, CaptureLogitsProcessor and the CLI. ``generate`` is the number of new tokens, None for
     no generation, or True inside a ``generate()`` call; ``mode`` None when not given (prefill); ``flags``
     spells the names as the CLI's options."""
-    g, m, p = ("--generate", "--mode", "--pad-to") if flags else ("generate", "mode", "pad_to")
+    g, m, p = ("--max-new-tokens", "--mode", "--pad-to") if flags else ("generate", "mode", "pad_to")
     if generate is None and mode is not None:
         return f"{m} applies to {g} N; add {g}, or drop {m}"
     if generate is not None and generate is not True and (isinstance(generate, bool) or generate < 1):
@@ -54,6 +54,26 @@ def generation_problem(
             f"padded; use {m} full, or drop {p}"
         )
     return None
+
+
+def residuals_dtype_problem(residuals: str, dtype: Any, *, flags: bool = False) -> str | None:
+    """Why ``residuals`` cannot run with weights of ``dtype`` (a torch dtype or its name), else None.
+
+    exact-int bounds the derived stream's drift by ``256 LSB + 4 ulp`` of the model's value; in bfloat16 or
+    float16 the model's own rounding (about 2**-8 relative) is far coarser than 2**-16, so every layer would
+    fail. It is refused before any forward, with the fix."""
+    name = str(dtype).removeprefix("torch.")
+    if residuals != "exact-int" or name not in ("bfloat16", "float16"):
+        return None
+    r, fix = (
+        ("--residuals exact-int", "use --dtype float32 (or --residuals model)")
+        if flags
+        else ("residuals='exact-int'", "load the model in float32 (or use residuals='model')")
+    )
+    return (
+        f"{r} with {name} weights: their rounding (about 2**-8 relative) is far coarser than the 2**-16 scale, "
+        f"so the derived residuals would drift past the contract's bound at every layer; {fix}"
+    )
 
 
 def check_residuals(residuals: str) -> str:

@@ -30,17 +30,18 @@ def zkllm_limit_warnings(
     paddable: bool = True,
     num_attention_heads: int | None = None,
     num_key_value_heads: int | None = None,
+    flags: bool = False,
 ) -> list[str]:
     """The zkLLM limits a capture of this shape does not meet, as readable warnings (empty if none).
 
     ``paddable`` is False for captures of generate()'s own forwards (prefill, steps), which cannot be padded.
     Hidden and intermediate sizes need not be powers of two: zkLLM pads them (Llama-2-7B's 11008 is not one).
+    The fixes name the API's parameters (``pad_to=``), or with ``flags`` the CLI's options (``--pad-to``).
     """
     out = []
+    pad, full = ("--pad-to {n}", "--mode full --pad-to {n}") if flags else ("pad_to={n}", "mode='full', pad_to={n}")
     pad_fix = (
-        "capture again with --pad-to {n}"
-        if paddable
-        else "generate()'s own forwards cannot be padded: capture with --mode full --pad-to {n}"
+        f"capture again with {pad}" if paddable else f"generate()'s own forwards cannot be padded: capture with {full}"
     )
     if not is_power_of_two(seq_len) or seq_len < ATTENTION_MIN_SEQ_LEN:
         target = max(ATTENTION_MIN_SEQ_LEN, next_power_of_two(seq_len))
@@ -62,3 +63,26 @@ def zkllm_limit_warnings(
             f"(grouped-query attention); zkLLM's attention kernel builds K and V as hidden x hidden and rejects it"
         )
     return out
+
+
+def config_limit_warnings(
+    seq_lens: list[int], config: object, *, paddable: bool = True, flags: bool = False
+) -> list[str]:
+    """:func:`zkllm_limit_warnings` for units of ``seq_lens`` tokens of a model of ``config``: the longest
+    unit's (whose padding fixes every unit), then what the shortest adds, each once."""
+    if not seq_lens:
+        return []
+
+    def of(n: int) -> list[str]:
+        return zkllm_limit_warnings(
+            n,
+            int(getattr(config, "hidden_size", 0) or 0),
+            getattr(config, "intermediate_size", None),
+            paddable=paddable,
+            num_attention_heads=getattr(config, "num_attention_heads", None),
+            num_key_value_heads=getattr(config, "num_key_value_heads", None),
+            flags=flags,
+        )
+
+    out = of(max(seq_lens))
+    return out + [w for w in of(min(seq_lens)) if w not in out]

@@ -210,6 +210,8 @@ def model_info(model: nn.Module, *, fingerprint: bool = True) -> dict[str, Any]:
         "weights_fingerprint_algorithm": FINGERPRINT_ALGORITHM,
         "dtype": str(getattr(model, "dtype", None)).removeprefix("torch."),
         "quantization": quantization_info(model),
+        # where the weights came from, as zkllm_hf.models records it in a converted GGUF's config (else None)
+        "source": _jsonable(getattr(config, "zkllm_hf_source", None)),
         "attn_implementation": getattr(config, "_attn_implementation", None),
         "device_map": _jsonable(getattr(model, "hf_device_map", None)),
         "num_hidden_layers": getattr(config, "num_hidden_layers", None),

@@ -4,6 +4,7 @@ loaded, the capture run, and its one-paragraph summary."""
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import time
@@ -36,10 +37,12 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
 
 
 def capture_options_error(args: argparse.Namespace) -> str | None:
-    """What is wrong with the combination of --generate, --mode and --pad-to (capture, capture-dataset)."""
+    """What is wrong with the combination of --max-new-tokens, --mode, --pad-to and the sampling options
+    (capture, capture-dataset)."""
     from ..options import generation_problem
+    from .generation import sampling_problem
 
-    return generation_problem(args.generate, args.mode, args.pad_to, flags=True)
+    return generation_problem(args.generate, args.mode, args.pad_to, flags=True) or sampling_problem(args)
 
 
 def load_model(args: argparse.Namespace, say, device: str | None = None):
@@ -64,7 +67,10 @@ def load_model(args: argparse.Namespace, say, device: str | None = None):
 
 
 def extra_metadata(args: argparse.Namespace, loaded) -> dict:
-    """What the manifest records of how the command ran: the model's source and the loading options."""
+    """What the manifest records of how the command ran: the model's source, the loading and generation
+    options."""
+    from .generation import recorded_options
+
     return {
         "source": loaded.source,
         "cli": {
@@ -73,6 +79,7 @@ def extra_metadata(args: argparse.Namespace, loaded) -> dict:
             "load_in_4bit": args.load_in_4bit,
             "load_in_8bit": args.load_in_8bit,
             "generate": args.generate,
+            **recorded_options(args),
         },
     }
 
@@ -86,7 +93,11 @@ def start(args: argparse.Namespace, *, speak: bool = True) -> Callable[..., None
         import transformers
 
         transformers.utils.logging.disable_progress_bar()
-    problem = capture_options_error(args)
+    elif speak:  # the first run's GGUF conversion takes a while: say when it starts and how long it took
+        logging.getLogger("zkllm_hf.models").setLevel(logging.INFO)
+    from ..options import residuals_dtype_problem
+
+    problem = capture_options_error(args) or residuals_dtype_problem(args.residuals, args.dtype, flags=True)
     if problem is not None:
         err(problem)
         return None
@@ -133,7 +144,19 @@ def cmd_capture(args: argparse.Namespace) -> int:
         return fail(exc)
     assert res is not None
     _summarise(res, time.perf_counter() - t0)
+    print_limit_warnings([u["seq_len"] for u in res.units] or [res.seq_len], loaded.model, res.mode)
     return EXIT_OK
+
+
+def print_limit_warnings(seq_lens: list[int], model, mode: str) -> None:
+    """The zkLLM limits the capture does not meet, on stderr, their fixes spelled as this command's options
+    (the result's own warnings name the API's parameters)."""
+    from ..options import PADDABLE_MODES
+    from ..profile import config_limit_warnings
+
+    config = getattr(model, "config", None)
+    for w in config_limit_warnings(seq_lens, config, paddable=mode in PADDABLE_MODES, flags=True):
+        print(f"warning: {w}", file=sys.stderr)
 
 
 def _refuse_early(args: argparse.Namespace, out: Path) -> int | None:
@@ -158,7 +181,17 @@ def _load_and_tokenize(args: argparse.Namespace, say, prompts: list[str]) -> tup
         loaded = load_model(args, say)
         # generate() wants left padding; a plain forward is exact with right padding (positions start at 0)
         side = "left" if args.generate is not None else "right"
-        batch = tokenize_batch(loaded.tokenizer, prompts, None if args.generate is not None else args.pad_to, side=side)
+        if args.chat:
+            from .generation import apply_chat
+
+            prompts = apply_chat(loaded.tokenizer, prompts, args.model)
+        batch = tokenize_batch(
+            loaded.tokenizer,
+            prompts,
+            None if args.generate is not None else args.pad_to,
+            side=side,
+            add_special_tokens=not args.chat,  # the template writes the special tokens itself
+        )
     except (ModelLoadError, ValueError) as exc:
         return fail(exc, layers=True)
     return loaded, batch
@@ -195,26 +228,34 @@ def _run(args: argparse.Namespace, loaded, batch, out: Path, ids, mask):
 
 
 def _run_generate(args: argparse.Namespace, loaded, batch, out: Path, ids, mask, options: dict):
-    """Greedy generate() with a CaptureLogitsProcessor capturing as --mode says."""
+    """generate() as the options say (greedy unless --do-sample), with a CaptureLogitsProcessor capturing as
+    --mode says and, unless --quiet, a bar ticking per new token."""
     import torch
     from transformers import LogitsProcessorList
 
     from ..integrations.generation import CaptureLogitsProcessor
+    from .generation import TokenProgress, generate_kwargs
 
     model = loaded.model
-    with (
-        CaptureLogitsProcessor(model, out, mode=args.mode or "prefill", pad_to=args.pad_to, **options) as proc,
-        torch.inference_mode(),
-    ):
-        generated = model.generate(
-            input_ids=ids,
-            attention_mask=mask,
-            logits_processor=LogitsProcessorList([proc]),
-            max_new_tokens=args.generate,
-            do_sample=False,
-            pad_token_id=batch.pad_token_id if batch.pad_token_id is not None else loaded.tokenizer.eos_token_id,
-        )
-        return proc.finalize(generated)
+    if args.seed is not None:
+        torch.manual_seed(args.seed)  # what sampling draws from; the manifest records it
+    bar = None if args.quiet else TokenProgress(args.generate)
+    try:
+        with (
+            CaptureLogitsProcessor(model, out, mode=args.mode or "prefill", pad_to=args.pad_to, **options) as proc,
+            torch.inference_mode(),
+        ):
+            generated = model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                logits_processor=LogitsProcessorList([proc] + ([bar] if bar is not None else [])),
+                pad_token_id=batch.pad_token_id if batch.pad_token_id is not None else loaded.tokenizer.eos_token_id,
+                **generate_kwargs(args),
+            )
+            return proc.finalize(generated)
+    finally:
+        if bar is not None:
+            bar.close()
 
 
 def _summarise(res, elapsed: float) -> None:
@@ -236,8 +277,6 @@ def _summarise(res, elapsed: float) -> None:
         f"headroom: largest |x| {res.max_abs_value:.6g} (layer {res.worst[0]} {res.worst[1]}) uses "
         f"{100 * res.headroom:.1f}% of int32 at 2**{res.scale_log2}"
     )
-    for w in res.warnings:
-        print(f"warning: {w}", file=sys.stderr)
 
 
 # -- capture-dataset -------------------------------------------------------------------------------
@@ -259,6 +298,9 @@ def cmd_capture_dataset(args: argparse.Namespace) -> int:
 
     say = start(args, speak=int(os.environ.get("RANK", "0")) == 0)  # before accelerate is set up: rank 0 talks
     if say is None:
+        return EXIT_USAGE
+    if args.chat:
+        err("--chat applies to capture; capture-dataset does not apply chat templates yet (drop --chat)")
         return EXIT_USAGE
     try:
         prompts, _ = read_prompt_set(args.prompts)
@@ -287,12 +329,15 @@ def cmd_capture_dataset(args: argparse.Namespace) -> int:
             f"{len(res.reused)} finished; {res.ranks} rank(s), {time.perf_counter() - t0:.1f} s; index "
             f"{'written' if res.index_written else 'unchanged'}"
         )
+        mode = "forward" if args.generate is None else args.mode or "prefill"
+        print_limit_warnings([u["seq_len"] for u in res.units], loaded.model, mode)
     return EXIT_OK
 
 
 def _run_dataset(args: argparse.Namespace, loaded):
     """capture_dataset() as the options say; the process group it starts here is destroyed here."""
     from ..dataset import capture_dataset
+    from .generation import generate_kwargs
 
     ours = not distributed_up()  # the process group accelerate starts for this command is closed by it
     try:
@@ -311,6 +356,10 @@ def _run_dataset(args: argparse.Namespace, loaded):
             progress=not args.quiet,
             extra_metadata=extra_metadata(args, loaded),
             threads=args.threads,
+            sampling={k: v for k, v in generate_kwargs(args).items() if k != "max_new_tokens"}
+            if args.do_sample
+            else None,
+            seed=args.seed,
         )
     finally:
         if ours and distributed_up():

@@ -4,6 +4,7 @@ model too), and a capture summarised, a unit or a dataset of units."""
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 
 from ..errors import ModelLoadError, UnsupportedModelError
@@ -44,6 +45,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from ..hooks import find_layout
     from ..validate import validate
 
+    folder = Path(args.dir)
+    if not (folder / "manifest.arrow").is_file():  # not a capture at all: the one line inspect gives too
+        cap = open_capture(args.dir)
+        if isinstance(cap, int):
+            return cap
     try:
         model = load_model_for_check(args)
         if model is not None:
@@ -77,7 +83,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print(table(["field", "value"], _unit_fields(cap.metadata, report)))
     print()
     print(
-        table(["point", "files", "source", "int_min", "int_max", "headroom", "check", "worst ratio"], _point_rows(cap))
+        table(
+            ["point", "files", "source dtype", "int_min", "int_max", "int32 used (worst)", "check", "worst deviation"],
+            _point_rows(cap, _exact_checks(cap.metadata, report)),
+        )
     )
     print_budget(cap)
     _print_failures(report)
@@ -97,33 +106,21 @@ def _unit_fields(meta: dict, report) -> list[list[object]]:
     model, tokens, capture = meta["model"], meta["tokens"], meta["capture"]
     ids = tokens.get("input_ids") or []
     shown = ", ".join(map(str, ids[:12])) + (f", ... ({len(ids)} in all)" if len(ids) > 12 else "")
-    quant = model.get("quantization")
     names = report.contract.names_of("integrity") if report.contract is not None else frozenset()
     integrity = [r for r in report.results if r.check in names]
     return [
         ["model", f"{model['class']} ({model.get('model_type')}) {model.get('name_or_path')}"],
-        [
-            "weights",
-            f"{model['dtype']}{', ' + str(quant.get('quant_method', quant)) if quant else ''}; "
-            f"fingerprint {str(model.get('weights_fingerprint'))[:16]}...",
-        ],
+        ["weights", weights_line(meta)],
         ["tokens", f"[{shown}]"],
-        [
-            "seq_len",
-            f"{tokens['seq_len']} ({tokens['prompt_token_count']} prompt + "
-            f"{tokens['seq_len'] - tokens['prompt_token_count']} padding, pad id {tokens['pad_token_id']})",
-        ],
+        ["seq_len", tokens_line(tokens)],
         ["hidden_size", capture["hidden_size"]],
         ["layers", ranges(capture["layers"])],
         ["scale", f"2**{capture['scale_log2']}"],
+        *([["generation", _how(meta)]] if meta.get("generation") else []),
         ["residuals", _residuals_line(meta)],
         ["runtime", _runtime_line(meta)],
         ["|gate_proj|", _gate_line(meta)],
-        [
-            "created",
-            f"{capture['created_utc']} with zkllm_hf {meta['versions']['zkllm_hf']}, transformers "
-            f"{meta['versions']['transformers']}, torch {meta['versions']['torch']}",
-        ],
+        ["created", f"{capture['created_utc']} with {versions_line(meta)}"],
         [
             "checksums",
             "all match" if all(r.passed for r in integrity) else f"{sum(not r.passed for r in integrity)} mismatch",
@@ -139,8 +136,69 @@ def _contract_line(meta: dict, report) -> str:
     )
 
 
-def _point_rows(cap) -> list[list[object]]:
-    """One row per capture point: its files, source dtype, int range, worst headroom and worst check ratio."""
+def _exact_checks(meta: dict, report) -> frozenset[str]:
+    """The checks that hold exactly in this capture (tolerance zero): the contract's exact ones (the chain),
+    and the skip sums of an exact-int capture."""
+    if report.contract is None:
+        return frozenset({"chain"})
+    exact = set(report.contract.names_of("exact"))
+    if (meta.get("residuals") or {}).get("mode") == "exact-int":
+        exact |= report.contract.names_of("sum")
+    return frozenset(exact)
+
+
+def tokens_line(tokens: dict) -> str:
+    """seq_len as the sum of its parts: the prompt's tokens, the generated ones and the padding."""
+    n, prompt = tokens["seq_len"], tokens["prompt_token_count"]
+    generated = tokens.get("generated_token_count") or 0
+    padding = n - prompt - generated
+    line = f"{n} = {prompt} prompt + {generated} generated + {padding} padding"
+    if padding and tokens.get("pad_token_id") is not None:
+        line += f" (pad id {tokens['pad_token_id']})"
+    positions = tokens.get("position_ids") or []
+    if not prompt and positions and positions[0]:  # a decode step: its token attends to the cache before it
+        line += f", at position {positions[0]} after {positions[0]} cached"
+    return line
+
+
+GGUF_TYPE = re.compile(r"[.\-_](I?Q\d[A-Z0-9_]*|BF16|F16|F32)\.gguf$", re.I)  # a GGUF's type, as its name says
+
+
+def weights_line(meta: dict) -> str:
+    """The weights' dtype, where they came from (a GGUF file zkllm-hf converted, bitsandbytes) and their
+    fingerprint. A GGUF's tensor type is read from its conventional file name (``...Q4_1.gguf``)."""
+    model = meta["model"]
+    what = str(model["dtype"])
+    quant = model.get("quantization")
+    if isinstance(quant, dict):
+        bits = " 4-bit" if quant.get("load_in_4bit") else " 8-bit" if quant.get("load_in_8bit") else ""
+        what += f", {quant.get('quant_method', 'quantized')}{bits}"
+    source = model.get("source") or (meta.get("extra") or {}).get("source") or {}
+    gguf = source.get("gguf_file") if isinstance(source, dict) else None
+    if gguf:
+        name = Path(str(gguf)).name
+        kind = m.group(1).upper() if (m := GGUF_TYPE.search(name)) else None
+        how = "converted" if kind in (None, "F32", "F16", "BF16") else "dequantised"
+        what += f" ({how} from GGUF {kind}, {name})" if kind else f" ({how} from GGUF file {name})"
+    return f"{what}; fingerprint {str(model.get('weights_fingerprint'))[:16]}..."
+
+
+def _deviation(rows: list[dict], exact: bool) -> str:
+    """A point's worst check result: 'exact' for a check of tolerance zero, else deviation / bound."""
+    checked = [r for r in rows if r["max_dev_ratio"] is not None]
+    if not checked:
+        return "-"
+    if exact:
+        worst = max(checked, key=lambda r: r["max_dev_lsb"] or 0)
+        lsb = worst["max_dev_lsb"] or 0
+        return "exact (0 LSB apart)" if lsb == 0 else f"NOT exact: {lsb:g} LSB apart (L{worst['layer']})"
+    dev = max(checked, key=lambda r: r["max_dev_ratio"])
+    return f"{dev['max_dev_ratio']:.3f} of bound (L{dev['layer']})"
+
+
+def _point_rows(cap, exact: frozenset[str] = frozenset()) -> list[list[object]]:
+    """One row per capture point: its files, source dtype, int range, the most of int32 used, and its check's
+    worst deviation as a fraction of the check's bound (or 'exact' for a check that holds exactly)."""
     from ..points import POINTS
 
     rows = []
@@ -151,9 +209,9 @@ def _point_rows(cap) -> list[list[object]]:
         rs = by_point.get(p.name, [])
         if not rs:
             continue
-        worst = max(rs, key=lambda r: r["headroom"])
+        worst = max(rs, key=lambda r: r["headroom"])  # the manifest's headroom is the fraction of int32 used
         checked = [r for r in rs if r["max_dev_ratio"] is not None]
-        dev = max(checked, key=lambda r: r["max_dev_ratio"]) if checked else None
+        check = rs[0]["check"] or (checked[0]["check"] if checked else "-")
         rows.append(
             [
                 p.name,
@@ -162,8 +220,8 @@ def _point_rows(cap) -> list[list[object]]:
                 min(r["int_min"] for r in rs),
                 max(r["int_max"] for r in rs),
                 f"{100 * worst['headroom']:.1f}% (L{worst['layer']})",
-                rs[0]["check"] or (checked[0]["check"] if checked else "-"),
-                f"{dev['max_dev_ratio']:.3f} (L{dev['layer']})" if dev else "-",
+                check,
+                _deviation(rs, check in exact),
             ]
         )
     return rows
@@ -226,9 +284,11 @@ def _inspect_dataset(ds, report) -> int:
             [
                 ["dataset", f"{len(ds)} units, mode {capture['mode']} ({_how(meta)})"],
                 ["model", f"{model['class']} ({model.get('model_type')}) {model.get('name_or_path')}"],
-                ["weights", f"{model['dtype']}; fingerprint {str(model.get('weights_fingerprint'))[:16]}..."],
+                ["weights", weights_line(meta)],
                 ["layers", ranges(capture["layers"])],
                 ["scale", f"2**{capture['scale_log2']}"],
+                ["created", _created_span(ds, meta)],
+                ["versions", versions_line(meta)],
                 ["contract", _contract_line(meta, report)],
             ],
         )
@@ -240,26 +300,44 @@ def _inspect_dataset(ds, report) -> int:
         ids = tokens.get("input_ids") or []
         shown = ", ".join(map(str, ids[:6])) + (", ..." if len(ids) > 6 else "")
         bad = sum(1 for f in report.failures if f.unit == unit.path.relative_to(ds.path).as_posix())
+        prompt, generated = tokens["prompt_token_count"], tokens.get("generated_token_count") or 0
+        parts = f"{prompt} + {generated} + {tokens['seq_len'] - prompt - generated}"
         rows.append(
             [
                 unit.path.relative_to(ds.path).as_posix(),
                 unit.metadata["unit"]["phase"],
                 tokens["seq_len"],
+                parts,
                 f"[{shown}]",
+                unit.metadata["capture"].get("created_utc", "-"),
                 "valid" if not bad else f"{bad} failed",
             ]
         )
-    print(table(["unit", "phase", "seq_len", "tokens", "checks"], rows))
+    print(table(["unit", "phase", "seq_len", "prompt + generated + padding", "tokens", "created", "checks"], rows))
     _print_failures(report)
     return EXIT_OK if report.ok else EXIT_INVALID
+
+
+def versions_line(meta: dict) -> str:
+    """The libraries a capture was made with, as its metadata records them."""
+    v = meta.get("versions") or {}
+    return ", ".join(f"{k} {v[k]}" for k in ("zkllm_hf", "transformers", "torch") if k in v) or "not recorded"
+
+
+def _created_span(ds, meta: dict) -> str:
+    """When the dataset's units were captured (first to last) and when its index was written."""
+    times = sorted(str(u.metadata["capture"].get("created_utc")) for u in ds.units.values())
+    index = meta["capture"].get("created_utc")
+    span = times[0] if len(set(times)) == 1 else f"{times[0]} to {times[-1]}"
+    return f"units {span}; index {index}" if times else f"index {index}"
 
 
 def _how(meta: dict) -> str:
     """How a dataset's units were made: generate()'s settings, the Trainer's, or one forward."""
     gen = meta.get("generation") or {}
     trainer = meta.get("trainer") or {}
-    how = ", ".join(
-        f"{k} {gen[k]}" for k in ("do_sample", "num_beams", "num_return_sequences", "max_new_tokens") if k in gen
-    )
+    keys = ("do_sample", "num_beams", "num_return_sequences", "max_new_tokens")
+    keys += ("temperature", "top_p", "top_k", "seed") if gen.get("do_sample") else ()
+    how = ", ".join(f"{k} {gen[k]}" for k in keys if k in gen)
     how += f"; eos {gen.get('eos_token_id')}, pad {gen.get('pad_token_id')}" if gen else ""
     return how or (f"Trainer {trainer.get('on')}, first {trainer.get('max_samples')} samples" if trainer else "forward")

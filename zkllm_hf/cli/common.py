@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 from .exits import READING_A_CAPTURE, fail
@@ -17,13 +18,17 @@ def open_capture(path: str):
         return fail(exc, READING_A_CAPTURE)
 
 
+NUMBER = re.compile(r"-?\d+(\.\d+)?")
+
+
 def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    """``rows`` under ``headers`` in aligned columns (numbers right-aligned)."""
+    """``rows`` under ``headers`` in aligned columns: a column of plain numbers right-aligned, any other
+    column left-aligned (a value that merely starts with a digit stays in line with its neighbours)."""
     cells = [[str(h) for h in headers]] + [[str(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    fmt = lambda r: "  ".join(
-        c.rjust(w) if c[:1].isdigit() or c[:1] == "-" else c.ljust(w)  # noqa: E731
-        for c, w in zip(r, widths)
+    numeric = [bool(rows) and all(NUMBER.fullmatch(r[i]) for r in cells[1:]) for i in range(len(headers))]
+    fmt = lambda r: "  ".join(  # noqa: E731
+        c.rjust(w) if right else c.ljust(w) for c, w, right in zip(r, widths, numeric)
     ).rstrip()
     return "\n".join([fmt(cells[0]), "  ".join("-" * w for w in widths)] + [fmt(r) for r in cells[1:]])
 

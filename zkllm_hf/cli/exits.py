@@ -33,7 +33,7 @@ BY_TYPE: Mapping[type[BaseException], int] = {
     ContractViolation: EXIT_INVALID,  # the capture broke its contract
     FixedPointError: EXIT_INVALID,  # a value does not fit int32 at the scale
     CaptureError: EXIT_INVALID,  # the capture could not be completed as asked
-    UnsupportedModelError: EXIT_INVALID,  # the model's modules do not fit the point table
+    UnsupportedModelError: EXIT_USAGE,  # the model's modules do not fit the point table: an input error
     PlanRefused: EXIT_INVALID,  # zkLLM would reject the capture
     ModelFilesError: EXIT_ENVIRONMENT,  # the model's files exist but cannot be read
     ValueError: EXIT_USAGE,  # every other input error: ModelLoadError, PromptsError, OutputRefused, ...

@@ -165,17 +165,21 @@ def _compare(sub) -> None:
 def add_capture_options(p: argparse.ArgumentParser) -> None:
     """The options capture and capture-dataset share (what runs, on which model, into which folder)."""
     p.add_argument(
+        "--max-new-tokens",
         "--generate",
+        dest="generate",
         type=int,
         default=None,
         metavar="N",
-        help="generate N new tokens (greedy) and capture as --mode says, instead of one forward",
+        help="generate() up to N new tokens (greedy unless --do-sample) and capture as --mode says, instead of "
+        "one forward (--generate N is the same)",
     )
+    _generation_options(p)
     p.add_argument(
         "--mode",
         choices=["prefill", "full", "steps"],
         default=None,
-        help="with --generate: the prompt's forward (prefill, default), one forward over prompt + generated "
+        help="with --max-new-tokens: the prompt's forward (prefill, default), one forward over prompt + generated "
         "tokens (full), or every forward (steps: sample-B/step-K/)",
     )
     p.add_argument(
@@ -191,7 +195,7 @@ def add_capture_options(p: argparse.ArgumentParser) -> None:
         default=None,
         metavar="N",
         help="pad at the end with the pad (or EOS) token to N tokens, e.g. 1024 for zkLLM attention "
-        "(with --generate: --mode full only)",
+        "(with --max-new-tokens: --mode full only)",
     )
     p.add_argument("--dtype", choices=list(LOAD_DTYPE_NAMES), default="float32", help="weights and compute dtype")
     p.add_argument(
@@ -210,3 +214,23 @@ def add_capture_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scale-log2", type=int, default=16, metavar="K", help="fixed-point scale 2**K (default 16)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing capture in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar or loading messages")
+
+
+def _generation_options(p: argparse.ArgumentParser) -> None:
+    """generate()'s sampling options and the chat template, as capture and capture-dataset take them."""
+    p.add_argument("--do-sample", action="store_true", help="sample the new tokens, as generate(do_sample=True)")
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=None,
+        metavar="T",
+        help="with --do-sample: generate()'s temperature (default: the model's generation config)",
+    )
+    p.add_argument("--top-p", type=float, default=None, metavar="P", help="with --do-sample: nucleus sampling's p")
+    p.add_argument("--top-k", type=int, default=None, metavar="K", help="with --do-sample: sample from the K likeliest")
+    p.add_argument(
+        "--seed", type=int, default=None, metavar="S", help="seed torch's generator before generating (recorded)"
+    )
+    p.add_argument(
+        "--chat", action="store_true", help="apply the tokenizer's chat template to each prompt (one user message)"
+    )

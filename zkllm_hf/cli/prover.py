@@ -85,8 +85,8 @@ def _layers(args: argparse.Namespace, cap) -> list[int] | int:
 
     try:
         layers = parse_layers(args.layers, max(cap.layers) + 1) if args.layers else list(cap.layers)
-    except ValueError as exc:
-        err(f"--layers {args.layers}: {exc}")
+    except ValueError as exc:  # the message names the spec itself: said once, as the flag
+        err(str(exc).replace(f"layer spec {args.layers!r}", f"--layers {args.layers}", 1))
         return EXIT_USAGE
     absent = [layer for layer in layers if layer not in cap.layers]
     if absent:

@@ -56,8 +56,9 @@ class CaptureLogitsProcessor(LogitsProcessor):
         out = model.generate(**inputs, logits_processor=LogitsProcessorList([proc]), max_new_tokens=16)
         result = proc.finalize(out)
 
-    Nothing is written unless :meth:`finalize` succeeds; :meth:`close` (or leaving a ``with`` block)
-    removes the hooks and drops anything staged.
+    Nothing is written unless :meth:`finalize` succeeds; :meth:`close` removes the hooks and drops anything
+    staged. Leaving a ``with`` block removes them too; left without :meth:`finalize` (and without an
+    exception of its own) it raises ``CaptureError``, since the capture it held is lost.
     """
 
     def __init__(
@@ -106,7 +107,14 @@ class CaptureLogitsProcessor(LogitsProcessor):
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        unfinished = not self._closed  # finalize() closes; a block left open discards what it staged
         self.close()
+        if unfinished and exc_type is None:  # the block's own exception, if any, is the one to see
+            raise CaptureError(
+                "the CaptureLogitsProcessor block ended without finalize(out), so nothing was written: call "
+                "proc.finalize(out) with what generate() returned, inside the block (or proc.close() to discard "
+                "the capture on purpose)"
+            )
 
     def close(self) -> None:
         """Remove the hooks and drop anything staged but not finalized (idempotent)."""

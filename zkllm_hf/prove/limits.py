@@ -64,6 +64,7 @@ def prover_problems(cap: Any, model_size: int, layers: Sequence[int], zkllm_root
         paddable=meta.get("capture", {}).get("mode", "forward") in ("forward", "full", "evaluate", "predict"),
         num_attention_heads=model.get("num_attention_heads"),
         num_key_value_heads=model.get("num_key_value_heads"),
+        flags=True,  # plan's fixes are commands to run again
     )
     if cap.scale_log2 != ZKLLM_SCALE_LOG2:
         out.append(

@@ -37,6 +37,7 @@ from .dataset_folder import check_out_dir, clear_work, discard, place_unit, prep
 from .dataset_index import write_index
 from .engine import CaptureError
 from .hooks import find_layout
+from .manifest import remove_manifest
 from .options import generation_problem, resolve_layers, threads_problem
 from .prompts import Prompt, PromptsError, as_prompts, parse_prompts, read_prompts, tokenize_prompts
 from .resume import run_settings, verify_unit, wanted
@@ -147,7 +148,7 @@ class _DatasetRun:
                     result.reused.append(p.id)
                     continue
                 logger.warning("%s: %s; capturing it again", p.folder, why)
-            (self.out / MANIFEST_NAME).unlink(missing_ok=True)  # the index is stale from here on
+            remove_manifest(self.out / MANIFEST_NAME)  # the index (and its capture.json) is stale from here on
             with _intra_op_threads(self.threads):  # the same count in one process and in K ranks
                 self._capture_one(p)
             result.captured.append(p.id)
@@ -249,6 +250,7 @@ def capture_dataset(
     extra_metadata: Mapping[str, Any] | None = None,
     state: Any = None,
     threads: int | None = 1,
+    store_text: bool = True,
 ) -> DatasetResult:
     """Capture each prompt as a unit ``sample-{id}/`` under ``out_dir``, then write the dataset index.
 
@@ -290,7 +292,8 @@ def capture_dataset(
         generate=generate,
         mode=mode,
         pad_to=pad_to,
-        options={"layers": layers, "scale_log2": scale_log2, "residuals": residuals},
+        options={"layers": layers, "scale_log2": scale_log2, "residuals": residuals, "tokenizer": tokenizer,
+                 "store_text": store_text},
         extra_metadata=extra_metadata,
         threads=threads,
         asked={"generate": generate, "mode": capture_mode, "pad_to": pad_to},

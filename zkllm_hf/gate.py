@@ -21,6 +21,7 @@ from torch import nn
 from . import fixed_point as fp
 from .contracts import (
     INDEX_KINDS,
+    WRITTEN_AFTER_GATE,
     CaptureSubject,
     CheckResult,
     ContractViolation,
@@ -94,7 +95,7 @@ def build_index(
     metadata: Mapping[str, Any],
     units: Sequence[tuple[Mapping[str, Any], Any]],
     *,
-    kinds: frozenset[str] = INDEX_KINDS - {"manifest_schema"},
+    kinds: frozenset[str] = INDEX_KINDS - {"manifest_schema"} - WRITTEN_AFTER_GATE,
 ) -> tuple[Any, list[CheckResult]]:
     """The dataset index over units whose manifests are already written under ``root``, and its checks.
 
@@ -171,7 +172,7 @@ def _gate_unit(
 ) -> list[CheckResult]:
     """Every check of one staged unit: its layer checks (run in memory), its capture checks on the manifest
     as validate reads it back (the rows in manifest order, the metadata through JSON), and its file checks."""
-    skip = frozenset() if flat else frozenset({"manifest_schema"})
+    skip = WRITTEN_AFTER_GATE | (frozenset() if flat else frozenset({"manifest_schema"}))
     subject = CaptureSubject(
         table.to_pylist(), table, table_metadata(table), root / u.folder, model, lambda: fingerprint, u.failures
     )

@@ -271,6 +271,8 @@ def capture_dataset(
     restored after; ``None`` leaves it alone). torch's CPU kernels give other float32 bits with another
     count and accelerate gives each rank one thread, so the default 1 is what makes a unit's bytes the same
     in one process and in K ranks. Each unit's manifest records the count (``runtime.torch_threads``).
+
+    Each unit records ``tokenizer``'s fingerprint and its prompt (and generated) text, unless ``store_text=False``.
     """
     t0 = time.perf_counter()
     _check_options(threads=threads, generate=generate, mode=mode, pad_to=pad_to)
@@ -292,8 +294,7 @@ def capture_dataset(
         generate=generate,
         mode=mode,
         pad_to=pad_to,
-        options={"layers": layers, "scale_log2": scale_log2, "residuals": residuals, "tokenizer": tokenizer,
-                 "store_text": store_text},
+        options=dict(layers=layers, scale_log2=scale_log2, residuals=residuals, **_text(tokenizer, store_text)),
         extra_metadata=extra_metadata,
         threads=threads,
         asked={"generate": generate, "mode": capture_mode, "pad_to": pad_to},
@@ -314,6 +315,11 @@ def capture_dataset(
         run.release()
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def _text(tokenizer: Any, store_text: bool) -> dict[str, Any]:
+    """The engine options that record the tokenizer and the text."""
+    return {"tokenizer": tokenizer, "store_text": store_text}
 
 
 def _check_options(*, threads: int | None, generate: int | None, mode: str, pad_to: int | None) -> None:

@@ -44,7 +44,8 @@ def write_index(
             return units, False  # a finished dataset of these prompts: nothing to do
     common = _common_metadata(first, dataset)
     contract = trusted_contract(first, None)
-    index, results = build_index(out, contract, rows, common, list(zip(entries, tables)), kinds=INDEX_KINDS - WRITTEN_AFTER_GATE)
+    kinds = INDEX_KINDS - WRITTEN_AFTER_GATE  # the index's capture.json is written with it, below
+    index, results = build_index(out, contract, rows, common, list(zip(entries, tables)), kinds=kinds)
     failed = [r for r in results if r.failed]
     if failed:
         raise ContractViolation(failed, context=f"dataset index of '{out}'")
@@ -91,7 +92,7 @@ def _current_units(
         _, old = read_manifest(existing)
         same = [{k: u.get(k) for k in (*entries[0], "manifest_sha256")} for u in old.get("units", [])]
         now = [dict(e, manifest_sha256=sha256_file(out / e["folder"] / MANIFEST_NAME)) for e in entries]
-        intact = sidecar_problem(out, old) is None  # an index whose capture.json is missing or edited is rewritten
+        intact = sidecar_problem(out, old) is None  # an index with a missing or edited capture.json: rewrite
         if intact and same == now and (old.get("dataset") or {}).get("prompts") == dataset["prompts"]:
             return old["units"]
     except (OSError, ValueError, KeyError):

@@ -71,7 +71,7 @@ def unit_texts(unit: UnitRecorder, tokenizer: Any, store_text: bool) -> dict[str
     prompt = unit.seq_len if unit.prompt_token_count is None else unit.prompt_token_count
     generated = ids[prompt : prompt + unit.generated_token_count]
     return {
-        "prompt_text": provenance.decode_text(tokenizer, ids[:prompt]),
+        "prompt_text": provenance.decode_text(tokenizer, ids[:prompt]) if prompt else None,  # none in a decode step
         "generated_text": provenance.decode_text(tokenizer, generated) if generated else None,
         "text_from": "input_ids decoded by the recorded tokenizer, special tokens kept",
         "text_omitted": None,

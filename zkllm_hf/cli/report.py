@@ -1,0 +1,2 @@
+def cmd_report(args):
+    raise NotImplementedError

@@ -118,7 +118,8 @@ def gate(values: Mapping[int, float], limit: float) -> bytes:
     low = min(v for v in values.values() if v > 0) if any(v > 0 for v in values.values()) else 1e-3
     ax.set_ylim(low / 3, max(limit, max(values.values())) * 2)
     worst = max(layers, key=values.__getitem__)
-    _subtitle(ax, f"largest {values[worst]:.4g} (layer {worst}): {100 * values[worst] / limit:.1f}% of zkLLM's ±{limit:g}")
+    share = 100 * values[worst] / limit
+    _subtitle(ax, f"largest {values[worst]:.4g} (layer {worst}): {share:.1f}% of zkLLM's ±{limit:g}")
     if len(layers) <= 40:
         ax.set_xticks(layers)
     _legend(ax)

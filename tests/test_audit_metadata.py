@@ -253,3 +253,23 @@ def test_generated_text_is_stored_with_generation(tiny_dir, tmp_path, tok):
     generated = generated[: tokens["generated_token_count"]]
     assert tokens["prompt_text"] == "the quick brown"
     assert tokens["generated_text"] == tok.decode(generated)
+
+
+def test_the_trainer_callback_records_the_trainers_tokenizer(tiny_dir, tmp_path, tok):
+    from transformers import AutoModelForCausalLM, DataCollatorWithPadding, Trainer, TrainingArguments
+
+    from zkllm_hf.provenance import tokenizer_fingerprint
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir).eval()
+    tok.padding_side = "right"
+    cb = zkllm_hf.CaptureCallback(tmp_path / "eval", max_samples=2, layers="0")
+    args = TrainingArguments(str(tmp_path / "t"), per_device_eval_batch_size=2, report_to=[], use_cpu=True,
+                             disable_tqdm=True, save_strategy="no")
+    texts = ["the quick brown fox", "a lazy dog"]
+    Trainer(model=model, args=args, eval_dataset=[tok(t) for t in texts], processing_class=tok,
+            data_collator=DataCollatorWithPadding(tok), callbacks=[cb]).evaluate()
+    index = json.loads((tmp_path / "eval" / "capture.json").read_text())
+    assert index["tokenizer"]["fingerprint"] == tokenizer_fingerprint(tok)
+    got = [json.loads((tmp_path / "eval" / f"sample-{i}" / "capture.json").read_text())["tokens"]["prompt_text"]
+           for i in (0, 1)]
+    assert got == texts

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -42,5 +43,10 @@ def test_readme_examples_run(model_cache, tmp_path, monkeypatch, capsys):
     # the audit metadata, read without zkllm-hf: DuckDB's rows, one per unit of the prompt set, with their text
     assert re.search(r"\(1, \d+, 'The quick brown fox', '[0-9a-f]{12}', None, '1\.5\.0', '\d{4}-", out)
     assert re.search(r"\(7, \d+, 'Hello there', '[0-9a-f]{12}', None, '1\.5\.0', '\d{4}-", out)
+    from zkllm_hf.provenance import tokenizer_fingerprint
+
+    recorded = json.loads((tmp_path / "activations" / "capture.json").read_text())
+    assert recorded["tokenizer"]["fingerprint"] == tokenizer_fingerprint(namespace["tok"])  # the GGUF's tokenizer
+    assert recorded["tokens"]["prompt_text"] == "Hello"
     full = zkllm_hf.load_capture(tmp_path / "acts-full")
     assert [u.metadata["unit"]["phase"] for u in full] == ["full"] * 2

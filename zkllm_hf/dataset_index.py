@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from . import provenance
-from .contracts import INDEX_KINDS, WRITTEN_AFTER_GATE, ContractViolation
+from .contracts import INDEX_KINDS, ContractViolation
 from .engine import CaptureError, build_index, index_rows
 from .manifest import read_manifest, sidecar_problem, table_metadata, write_manifest
 from .prompts import Prompt, prompts_digest
@@ -44,8 +44,7 @@ def write_index(
             return units, False  # a finished dataset of these prompts: nothing to do
     common = _common_metadata(first, dataset)
     contract = trusted_contract(first, None)
-    kinds = INDEX_KINDS - WRITTEN_AFTER_GATE  # the index's capture.json is written with it, below
-    index, results = build_index(out, contract, rows, common, list(zip(entries, tables)), kinds=kinds)
+    index, results = build_index(out, contract, rows, common, list(zip(entries, tables)), kinds=INDEX_KINDS)
     failed = [r for r in results if r.failed]
     if failed:
         raise ContractViolation(failed, context=f"dataset index of '{out}'")

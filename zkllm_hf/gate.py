@@ -21,7 +21,6 @@ from torch import nn
 from . import fixed_point as fp
 from .contracts import (
     INDEX_KINDS,
-    WRITTEN_AFTER_GATE,
     CaptureSubject,
     CheckResult,
     ContractViolation,
@@ -29,7 +28,7 @@ from .contracts import (
     run_dataset_checks,
     run_file_checks,
 )
-from .manifest import build_table, table_metadata, write_manifest
+from .manifest import build_table, table_metadata, write_manifest, write_sidecar
 from .options import CaptureOptions
 from .profile import zkllm_limit_warnings
 from .unit import UnitRecorder
@@ -95,7 +94,7 @@ def build_index(
     metadata: Mapping[str, Any],
     units: Sequence[tuple[Mapping[str, Any], Any]],
     *,
-    kinds: frozenset[str] = INDEX_KINDS - {"manifest_schema"} - WRITTEN_AFTER_GATE,
+    kinds: frozenset[str] = INDEX_KINDS - {"manifest_schema"},
 ) -> tuple[Any, list[CheckResult]]:
     """The dataset index over units whose manifests are already written under ``root``, and its checks.
 
@@ -172,7 +171,7 @@ def _gate_unit(
 ) -> list[CheckResult]:
     """Every check of one staged unit: its layer checks (run in memory), its capture checks on the manifest
     as validate reads it back (the rows in manifest order, the metadata through JSON), and its file checks."""
-    skip = WRITTEN_AFTER_GATE | (frozenset() if flat else frozenset({"manifest_schema"}))
+    skip = frozenset() if flat else frozenset({"manifest_schema"})
     subject = CaptureSubject(
         table.to_pylist(), table, table_metadata(table), root / u.folder, model, lambda: fingerprint, u.failures
     )
@@ -211,6 +210,7 @@ def gate_units(
         rows = u.rows(written)
         # each unit carries how it was made (the generation config, the Trainer's settings) too
         table = build_table(rows, {**u.metadata(common), **dict(extra)})
+        write_sidecar(table, root / u.folder)  # checked below from disk, as validate reads it
         gated.unit_tables.append((u, table))
         u.results = _gate_unit(options.contract, u, table, rows, root, model, fingerprint, flat)
         gated.failures += [gated.tag(r, u) for r in u.results if r.failed]

@@ -122,9 +122,16 @@ def write_manifest(table: pa.Table, path: str | os.PathLike[str]) -> None:
             writer.write_table(table)
 
     _atomic_write(path, arrow)
+    write_sidecar(table, path.parent)
+
+
+def write_sidecar(table: pa.Table, folder: str | os.PathLike[str]) -> None:
+    """Write the ``capture.json`` a manifest table's metadata records into ``folder`` (atomically), if it
+    records one. The gate writes it into the staged unit before checking it, as ``validate`` will."""
     meta = table_metadata(table)
     if sidecar_name(meta) is not None:
-        _atomic_write(path.with_name(SIDECAR_NAME), lambda tmp: tmp.write_bytes(sidecar_bytes(meta)))
+        target = Path(folder) / SIDECAR_NAME
+        _atomic_write(target, lambda tmp: tmp.write_bytes(sidecar_bytes(meta)))
 
 
 def sidecar_name(metadata: Mapping[str, Any]) -> str | None:

@@ -18,7 +18,7 @@ names, so ``from zkllm_hf.contracts import X`` works for each of them, and regis
 
 from __future__ import annotations
 
-from .capture_checks import INDEX_KINDS, WRITTEN_AFTER_GATE, CaptureSubject, run_capture_checks
+from .capture_checks import INDEX_KINDS, CaptureSubject, run_capture_checks
 from .dataset_checks import run_dataset_checks
 from .file_checks import inside, run_file_checks
 from .layer_checks import RESIDUAL_MODES, PendingIdentities, Tensors, run_identities, start_identities
@@ -32,7 +32,6 @@ __all__ = [
     "INDEX_KINDS",
     "RESIDUAL_MODES",
     "SCOPES",
-    "WRITTEN_AFTER_GATE",
     "CaptureSubject",
     "CheckResult",
     "CheckSpec",

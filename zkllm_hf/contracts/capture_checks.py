@@ -16,7 +16,6 @@ from .registry import entries_of, implementation, register_check
 from .spec import CheckResult, CheckSpec, Contract, row_place
 
 INDEX_KINDS = frozenset({"format_version", "manifest_schema", "manifest_digest", "sidecar"})  # on an index
-WRITTEN_AFTER_GATE = frozenset({"sidecar"})  # kinds that check what is written after the gate: validate runs them
 
 
 @dataclass
@@ -97,7 +96,7 @@ def _manifest_digest(spec: CheckSpec, s: CaptureSubject, contract: Contract) -> 
 
 @register_check("sidecar", "capture")
 def _sidecar(spec: CheckSpec, s: CaptureSubject, contract: Contract) -> list[CheckResult]:
-    if s.folder is None:  # a manifest in memory: its sidecar is not written yet
+    if s.folder is None:  # an index in memory (the gate's): its sidecar is written with it, validate checks it
         return []
     recorded = s.metadata.get("sidecar")
     if recorded is None and not _at_least(s.metadata, spec.params.get("since", "1.5.0")):

@@ -1,4 +1,5 @@
-"""The Arrow manifest: one row per emitted file, provenance as JSON schema metadata (docs/architecture.md §3)."""
+"""The Arrow manifest: one row per emitted file, provenance as JSON schema metadata and, beside it, as
+capture.json (docs/architecture.md §3)."""
 
 from __future__ import annotations
 

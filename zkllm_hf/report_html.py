@@ -43,7 +43,8 @@ _EXPLAIN = {
     "int32 at the capture's scale (the capture would have been refused); the closer a line comes to it, the less "
     "room a longer prompt or a larger scale has.",
     "identities": "Each identity the contract checks (skip_1, skip_2, both RMSNorms; chain is exact), its worst "
-    "per-element deviation divided by its per-element bound. Above 1 is a failure; 0 means exact.",
+    "per-element deviation divided by its per-element bound, as the capture gate recorded it with the model "
+    "(the manifest's max_dev_ratio column). Above 1 is a failure; 0 means exact.",
     "drift": "With --residuals exact-int the residual files are derived in int32; each derived point's worst "
     "drift from the model's own codes, divided by the contract's drift bound.",
     "gate": "zkLLM's SwiGLU lookup table spans [-512, 512): a layer whose largest |gate_proj output| reaches 512 "
@@ -165,7 +166,7 @@ def page(path: Path, meta: Mapping[str, Any], units: Sequence[Any], report: Any,
 <p class="sub">{esc(path.resolve())} — {esc(kind)}; page written {esc(utc_now())} by zkllm-hf {esc(__version__)}</p>
 <p><span id="verdict" class="verdict {"ok" if report.ok else "bad"}">{esc(verdict)}</span>
  validate without the model ({len(report.results)} results; the checks that need the model are skipped)</p></header>
-<section id="checks"><h2>Failed checks</h2>{_failures(report)}
+<section id="checks"><h2>Checks</h2>{_failures(report)}
 <p>Skipped: {esc("; ".join(skipped) or "none")}</p></section>
 {"".join(sections)}
 <section id="metadata"><h2>Audit metadata</h2>{_kv_table(audit_fields(meta, None if dataset else meta))}</section>

@@ -273,3 +273,22 @@ def test_the_trainer_callback_records_the_trainers_tokenizer(tiny_dir, tmp_path,
     got = [json.loads((tmp_path / "eval" / f"sample-{i}" / "capture.json").read_text())["tokens"]["prompt_text"]
            for i in (0, 1)]
     assert got == texts
+
+
+def test_capture_dataset_writes_and_resume_rechecks_every_sidecar(tiny_dir, tmp_path, tok):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir).eval()
+    prompts = [{"id": 3, "text": "the quick fox"}, {"id": 5, "text": "zero knowledge proofs"}]
+    out = tmp_path / "set"
+    zkllm_hf.capture_dataset(model, tok, prompts, out, layers="0")
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("capture.json")) == [
+        "capture.json", "sample-3/capture.json", "sample-5/capture.json"]
+    assert [json.loads((out / f"sample-{i}" / "capture.json").read_text())["tokens"]["prompt_text"]
+            for i in (3, 5)] == ["the quick fox", "zero knowledge proofs"]
+    assert zkllm_hf.validate(out).ok and not foreign_files(out)
+    edited = out / "sample-5" / "capture.json"
+    edited.write_text(edited.read_text().replace("zero knowledge proofs", "zero knowledge"))
+    assert [r.unit for r in zkllm_hf.validate(out).failures] == ["sample-5"]
+    again = zkllm_hf.capture_dataset(model, tok, prompts, out, layers="0")  # resume: the edited unit is redone
+    assert again.captured == [5] and again.reused == [3] and zkllm_hf.validate(out).ok

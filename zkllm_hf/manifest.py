@@ -128,8 +128,13 @@ def write_manifest(table: pa.Table, path: str | os.PathLike[str]) -> None:
 
 def write_sidecar(table: pa.Table, folder: str | os.PathLike[str]) -> None:
     """Write the ``capture.json`` a manifest table's metadata records into ``folder`` (atomically), if it
-    records one. The gate writes it into the staged unit before checking it, as ``validate`` will."""
-    meta = table_metadata(table)
+    records one. The gate writes it into the staged unit before checking it, as ``validate`` will. Metadata
+    that is not a JSON object (a crafted manifest) records none."""
+    raw = (table.schema.metadata or {}).get(METADATA_KEY)
+    try:
+        meta = decode_metadata(raw, "manifest") if raw is not None else {}
+    except ValueError:
+        return
     if sidecar_name(meta) is not None:
         target = Path(folder) / SIDECAR_NAME
         _atomic_write(target, lambda tmp: tmp.write_bytes(sidecar_bytes(meta)))

@@ -79,7 +79,8 @@ def test_single_process_dataset_validates_and_reads_with_pyarrow_and_duckdb(sing
     report = zkllm_hf.validate(single, model=model)
     assert report.ok, str(report)
     assert report.summary()["dataset_index"]["passed"] > 0 and report.summary()["weights_fingerprint"]["passed"] == 4
-    assert sorted(p.name for p in single.iterdir()) == ["manifest.arrow", *FOLDERS]  # no work folder, no locks
+    # no work folder, no locks
+    assert sorted(p.name for p in single.iterdir()) == ["capture.json", "manifest.arrow", *FOLDERS]
 
     ds = zkllm_hf.load_capture(single)
     assert isinstance(ds, zkllm_hf.CaptureDataset) and sorted(ds.units) == [(1, 0), (4, 0), (5, 0), (7, 0)]
@@ -131,7 +132,7 @@ def test_the_python_api_matches_the_cli(single, tiny_dir, prompts_file, tmp_path
 #   units[].manifest_sha256   (index) the SHA-256 of each unit's manifest file, which holds that unit's time
 #   dataset.ranks             (index) how many ranks ran: the provenance the index records on purpose
 # Nothing else: not the model path, the device ("cpu" on both), the prompt ids or any row.
-TIME_FIELDS = {("capture", "created_utc"), ("manifest_digest",)}
+TIME_FIELDS = {("capture", "created_utc"), ("manifest_digest",), ("sidecar", "sha256")}
 INDEX_FIELDS = TIME_FIELDS | {("units", "manifest_sha256"), ("dataset", "ranks")}
 
 
@@ -174,9 +175,14 @@ def test_accelerate_two_ranks_equal_one_process_byte_for_byte(single, tiny_dir, 
         if name.endswith(".bin"):
             assert path.read_bytes() == two[name].read_bytes(), name
             continue
+        fields = INDEX_FIELDS if name in ("manifest.arrow", "capture.json") else TIME_FIELDS
+        if name.endswith("capture.json"):  # the metadata again (less the two digests, which the times change)
+            ja, jb = json.loads(path.read_text()), json.loads(two[name].read_text())
+            assert strip(ja, fields - {("manifest_digest",), ("sidecar", "sha256")}) == strip(
+                jb, fields - {("manifest_digest",), ("sidecar", "sha256")}), name
+            continue
         (ta, ma), (tb, mb) = read_manifest(path), read_manifest(two[name])
         assert ta.equals(tb), name  # every row, every column
-        fields = INDEX_FIELDS if name == "manifest.arrow" else TIME_FIELDS
         assert strip(ma, fields) == strip(mb, fields), name
     _, index = read_manifest(out / "manifest.arrow")
     assert index["dataset"]["ranks"] == 2 and zkllm_hf.validate(out).ok
@@ -216,7 +222,8 @@ def test_resume_keeps_finished_units_and_redoes_the_rest(single, tiny_dir, promp
     assert run(tiny_dir, prompts_file, out) == 0
     assert "4 unit(s); captured 3, kept 1 finished" in capsys.readouterr().out
     assert stamp(out / "sample-1") == kept  # not rewritten: the same inodes and times
-    assert not dead.exists() and sorted(p.name for p in out.iterdir()) == ["manifest.arrow", *FOLDERS]
+    assert not dead.exists()
+    assert sorted(p.name for p in out.iterdir()) == ["capture.json", "manifest.arrow", *FOLDERS]
     for name, path in files(single).items():  # the redone and the new units are what one run writes
         if name.endswith(".bin"):
             assert path.read_bytes() == (out / name).read_bytes(), name
@@ -232,8 +239,9 @@ def test_resume_keeps_finished_units_and_redoes_the_rest(single, tiny_dir, promp
     assert run(tiny_dir, prompts_file, out) == 0
     assert "captured 1, kept 3 finished" in capsys.readouterr().out
     after = stamp(out)
-    assert {k: v for k, v in after.items() if not k.startswith(("sample-5/", "manifest"))} == {
-        k: v for k, v in before.items() if not k.startswith(("sample-5/", "manifest"))}
+    index = ("sample-5/", "manifest", "capture.json")  # the index and its capture.json are rewritten
+    assert {k: v for k, v in after.items() if not k.startswith(index)} == {
+        k: v for k, v in before.items() if not k.startswith(index)}
     assert after["manifest.arrow"] != before["manifest.arrow"] and zkllm_hf.validate(out).ok
 
 

@@ -53,7 +53,7 @@ def test_polars_and_duckdb_read_it(captured):
 def test_metadata_is_what_an_auditor_needs(captured):
     _, meta = read_manifest(captured / "manifest.arrow")
     assert meta["format_version"] == 1
-    assert meta["contract"] == {"name": "zkllm-hf-capture", "version": "1.4.0", "folder": "v1"}
+    assert meta["contract"] == {"name": "zkllm-hf-capture", "version": "1.5.0", "folder": "v1"}
     assert set(meta["versions"]) >= {"zkllm_hf", "transformers", "torch", "python"}
     model = meta["model"]
     assert model["class"] == "LlamaForCausalLM" and len(model["config_sha256"]) == 64
@@ -61,7 +61,9 @@ def test_metadata_is_what_an_auditor_needs(captured):
     assert model["attn_implementation"] and model["quantization"] is None
     tokens = meta["tokens"]
     assert tokens == {"input_ids": tiny_ids()[0].tolist(), "position_ids": list(range(16)), "generated_token_count": 0,
-                      "prompt_token_count": 12, "seq_len": 16, "pad_token_id": 0}
+                      "prompt_token_count": 12, "seq_len": 16, "pad_token_id": 0, "prompt_text": None,
+                      "generated_text": None, "text_from": None, "text_omitted": "no tokenizer was given"}
+    assert meta["tokenizer"] is None
     assert meta["kind"] == "unit" and meta["unit"] == {"sample": 0, "step": 0, "phase": "forward", "row": 0}
     assert meta["runtime"]["autocast"] == {"enabled": False, "dtype": "bfloat16", "grad_enabled": False}
     assert meta["capture"]["mode"] == "forward" and meta["capture"]["created_utc"].endswith("Z")

@@ -272,10 +272,11 @@ def test_the_gate_runs_the_same_dataset_checks(copy, tiny_dir, prompts_file, mon
 
     import zkllm_hf.dataset_index as index_mod
     from zkllm_hf.contracts import ContractViolation, load_contract
+    from zkllm_hf.manifest import remove_manifest
 
     names = {c.name for c in load_contract("v1").scope("dataset")}
     assert {"dataset_index", "dataset_units", "dataset_prompts"} <= names
-    (copy / "manifest.arrow").unlink()
+    remove_manifest(copy / "manifest.arrow")  # the index, and its capture.json: as a run leaves a stale index
     real_read = index_mod.read_manifest
 
     def misread(path):

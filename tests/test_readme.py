@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -39,5 +40,13 @@ def test_readme_examples_run(model_cache, tmp_path, monkeypatch, capsys):
     eval_ds = zkllm_hf.load_capture(tmp_path / "acts-eval")
     assert len(eval_ds) == 2 and eval_ds.metadata["trainer"]["on"] == "evaluate"
     assert "[(1, 16, " in out and "(7, 16, " in out  # the prompt set's index, read by DuckDB: 2 layers x 8 files
+    # the audit metadata, read without zkllm-hf: DuckDB's rows, one per unit of the prompt set, with their text
+    assert re.search(r"\(1, \d+, 'The quick brown fox', '[0-9a-f]{12}', None, '1\.5\.0', '\d{4}-", out)
+    assert re.search(r"\(7, \d+, 'Hello there', '[0-9a-f]{12}', None, '1\.5\.0', '\d{4}-", out)
+    from zkllm_hf.provenance import tokenizer_fingerprint
+
+    recorded = json.loads((tmp_path / "activations" / "capture.json").read_text())
+    assert recorded["tokenizer"]["fingerprint"] == tokenizer_fingerprint(namespace["tok"])  # the GGUF's tokenizer
+    assert recorded["tokens"]["prompt_text"] == "Hello"
     full = zkllm_hf.load_capture(tmp_path / "acts-full")
     assert [u.metadata["unit"]["phase"] for u in full] == ["full"] * 2

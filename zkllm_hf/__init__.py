@@ -39,6 +39,8 @@ def capture(
     extra_metadata: Mapping[str, Any] | None = None,
     contract: str = "v1",
     residuals: str = "model",
+    tokenizer: Any = None,
+    store_text: bool = True,
 ) -> CaptureSession:
     """Capture the next forward of ``model`` into ``out_dir`` as zkLLM ``.bin`` files.
 
@@ -47,7 +49,8 @@ def capture(
     ``layers`` is None (all), a list of indices or a spec such as ``"0-3,7"``. ``contract`` is a packaged
     contract (``"v1"``) or a folder holding ``capture.yaml``. ``residuals="exact-int"`` writes the residual
     stream derived in int32 from the sublayer outputs, so that zkLLM's skip steps reproduce it bit for bit; the
-    default, ``"model"``, writes the model's own values.
+    default, ``"model"``, writes the model's own values. ``tokenizer`` (the one the ids came from) is recorded by
+    its fingerprint, and each unit's prompt is stored as text, decoded from its ids, unless ``store_text=False``.
     """
     return CaptureSession(
         model,
@@ -61,6 +64,8 @@ def capture(
         extra_metadata=extra_metadata,
         contract=contract,
         residuals=residuals,
+        tokenizer=tokenizer,
+        store_text=store_text,
     )
 
 

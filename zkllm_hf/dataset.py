@@ -37,6 +37,7 @@ from .dataset_folder import check_out_dir, clear_work, discard, place_unit, prep
 from .dataset_index import write_index
 from .engine import CaptureError
 from .hooks import find_layout
+from .manifest import remove_manifest
 from .options import PADDABLE_MODES, generation_problem, resolve_layers, threads_problem
 from .profile import config_limit_warnings
 from .prompts import Prompt, PromptsError, as_prompts, parse_prompts, read_prompts, tokenize_prompts
@@ -149,7 +150,7 @@ class _DatasetRun:
                     result.reused.append(p.id)
                     continue
                 logger.warning("%s: %s; capturing it again", p.folder, why)
-            (self.out / MANIFEST_NAME).unlink(missing_ok=True)  # the index is stale from here on
+            remove_manifest(self.out / MANIFEST_NAME)  # the index (and its capture.json) is stale from here on
             with _intra_op_threads(self.threads):  # the same count in one process and in K ranks
                 self._capture_one(p)
             result.captured.append(p.id)
@@ -258,6 +259,7 @@ def capture_dataset(
     threads: int | None = 1,
     sampling: Mapping[str, Any] | None = None,
     seed: int | None = None,
+    store_text: bool = True,
 ) -> DatasetResult:
     """Capture each prompt as a unit ``sample-{id}/`` under ``out_dir``, then write the dataset index.
 
@@ -282,6 +284,7 @@ def capture_dataset(
     ``sampling`` holds ``generate()``'s sampling arguments (``do_sample``, ``temperature``, ``top_p``,
     ``top_k``), greedy without it; ``seed`` seeds torch's generator before each prompt's ``generate()``, so a
     sampled unit is the same whichever rank ran it. Both are recorded with each unit (``extra.dataset``).
+    Each unit records ``tokenizer``'s fingerprint and its prompt (and generated) text, unless ``store_text=False``.
     """
     t0 = time.perf_counter()
     _check_options(threads=threads, generate=generate, mode=mode, pad_to=pad_to)
@@ -290,9 +293,6 @@ def capture_dataset(
     ranks = _Ranks(_state(state, cpu=_device(model).type == "cpu"))
     batches = tokenize_prompts(model, tokenizer, parsed, generate=generate, pad_to=pad_to)
     capture_mode = "forward" if generate is None else mode
-    fixed = _fixed_settings(
-        model, mode=capture_mode, layers=layers, scale_log2=scale_log2, residuals=residuals, threads=threads
-    )
     run = _DatasetRun(
         model,
         tokenizer,
@@ -302,11 +302,13 @@ def capture_dataset(
         generate=generate,
         mode=mode,
         pad_to=pad_to,
-        options={"layers": layers, "scale_log2": scale_log2, "residuals": residuals},
+        options=dict(layers=layers, scale_log2=scale_log2, residuals=residuals, **_text(tokenizer, store_text)),
         extra_metadata=extra_metadata,
         threads=threads,
         asked=_asked(generate, capture_mode, pad_to, sampling, seed),
-        fixed=fixed,
+        fixed=_fixed_settings(
+            model, mode=capture_mode, layers=layers, scale_log2=scale_log2, residuals=residuals, threads=threads
+        ),
     )
     bar: _Progress | None = None
     result = DatasetResult(out, ranks.rank, ranks.count)
@@ -339,6 +341,9 @@ def _asked(
 def _device(model: nn.Module) -> torch.device:
     """Where the model's first placed parameter is (the CPU for a model all on the meta device)."""
     return next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
+def _text(tokenizer: Any, store_text: bool) -> dict[str, Any]:
+    """The engine options that record the tokenizer and the text."""
+    return {"tokenizer": tokenizer, "store_text": store_text}
 
 
 def _check_options(*, threads: int | None, generate: int | None, mode: str, pad_to: int | None) -> None:

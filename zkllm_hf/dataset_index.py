@@ -14,7 +14,7 @@ from typing import Any
 from . import provenance
 from .contracts import INDEX_KINDS, ContractViolation
 from .engine import CaptureError, build_index, index_rows
-from .manifest import read_manifest, table_metadata, write_manifest
+from .manifest import read_manifest, sidecar_problem, table_metadata, write_manifest
 from .prompts import Prompt, prompts_digest
 from .resume import unit_manifests, unit_settings
 from .validate import trusted_contract
@@ -91,7 +91,8 @@ def _current_units(
         _, old = read_manifest(existing)
         same = [{k: u.get(k) for k in (*entries[0], "manifest_sha256")} for u in old.get("units", [])]
         now = [dict(e, manifest_sha256=sha256_file(out / e["folder"] / MANIFEST_NAME)) for e in entries]
-        if same == now and (old.get("dataset") or {}).get("prompts") == dataset["prompts"]:
+        intact = sidecar_problem(out, old) is None  # an index with a missing or edited capture.json: rewrite
+        if intact and same == now and (old.get("dataset") or {}).get("prompts") == dataset["prompts"]:
             return old["units"]
     except (OSError, ValueError, KeyError):
         pass
@@ -101,7 +102,7 @@ def _current_units(
 def _common_metadata(first: Mapping[str, Any], dataset: Mapping[str, Any]) -> dict[str, Any]:
     """The index's metadata: what every unit shares (from the first), and the dataset's own record."""
     extra = {k: v for k, v in (first.get("extra") or {}).items() if k != "dataset"}
-    common = {k: first[k] for k in ("contract", "versions", "model") if k in first}
+    common = {k: first[k] for k in ("contract", "versions", "model", "tokenizer") if k in first}
     common["capture"] = dict(first["capture"], created_utc=provenance.utc_now())
     common["extra"] = extra
     if "generation" in first:  # the generation config; prompt_length, steps and rows are each unit's own

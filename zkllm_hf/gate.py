@@ -28,7 +28,7 @@ from .contracts import (
     run_dataset_checks,
     run_file_checks,
 )
-from .manifest import build_table, table_metadata, write_manifest
+from .manifest import build_table, table_metadata, write_manifest, write_sidecar
 from .options import CaptureOptions
 from .profile import zkllm_limit_warnings
 from .unit import UnitRecorder
@@ -210,6 +210,7 @@ def gate_units(
         rows = u.rows(written)
         # each unit carries how it was made (the generation config, the Trainer's settings) too
         table = build_table(rows, {**u.metadata(common), **dict(extra)})
+        write_sidecar(table, root / u.folder)  # checked below from disk, as validate reads it
         gated.unit_tables.append((u, table))
         u.results = _gate_unit(options.contract, u, table, rows, root, model, fingerprint, flat)
         gated.failures += [gated.tag(r, u) for r in u.results if r.failed]

@@ -17,7 +17,7 @@ from .points import POINTS, alias_point_name
 if TYPE_CHECKING:
     from .unit import UnitRecorder
 
-__all__ = ["common_metadata", "ran_with", "unit_metadata", "unit_rows"]
+__all__ = ["common_metadata", "ran_with", "unit_metadata", "unit_rows", "unit_texts"]
 
 
 def unit_rows(
@@ -61,8 +61,28 @@ def unit_rows(
     return rows
 
 
-def unit_metadata(unit: UnitRecorder, common: Mapping[str, Any], residuals: str) -> dict[str, Any]:
-    """A unit's manifest metadata: ``common`` and the unit's own tokens, autocast, gate maxima, drift, skips."""
+def unit_texts(unit: UnitRecorder, tokenizer: Any, store_text: bool) -> dict[str, Any]:
+    """The unit's prompt and generated tokens as text, decoded by the capture's tokenizer; null without one or
+    with ``store_text=False`` (the token ids are recorded either way: they are what a proof is about)."""
+    ids = unit.token_ids
+    if not store_text or tokenizer is None or ids is None:
+        why = "store_text=False" if not store_text else "no tokenizer was given" if tokenizer is None else "no ids"
+        return {"prompt_text": None, "generated_text": None, "text_from": None, "text_omitted": why}
+    prompt = unit.seq_len if unit.prompt_token_count is None else unit.prompt_token_count
+    generated = ids[prompt : prompt + unit.generated_token_count]
+    return {
+        "prompt_text": provenance.decode_text(tokenizer, ids[:prompt]) if prompt else None,  # none in a decode step
+        "generated_text": provenance.decode_text(tokenizer, generated) if generated else None,
+        "text_from": "input_ids decoded by the recorded tokenizer, special tokens kept",
+        "text_omitted": None,
+    }
+
+
+def unit_metadata(
+    unit: UnitRecorder, common: Mapping[str, Any], residuals: str, *, tokenizer: Any = None, store_text: bool = True
+) -> dict[str, Any]:
+    """A unit's manifest metadata: ``common`` and the unit's own tokens (and their text), autocast, gate maxima,
+    drift, skips."""
     return {
         **common,
         "kind": "unit",
@@ -74,6 +94,7 @@ def unit_metadata(unit: UnitRecorder, common: Mapping[str, Any], residuals: str)
             "generated_token_count": unit.generated_token_count,
             "seq_len": unit.seq_len,
             "pad_token_id": unit.pad_token_id,
+            **unit_texts(unit, tokenizer, store_text),
         },
         "runtime": {**common.get("runtime", {}), "autocast": unit.autocast},
         # zkLLM's SwiGLU lookup covers |gate| < 512: the largest |gate_proj output| per layer, over real tokens
@@ -119,6 +140,7 @@ def common_metadata(
             "weights_fingerprint": fingerprint,
             "attn_implementation": ran["attn_implementation"],  # the one that ran, not the one now
         },
+        "tokenizer": provenance.tokenizer_info(options.tokenizer),
         "capture": {
             "mode": options.mode,
             "layers": list(options.layers),

@@ -163,6 +163,12 @@ _COMMON: tuple[tuple[str, bool, Rule], ...] = (
     ("versions.transformers", True, _str()),
     ("versions.torch", True, _str()),
     ("generation", False, _null_or(OBJECT)),
+    ("sidecar", False, _null_or(OBJECT)),
+    ("sidecar.file", False, _str(nonempty=True)),
+    ("sidecar.sha256", False, _str(nonempty=True)),
+    ("tokenizer", False, _null_or(OBJECT)),
+    ("tokenizer.class", False, _null_or(_str())),
+    ("tokenizer.fingerprint", False, _null_or(_str())),
     ("trainer", False, _null_or(OBJECT)),
 )
 _UNIT = (
@@ -171,6 +177,8 @@ _UNIT = (
     ("tokens.prompt_token_count", True, _int(0)),
     ("tokens.input_ids", False, _null_or(ARRAY)),
     ("tokens.pad_token_id", False, _null_or(_int(0, 2**63))),
+    ("tokens.prompt_text", False, _null_or(_str())),
+    ("tokens.generated_text", False, _null_or(_str())),
     ("unit", True, OBJECT),
     ("unit.phase", True, _str(nonempty=True)),
     ("unit.sample", True, _int(0)),

@@ -111,6 +111,8 @@ class CaptureOptions:
     progress: bool = False
     stepped: bool = False  # units are sample-{b}/step-{k}/ even for one sample
     extra_metadata: Mapping[str, Any] = field(default_factory=dict)
+    tokenizer: Any = field(default=None, compare=False, repr=False)  # the tokens' tokenizer: its fingerprint, text
+    store_text: bool = True  # record each unit's prompt (and generated) text, decoded by ``tokenizer``
 
     @property
     def paddable(self) -> bool:
@@ -131,6 +133,8 @@ class CaptureOptions:
         extra_metadata: Mapping[str, Any] | None = None,
         contract: str = "v1",
         residuals: str = "model",
+        tokenizer: Any = None,
+        store_text: bool = True,
     ) -> CaptureOptions:
         """The options of the keyword arguments the entry points take, checked in this order: scale, contract,
         residual mode, then the layers against ``num_layers`` (an int, or a function asked only then)."""
@@ -148,4 +152,6 @@ class CaptureOptions:
             progress=progress,
             stepped=stepped,
             extra_metadata=dict(extra_metadata or {}),
+            tokenizer=tokenizer,
+            store_text=bool(store_text),
         )

@@ -270,3 +270,55 @@ def runtime(model: nn.Module) -> dict[str, Any]:
 
 def utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+TOKENIZER_FINGERPRINT_ALGORITHM = (
+    "v1: sha256 of the canonical JSON (sorted keys) of {tokenizer: the backend's tokenizer.json less its "
+    "padding and truncation state (or, for a tokenizer without one, its sorted vocabulary), special_tokens, "
+    "added_tokens, chat_template}"
+)
+
+
+def _tokenizer_state(tokenizer: Any) -> dict[str, Any]:
+    """What decides a tokenizer's ids and text, without the per-call padding and truncation it keeps."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        serial = json.loads(backend.to_str())
+        serial.pop("padding", None)
+        serial.pop("truncation", None)
+    else:
+        serial = {"vocab": sorted(tokenizer.get_vocab().items(), key=lambda kv: (kv[1], kv[0]))}
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    return {
+        "tokenizer": serial,
+        "special_tokens": _jsonable(getattr(tokenizer, "special_tokens_map", {}) or {}),
+        "added_tokens": {str(k): str(v) for k, v in sorted(added.items())},
+        "chat_template": _jsonable(getattr(tokenizer, "chat_template", None)),
+    }
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """SHA-256 of what a tokenizer maps text to ids with (:data:`TOKENIZER_FINGERPRINT_ALGORITHM`): the same for
+    a fresh load of the same files, before and after it pads a batch, whatever folder it came from."""
+    canon = json.dumps(_tokenizer_state(tokenizer), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canon.encode()).hexdigest()
+
+
+def tokenizer_info(tokenizer: Any) -> dict[str, Any] | None:
+    """The manifest's record of the tokenizer a capture's tokens came from (None without one)."""
+    if tokenizer is None:
+        return None
+    return {
+        "class": type(tokenizer).__name__,
+        "name_or_path": str(getattr(tokenizer, "name_or_path", "") or "") or None,
+        "vocab_size": len(tokenizer) if hasattr(tokenizer, "__len__") else None,
+        "fingerprint": tokenizer_fingerprint(tokenizer),
+        "fingerprint_algorithm": TOKENIZER_FINGERPRINT_ALGORITHM,
+    }
+
+
+def decode_text(tokenizer: Any, ids: list[int] | None) -> str | None:
+    """``ids`` as text, special tokens kept (what the proof is about, not a cleaned-up rendering)."""
+    if tokenizer is None or ids is None:
+        return None
+    return str(tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False))

@@ -36,9 +36,12 @@ class CaptureSession:
         contract: str = "v1",
         residuals: str = "model",
         options: CaptureOptions | None = None,
+        tokenizer: Any = None,
+        store_text: bool = True,
     ):
         """``options`` (a :class:`~zkllm_hf.options.CaptureOptions` of mode ``"forward"``) replaces ``layers``,
-        ``scale_log2``, ``overwrite``, ``progress``, ``extra_metadata``, ``contract`` and ``residuals``."""
+        ``scale_log2``, ``overwrite``, ``progress``, ``extra_metadata``, ``contract``, ``residuals``, ``tokenizer``
+        and ``store_text``."""
         if options is None:
             self.engine = CaptureEngine(
                 model,
@@ -51,6 +54,8 @@ class CaptureSession:
                 extra_metadata=extra_metadata,
                 contract=contract,
                 residuals=residuals,
+                tokenizer=tokenizer,
+                store_text=store_text,
             )
         else:
             self.engine = CaptureEngine(model, out_dir, options=options)

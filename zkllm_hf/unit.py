@@ -381,4 +381,7 @@ class UnitRecorder:
 
     def metadata(self, common: Mapping[str, Any]) -> dict[str, Any]:
         """The unit's manifest metadata: ``common`` (what every unit of the capture shares) and its own."""
-        return manifest_rows.unit_metadata(self, common, self.context.options.residuals)
+        options = self.context.options
+        return manifest_rows.unit_metadata(
+            self, common, options.residuals, tokenizer=options.tokenizer, store_text=options.store_text
+        )

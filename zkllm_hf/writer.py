@@ -217,6 +217,10 @@ def _claim(folder: Path, rel: str, files: set[str]) -> bool:
         return False
     table, meta = found
     files.add(rel + MANIFEST_NAME)
+    from .manifest import sidecar_name
+
+    if (name := sidecar_name(meta)) is not None:
+        files.add(rel + name)  # the capture.json the manifest records (and its digest covers)
     if meta.get("kind") == "dataset":
         for unit in meta.get("units") or []:
             name = _plain(unit.get("folder")) if isinstance(unit, dict) else None

@@ -207,6 +207,8 @@ def _run(args: argparse.Namespace, loaded, batch, out: Path, ids, mask):
         "overwrite": args.overwrite,
         "residuals": args.residuals,
         "extra_metadata": extra_metadata(args, loaded),
+        "tokenizer": loaded.tokenizer,
+        "store_text": not getattr(args, "no_text", False),
     }
     if args.generate is not None:
         return _run_generate(args, loaded, batch, out, ids, mask, options)
@@ -360,6 +362,7 @@ def _run_dataset(args: argparse.Namespace, loaded):
             if args.do_sample
             else None,
             seed=args.seed,
+            store_text=not getattr(args, "no_text", False),
         )
     finally:
         if ours and distributed_up():

@@ -9,7 +9,7 @@ import argparse
 
 from ..dtypes import LOAD_DTYPE_NAMES
 from ..version import __version__
-from . import capture, check, prover
+from . import capture, check, prover, report
 from .exits import EXIT_CODES
 
 
@@ -30,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     _inspect(sub)
     _plan(sub)
     _compare(sub)
+    _report(sub)
     return parser
 
 
@@ -108,6 +109,18 @@ def _inspect(sub) -> None:
     ins = sub.add_parser("inspect", help="summarise a capture folder")
     ins.add_argument("dir", help="a capture folder: a unit, or a dataset of units")
     ins.set_defaults(func=check.cmd_inspect)
+
+
+def _report(sub) -> None:
+    """``report``: one self-contained HTML page of a capture's plots and metadata."""
+    rep = sub.add_parser(
+        "report",
+        help="write one self-contained HTML page (no network): a capture's headroom, checks, drift, |gate|, metadata",
+    )
+    rep.add_argument("dir", help="a capture folder: a unit, or a dataset of units")
+    rep.add_argument("--out", default="report.html", metavar="FILE", help="the HTML file (default: report.html)")
+    rep.add_argument("--overwrite", action="store_true", help="replace --out if it is a report this command wrote")
+    rep.set_defaults(func=report.cmd_report)
 
 
 def _plan(sub) -> None:
@@ -214,6 +227,11 @@ def add_capture_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scale-log2", type=int, default=16, metavar="K", help="fixed-point scale 2**K (default 16)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing capture in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar or loading messages")
+    p.add_argument(
+        "--no-text",
+        action="store_true",
+        help="do not store the prompt and generated text in the manifest (the token ids are stored either way)",
+    )
 
 
 def _generation_options(p: argparse.ArgumentParser) -> None:

@@ -8,14 +8,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from ..manifest import rows_digest
+from ..manifest import SIDECAR_NAME, rows_digest, sidecar_problem
 from ..points import POINTS, alias_point_name
 from .file_checks import inside
 from .manifest_schema import expected_file
 from .registry import entries_of, implementation, register_check
 from .spec import CheckResult, CheckSpec, Contract, row_place
 
-INDEX_KINDS = frozenset({"format_version", "manifest_schema", "manifest_digest"})  # capture checks on an index
+INDEX_KINDS = frozenset({"format_version", "manifest_schema", "manifest_digest", "sidecar"})  # on an index
 
 
 @dataclass
@@ -92,6 +92,27 @@ def _manifest_schema(spec: CheckSpec, s: CaptureSubject, contract: Contract) -> 
 def _manifest_digest(spec: CheckSpec, s: CaptureSubject, contract: Contract) -> list[CheckResult]:
     ok = rows_digest(s.rows, s.metadata) == s.metadata.get("manifest_digest")
     return [CheckResult(spec.name, ok, "" if ok else "rows or metadata were edited after the capture wrote them")]
+
+
+@register_check("sidecar", "capture")
+def _sidecar(spec: CheckSpec, s: CaptureSubject, contract: Contract) -> list[CheckResult]:
+    if s.folder is None:  # an index in memory (the gate's): its sidecar is written with it, validate checks it
+        return []
+    recorded = s.metadata.get("sidecar")
+    if recorded is None and not _at_least(s.metadata, spec.params.get("since", "1.5.0")):
+        version = (s.metadata.get("contract") or {}).get("version")
+        return [CheckResult(spec.name, False, skipped=f"captured under contract {version}, before {SIDECAR_NAME}")]
+    problem = sidecar_problem(s.folder, s.metadata)
+    return [CheckResult(spec.name, problem is None, problem or "", file=SIDECAR_NAME if problem else None)]
+
+
+def _at_least(meta: Mapping[str, Any], version: str) -> bool:
+    """Whether the contract a manifest names is ``version`` or later (an unreadable version counts as later)."""
+    found = str((meta.get("contract") or {}).get("version", ""))
+    try:
+        return tuple(int(x) for x in found.split(".")) >= tuple(int(x) for x in version.split("."))
+    except ValueError:
+        return True
 
 
 def _capture_dims(meta: Mapping[str, Any]) -> tuple[int, int, int, list[int]]:

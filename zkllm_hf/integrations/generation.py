@@ -73,6 +73,8 @@ class CaptureLogitsProcessor(LogitsProcessor):
         pad_to: int | None = None,
         extra_metadata: Mapping[str, Any] | None = None,
         residuals: str = "model",
+        tokenizer: Any = None,
+        store_text: bool = True,
     ):
         check_arguments(mode, pad_to)
         self.model = model
@@ -85,6 +87,8 @@ class CaptureLogitsProcessor(LogitsProcessor):
             overwrite=overwrite,
             extra_metadata=extra_metadata,
             residuals=residuals,
+            tokenizer=tokenizer,
+            store_text=store_text,
         )
         self.result: CaptureResult | None = None
         self._armed = False

@@ -45,6 +45,8 @@ class CaptureCallback(TrainerCallback):
         overwrite: bool = False,
         extra_metadata: Mapping[str, Any] | None = None,
         residuals: str = "model",
+        tokenizer: Any = None,
+        store_text: bool = True,
     ):
         if on not in EVENTS:
             raise ValueError(f"on={on!r}: choose 'evaluate' or 'predict'")
@@ -52,7 +54,8 @@ class CaptureCallback(TrainerCallback):
             raise ValueError(f"max_samples={max_samples}: capture at least one sample")
         check_target(Path(out_dir).absolute(), overwrite)  # refuse before training starts
         self.out_dir, self.on, self.max_samples = Path(out_dir), on, max_samples
-        self._options = {"layers": layers, "scale_log2": scale_log2, "overwrite": overwrite, "residuals": residuals}
+        self._options = {"layers": layers, "scale_log2": scale_log2, "overwrite": overwrite, "residuals": residuals,
+                         "tokenizer": tokenizer, "store_text": store_text}
         self._extra = dict(extra_metadata or {})
         self.engine: CaptureEngine | None = None
         self.result: CaptureResult | None = None
@@ -88,6 +91,9 @@ class CaptureCallback(TrainerCallback):
         self.attach(model)
 
     def on_init_end(self, args, state, control, model=None, **kwargs):
+        if self._options["tokenizer"] is None:  # the Trainer's own, when it has one that tokenizes
+            found = kwargs.get("processing_class") or kwargs.get("tokenizer")
+            self._options["tokenizer"] = found if callable(getattr(found, "decode", None)) else None
         self._install(args, model)
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):

@@ -15,6 +15,7 @@ dequantised ``block_input`` (:func:`localise`), which says whether layer L's com
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -148,7 +149,7 @@ def _run(engine: CaptureEngine, model: nn.Module, plans: Sequence[ForwardPlan], 
             if plan.position_ids is not None:
                 kwargs["position_ids"] = plan.position_ids.to(device)
             if cache is not None:
-                kwargs["past_key_values"] = cache
+                kwargs[_cache_argument(model)] = cache
             meta = plan.routes[0].unit.meta if plan.routes else {}
             with torch.inference_mode(), _autocast(meta, device):
                 model(**kwargs)
@@ -156,6 +157,14 @@ def _run(engine: CaptureEngine, model: nn.Module, plans: Sequence[ForwardPlan], 
     finally:
         engine.detach()
     return recorders
+
+
+def _cache_argument(model: nn.Module) -> str:
+    """``cache`` where the model's forward takes it (transformers 5.24 deprecates ``past_key_values``)."""
+    try:
+        return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    except (TypeError, ValueError):
+        return "past_key_values"
 
 
 def _recorder(engine: CaptureEngine, recorders: dict[int, UnitRecorder], unit: ReplayUnit) -> UnitRecorder:

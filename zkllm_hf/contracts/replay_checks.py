@@ -7,7 +7,8 @@ magnitude, and the worst. Each ``replay`` entry judges them under its ``verdict`
 
 - ``exact``: every code equal (the replay ran as the capture did: device type, dtype, quantization, thread
   count, attention implementation and library versions);
-- ``tolerant``: at least ``fractions[k]`` of the elements within ``k`` ulps, and none beyond ``max_ulps``.
+- ``tolerant``: at least ``fractions[D][k]`` of the elements within ``k`` ulps, and none beyond ``max_ulps[D]``, for
+  ``D`` the point's source dtype (float32's thresholds for a dtype the entry does not name).
 
 An element's ulp, in LSB, is ``max(1, ulp_D(m) * 2**k)`` for ``m`` the larger magnitude of the two values: a
 difference below one LSB cannot be seen in the codes.
@@ -69,8 +70,14 @@ def _place(s: ReplayStats) -> dict[str, Any]:
     return {"layer": s.layer, "point": s.point, "file": s.file, "unit": s.unit or None, "index": s.index}
 
 
-def _fractions(spec: CheckSpec) -> Mapping[int, float]:
-    return {int(k): float(v) for k, v in dict(spec.params.get("fractions", {})).items()}
+def _by_dtype(spec: CheckSpec, name: str, dtype: str) -> Any:
+    """A tolerant parameter for ``dtype`` (float32's for a dtype the entry does not name, e.g. float64)."""
+    table = dict(spec.params[name])
+    return table.get(dtype, table["float32"])
+
+
+def _fractions(spec: CheckSpec, dtype: str) -> Mapping[int, float]:
+    return {int(k): float(v) for k, v in dict(_by_dtype(spec, "fractions", dtype)).items()}
 
 
 @register_check("replay", "replay")
@@ -87,8 +94,10 @@ def judge_replay(spec: CheckSpec, s: ReplayStats) -> CheckResult:
             spec.name, ok, message, max_dev_lsb=float(s.max_lsb), max_ratio=float(s.max_lsb),
             tolerance_lsb=0.0, **_place(s),
         )  # fmt: skip
-    allowed = float(spec.params["max_ulps"])
-    short = [f"{s.fraction(k):.6f} within {k} ulps, needs {f}" for k, f in _fractions(spec).items() if s.fraction(k) < f]
+    allowed = float(_by_dtype(spec, "max_ulps", s.dtype))
+    short = [
+        f"{s.fraction(k):.6f} within {k} ulps, needs {f}" for k, f in _fractions(spec, s.dtype).items() if s.fraction(k) < f
+    ]
     over = s.max_ulps > allowed
     ok = not short and not over
     why = ([f"worst {s.max_ulps:.4g} ulps, allowed {allowed:g}"] if over else []) + short

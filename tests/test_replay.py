@@ -314,3 +314,24 @@ def test_cli_validate_loads_an_api_capture_as_it_ran(tmp_path, tiny_dir, capsys)
     assert main(["validate", str(tmp_path / "bf"), "--model", str(tiny_dir), "--dtype", "float32"]) == 1
     err = capsys.readouterr().err
     assert "model.dtype" in err and "--dtype bfloat16" in err
+
+
+@pytest.mark.parametrize("edit, expect", [
+    (lambda r: r["routes"][0].update(row=99), "row 99"),
+    (lambda r: r["routes"][0].update(columns=[5, 2]), "columns"),
+    (lambda r: r["forwards"][0].update(input_ids="abc"), "input_ids"),
+    (lambda r: r["forwards"][0].update(attention_mask={"columns": "all", "rows": ["12"]}), "attention_mask"),
+    (lambda r: r["forwards"][0].update(past_length=3), "continued a cache"),
+    (lambda r: r.clear(), "no replay inputs"),
+])
+def test_a_resealed_replay_section_is_one_line_never_a_traceback(cap, model, edit, expect):
+    def change(meta):
+        edit(meta["replay"])
+        if not meta["replay"]:
+            meta["replay"] = None
+
+    reseal(cap, change)
+    report = zkllm_hf.validate(cap, model=model, replay=True)  # never raises
+    lines = [f.describe() for f in replay_failures(report)] + [s for r in report.skip_reasons().values() for s in r]
+    assert any(expect in line for line in lines), lines
+    assert all("\n" not in line for line in lines)

@@ -130,10 +130,10 @@ def _mask(unit: ReplayUnit, rec: Mapping[str, Any], before: torch.Tensor | None)
     return new
 
 
-def _unit_route(unit: ReplayUnit, route: Mapping[str, Any], q: int, offset: int) -> UnitRoute:
+def _unit_route(unit: ReplayUnit, route: Mapping[str, Any], batch: int, q: int, offset: int) -> UnitRoute:
     row = route.get("row")
-    if not isinstance(row, int) or isinstance(row, bool) or row < 0:
-        raise _bad(unit, f"routes: row {row!r}")
+    if not isinstance(row, int) or isinstance(row, bool) or not 0 <= row < batch:
+        raise _bad(unit, f"routes: row {row!r} of a forward of {batch} rows")
     return UnitRoute(unit, row, _cols(unit, route.get("columns"), q), offset)
 
 
@@ -202,8 +202,15 @@ def _plan_one(owner, group, rec, routes, masks, offsets) -> ForwardPlan:
     index = int(rec["forward"])
     taken = routes.get((group, index), [])
     unsupported = isinstance(rec.get("attention_mask"), Mapping) and rec["attention_mask"].get("columns") == "unsupported"
-    if rec.get("input_ids") is None or unsupported:
-        why = "it was called with inputs_embeds" if rec.get("input_ids") is None else "its attention mask was not 2-D"
+    unchained = past > 0 and not isinstance(rec.get("continues"), int)
+    if rec.get("input_ids") is None or unsupported or unchained:
+        why = (
+            "it was called with inputs_embeds"
+            if rec.get("input_ids") is None
+            else "its attention mask was not 2-D"
+            if unsupported
+            else f"it continued a cache of {past} positions that no captured forward built"
+        )
         for u, _ in taken:
             u.skip = u.skip or f"forward {index} cannot be replayed: {why}"
         ids = torch.zeros((batch, q), dtype=torch.long)
@@ -219,7 +226,7 @@ def _plan_one(owner, group, rec, routes, masks, offsets) -> ForwardPlan:
         if u.skip:
             continue
         off = offsets.get(id(u), 0)
-        r = _unit_route(u, route, q, off)
+        r = _unit_route(u, route, batch, q, off)
         offsets[id(u)] = off + _width(r.cols, q)
         plan.routes.append(r)
     if plan.routes:

@@ -314,7 +314,7 @@ def _add_replay(report: ValidationReport, model: torch.nn.Module) -> None:
         return
     try:
         outcome = replay_capture(report.path, model, report.contract)
-    except (MetadataError, OSError, pa.ArrowInvalid, KeyError, TypeError) as exc:
+    except (MetadataError, OSError, pa.ArrowInvalid, KeyError, TypeError, IndexError, AttributeError) as exc:
         report.results.append(CheckResult("replay", False, f"the replay could not run: {exc}"))
         return
     report.results += outcome.results

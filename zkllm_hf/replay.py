@@ -269,7 +269,8 @@ def localise(
     still = [v for v in verdicts if v.failed]
     where = f"{first.unit + ' ' if first.unit else ''}layer {layer} {first.point}"
     if still:
-        worst = max(still, key=lambda v: v.max_ratio or 0.0)
+        same = [v for v in still if v.point == first.point]
+        worst = same[0] if same else max(still, key=lambda v: v.max_ratio or 0.0)
         verdict = "layer"
         text = (
             f"{where} diverges first; replayed alone on its captured block_input, layer {layer} still diverges "
@@ -310,8 +311,12 @@ def replay_capture(path: Path, model: nn.Module, contract: Contract) -> ReplayOu
     plans = plan_forwards(units)
     runnable = [u for u in units if not u.skip]
     skipped = [
-        CheckResult(next(iter(sorted(contract.names_of("replay"))), "replay"), False, unit=u.label or None,
-                    skipped=f"cannot replay this unit: {u.skip}")  # fmt: skip
+        CheckResult(
+            next(iter(sorted(contract.names_of("replay"))), "replay"),
+            False,
+            unit=u.label or None,
+            skipped=f"cannot replay this unit: {u.skip}",
+        )  # fmt: skip
         for u in units
         if u.skip
     ]
@@ -355,4 +360,3 @@ def _missing(units: Sequence[ReplayUnit], stats: Sequence[ReplayStats]) -> list[
                 s.note = "the replay did not compute this point"
                 out.append(s)
     return out
-

@@ -183,7 +183,8 @@ def plan_forwards(units: Sequence[ReplayUnit]) -> list[ForwardPlan]:
     for (group, _), taken in routes.items():
         if group not in groups:
             for u, _ in taken:
-                u.skip = u.skip or f"its forwards are recorded in {group}, which this replay does not hold: replay the whole capture"
+                held = f"its forwards are recorded in {group}, which this replay does not hold"
+                u.skip = u.skip or f"{held}: replay the whole capture"
     plans: list[ForwardPlan] = []
     for group, owner in groups.items():
         masks: dict[int, torch.Tensor | None] = {}
@@ -201,7 +202,9 @@ def _plan_one(owner, group, rec, routes, masks, offsets) -> ForwardPlan:
         raise _bad(owner, f"forwards: forward {rec['forward']} has no batch, q or past_length")
     index = int(rec["forward"])
     taken = routes.get((group, index), [])
-    unsupported = isinstance(rec.get("attention_mask"), Mapping) and rec["attention_mask"].get("columns") == "unsupported"
+    unsupported = (
+        isinstance(rec.get("attention_mask"), Mapping) and rec["attention_mask"].get("columns") == "unsupported"
+    )
     unchained = past > 0 and not isinstance(rec.get("continues"), int)
     if rec.get("input_ids") is None or unsupported or unchained:
         why = (

@@ -30,6 +30,7 @@ def recorded_load(directory: str) -> dict:
         out["dtype"] = model["dtype"]
     out["load_in_4bit"] = bool(quant.get("load_in_4bit"))
     out["load_in_8bit"] = bool(quant.get("load_in_8bit"))
+    out["quantization"] = quant or None
     extra = meta.get("extra")
     cli = extra.get("cli") if isinstance(extra, dict) and isinstance(extra.get("cli"), dict) else {}
     if "dtype" not in out and isinstance(cli.get("dtype"), str):
@@ -41,10 +42,17 @@ def load_mismatch(recorded: dict, dtype: str, four: bool, eight: bool) -> str | 
     """One line naming the field that differs between the capture and how --model is loaded, and the flag."""
     if recorded.get("load_in_4bit") != four or recorded.get("load_in_8bit") != eight:
         then = "4-bit" if recorded.get("load_in_4bit") else "8-bit" if recorded.get("load_in_8bit") else "unquantized"
-        flag = "--load-in-4bit" if recorded.get("load_in_4bit") else "--load-in-8bit" if recorded.get("load_in_8bit") else "neither --load-in-4bit nor --load-in-8bit"
+        flag = (
+            "--load-in-4bit"
+            if recorded.get("load_in_4bit")
+            else "--load-in-8bit"
+            if recorded.get("load_in_8bit")
+            else "neither --load-in-4bit nor --load-in-8bit"
+        )
         return f"model.quantization: the capture ran {then}, --model is loaded otherwise; pass {flag}"
     if recorded.get("dtype") not in (None, dtype) and not (four or eight):
-        return f"model.dtype: the capture ran {recorded['dtype']}, --model is loaded as {dtype}; pass --dtype {recorded['dtype']}"
+        then = recorded["dtype"]
+        return f"model.dtype: the capture ran {then}, --model is loaded as {dtype}; pass --dtype {then}"
     return None
 
 
@@ -68,6 +76,7 @@ def load_model_for_check(args: argparse.Namespace):
         load_in_4bit=four,
         load_in_8bit=eight,
         tokenizer=False,  # the checks read the weights and the config only
+        quantization=ran.get("quantization"),
     ).model
 
 

@@ -13,8 +13,9 @@ replayed through the model (``validate --replay``).
 
 The package's modules, one job each: ``spec`` (the types), ``registry`` (kinds and their scopes), ``loader``
 (a contract folder), ``manifest_schema`` (the pandera checks), ``layer_checks``, ``file_checks``,
-``capture_checks``, ``dataset_checks`` and ``replay_checks`` (the kinds of each scope). This module only gathers their public
-names, so ``from zkllm_hf.contracts import X`` works for each of them, and registers every kind on import.
+``capture_checks``, ``dataset_checks`` and ``replay_checks`` (the kinds of each scope). This module only
+gathers their public names, so ``from zkllm_hf.contracts import X`` works for each of them, and registers
+every kind on import.
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ from .file_checks import inside, run_file_checks
 from .layer_checks import RESIDUAL_MODES, PendingIdentities, Tensors, run_identities, start_identities
 from .loader import DEFAULT_CONTRACT, contracts_root, load_contract
 from .manifest_schema import expected_file, register_manifest_checks
-from .replay_checks import ULP_STEPS, ReplayStats, judge_replay
 from .registry import SCOPES, implementation, register_check, run_entries, scope_of
+from .replay_checks import ULP_STEPS, ReplayStats, judge_replay
 from .spec import CheckResult, CheckSpec, Contract, ContractViolation, row_place
 
 __all__ = [

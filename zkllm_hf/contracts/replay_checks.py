@@ -96,7 +96,9 @@ def judge_replay(spec: CheckSpec, s: ReplayStats) -> CheckResult:
         )  # fmt: skip
     allowed = float(_by_dtype(spec, "max_ulps", s.dtype))
     short = [
-        f"{s.fraction(k):.6f} within {k} ulps, needs {f}" for k, f in _fractions(spec, s.dtype).items() if s.fraction(k) < f
+        f"{s.fraction(k):.6f} within {k} ulps, needs {f}"
+        for k, f in _fractions(spec, s.dtype).items()
+        if s.fraction(k) < f
     ]
     over = s.max_ulps > allowed
     ok = not short and not over

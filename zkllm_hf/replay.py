@@ -289,7 +289,8 @@ def localise(
 def _drift(contract: Contract, recorders: Mapping[int, UnitRecorder], units: Sequence[ReplayUnit], exact: bool):
     """Exact-int: the replay's drift (the model's own residual points against the int32 derivation) against the
     drift the capture recorded, per (layer, point); equal under the exact verdict, reported under the tolerant."""
-    name = next(iter(contract.names_of("replay")), "replay")
+    verdict = "exact" if exact else "tolerant"
+    name = next((s.name for s in contract.entries(scope="replay") if s.params.get("verdict") == verdict), "replay")
     out = []
     for u in units:
         rec = recorders.get(id(u))

@@ -63,7 +63,10 @@ class ForwardLog:
         self._last_of_cache.clear()
 
     def observe(self, inputs: ForwardInputs, routes: Sequence[Route]) -> None:
-        """Log one forward (call before its routes begin); numbers it in ``inputs.index``."""
+        """Log one forward (call before its routes begin); numbers it in ``inputs.index``. A forward that no unit
+        takes rows from and that uses no cache can never be needed: it is not kept."""
+        if not routes and inputs.cache_id is None:
+            return
         inputs.index = len(self._forwards)
         continues, before = None, None
         if inputs.cache_id is not None:
@@ -76,6 +79,7 @@ class ForwardLog:
             past = full[:, : full.shape[1] - inputs.q]
             store_all = tuple(before.shape) != tuple(past.shape) or not torch.equal(before, past)
         stored = full if full is None or store_all else full[:, full.shape[1] - inputs.q :].clone()
+        inputs.full_mask = None  # the cache's latest mask is kept above; older ones are not needed
         logged = _Logged(inputs, continues, stored, store_all)
         for r in routes:
             logged.units.append((r.unit, r.row, columns_of(r.cols, inputs.q)))

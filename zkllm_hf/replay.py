@@ -119,8 +119,10 @@ def _engine(model: nn.Module, meta: Mapping[str, Any], contract: Contract, sink:
         residuals=over.get("residuals", capture.get("residuals", "model")),
     )
     engine = CaptureEngine(model, Path("replay"), options=options, sink=lambda: sink)
-    yield engine
-    engine.detach()
+    try:
+        yield engine
+    finally:
+        engine.detach()
 
 
 def _autocast(meta: Mapping[str, Any], device: torch.device):
@@ -345,7 +347,13 @@ def replay_capture(path: Path, model: nn.Module, contract: Contract) -> ReplayOu
     outcome = ReplayOutcome([*skipped, *results], exact, diff, stats=stats)
     first = _first_divergence(results, [u.label or "" for u in units])
     if first is not None and first.point in {p.name for p in POINTS}:
-        outcome.localisation = localise(model, runnable, plans, first, contract)
+        try:
+            outcome.localisation = localise(model, runnable, plans, first, contract)
+        except (CaptureError, ValueError, RuntimeError, OSError) as exc:
+            where = f"{first.unit + ' ' if first.unit else ''}layer {first.layer} {first.point}"
+            outcome.localisation = {"unit": first.unit or "", "layer": first.layer, "point": first.point,
+                                    "diverged": None, "message": f"{where} diverges first; localisation could not "
+                                    f"run: {exc}"}  # fmt: skip
     return outcome
 
 

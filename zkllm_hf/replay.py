@@ -291,8 +291,11 @@ def localise(
 def _drift(contract: Contract, recorders: Mapping[int, UnitRecorder], units: Sequence[ReplayUnit], exact: bool):
     """Exact-int: the replay's drift (the model's own residual points against the int32 derivation) against the
     drift the capture recorded, per (layer, point); equal under the exact verdict, reported under the tolerant."""
-    verdict = "exact" if exact else "tolerant"
-    name = next((s.name for s in contract.entries(scope="replay") if s.params.get("verdict") == verdict), "replay")
+    by_verdict = {s.params.get("verdict"): s.name for s in contract.entries(scope="replay")}
+    exact = exact and "exact" in by_verdict  # without an exact entry the drift is judged as the tolerant one is
+    name = by_verdict.get("exact" if exact else "tolerant")
+    if name is None:
+        return []  # the contract holds no replay entry to judge it
     out = []
     for u in units:
         rec = recorders.get(id(u))

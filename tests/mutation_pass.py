@@ -86,6 +86,19 @@ MUTANTS = [
     ("the resume decision ignores a changed capture setting (layers, threads, the model)", "zkllm_hf/resume.py",
      "    for key in want:\n        if got.get(key) != want[key]:",
      '    for key in ("prompt",):\n        if got.get(key) != want[key]:'),
+    # issue 15: the replay audit
+    ("replay counts every code as equal", "zkllm_hf/replay_compare.py",
+     "    if np.array_equal(got, want):", "    if True:"),
+    ("replay runs the forward table's tokens, not the unit's recorded ones", "zkllm_hf/replay_inputs.py",
+     "        ids[r.row, r.cols] = torch.tensor(claim_ids, dtype=torch.long)", "        pass"),
+    ("the exact replay verdict ignores differing codes", "zkllm_hf/contracts/replay_checks.py",
+     "        ok = s.equal == s.elements", "        ok = True"),
+    ("the tolerant replay verdict ignores the worst element", "zkllm_hf/contracts/replay_checks.py",
+     "    over = s.max_ulps > allowed", "    over = False"),
+    ("the capture records no cache chain (a decode step cannot be replayed)", "zkllm_hf/replay_record.py",
+     "                continues, before = self._last_of_cache[inputs.cache_id]", "                pass"),
+    ("localisation does not put the captured block_input in", "zkllm_hf/replay.py",
+     "        if not mine:\n            return None", "        if True:\n            return None"),
 ]
 
 

@@ -85,7 +85,7 @@ def test_contracts_ship_and_are_versioned():
     assert (root / "v1" / "capture.yaml").is_file() and (root / "v1" / "manifest.yaml").is_file()
     contract = load_contract("v1")
     assert contract.folder == "v1" and contract.name == "zkllm-hf-capture" and contract.format_version == 1
-    assert {c.scope for c in contract.checks} == {"capture", "file", "layer", "dataset"}
+    assert {c.scope for c in contract.checks} == {"capture", "file", "layer", "dataset", "replay"}
     with pytest.raises(ValueError, match="known contracts"):
         load_contract("v999")
 

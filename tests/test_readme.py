@@ -33,9 +33,11 @@ def test_readme_examples_run(model_cache, tmp_path, monkeypatch, capsys):
     n0, n1 = (len(namespace["tok"](t).input_ids) for t in ("The quick brown fox", "Hello there"))
     assert n0 != n1 and f"prefill [('sample-0', {n0}), ('sample-1', {n1})]" in out
     assert f"steps [('sample-0/step-0', {n0}), ('sample-0/step-1', 1)" in out
+    assert "replay True exact" in out  # the replay audit
     import zkllm_hf
 
-    for folder in ("activations", "acts-batch", "acts-prefill", "acts-full", "acts-steps", "acts-eval", "acts-set"):
+    for folder in ("activations", "acts-batch", "acts-prefill", "acts-full", "acts-steps", "acts-eval", "acts-set",
+                   "acts-audit"):
         assert zkllm_hf.validate(tmp_path / folder).ok, folder
     eval_ds = zkllm_hf.load_capture(tmp_path / "acts-eval")
     assert len(eval_ds) == 2 and eval_ds.metadata["trainer"]["on"] == "evaluate"

@@ -30,6 +30,7 @@ from .hooks import HookSet, attach, find_layout
 from .manifest_rows import common_metadata, ran_with
 from .options import CaptureOptions, residuals_dtype_problem
 from .points import POINTS, CapturePoint
+from .replay_record import ForwardLog
 from .sink import Sink, staging_sink
 from .unit import PHASES, UnitRecorder
 from .writer import StagingDir, check_target
@@ -106,6 +107,7 @@ class CaptureEngine:
         self._fingerprint: Future[str] | None = None  # the weights fingerprint, started with the first forward
         self._runtime: list[dict[str, Any]] = []  # provenance.runtime() at each captured forward, distinct ones
         self._bar = None
+        self.forward_log = ForwardLog()  # every forward's inputs, for the units' replay metadata
 
     # -- lifetime ---------------------------------------------------------------------------------
 
@@ -188,6 +190,7 @@ class CaptureEngine:
         self._broken = None
         self._fingerprint = None  # a new capture hashes the weights again
         self._runtime = []
+        self.forward_log.clear()
 
     # -- units --------------------------------------------------------------------------------------
 
@@ -255,6 +258,7 @@ class CaptureEngine:
                     f"batch row {r.row}: the attention mask marks no real token, so there is nothing to capture "
                     f"for {r.unit.folder}; drop the empty row"
                 )
+        self.forward_log.observe(inputs, routes)
         for r in routes:
             r.unit.begin_forward(inputs, r.row, r.cols)
         if routes:
@@ -271,8 +275,8 @@ class CaptureEngine:
         weights: reading those means onloading them, which accelerate's hooks also do during the forward. Nor
         for bitsandbytes layers, which repack or move their quant state during the forward: their fingerprint
         is taken after it, when the capture commits."""
-        if self._fingerprint is not None:
-            return
+        if self._fingerprint is not None or self._make_sink is not None:
+            return  # a capture into another sink (a replay) is never committed: its fingerprint is never read
         tensors = [*self.model.parameters(), *self.model.buffers()]
         if any(t.device.type == "meta" for t in tensors) or provenance.has_bnb_layers(self.model):
             return
@@ -354,6 +358,7 @@ class CaptureEngine:
         staging = self.staging
         written = {w.name: w for w in staging.wait()}
         share_units(staging.path, units, written)
+        self.forward_log.assign(units)
         hidden = units[0].hidden or 0
         ran = ran_with(self._runtime, self.model)
         common = common_metadata(self.model, self.options, ran, self.weights_fingerprint(), hidden)

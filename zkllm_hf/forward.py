@@ -35,6 +35,12 @@ class ForwardInputs:
     mask: torch.Tensor | None  # (batch, q) bool on the CPU: which of this forward's columns are real; None: all
     position_ids: torch.Tensor | None  # (batch, q) on the CPU, or None when the model derives them
     training: bool
+    # what replay needs besides: the 2-D mask as passed (CPU bool, every column), whether one was passed, the
+    # cache object's id (forwards continuing one cache share it), and the forward's number in its capture
+    full_mask: torch.Tensor | None = None
+    mask_given: bool = False
+    cache_id: int | None = None
+    index: int = -1
 
     def real_columns(self, row: int) -> slice | torch.Tensor:
         """This forward's columns that hold real tokens of ``row``: a slice when contiguous (left or right
@@ -85,7 +91,7 @@ def forward_inputs(model: nn.Module, args: tuple[Any, ...], kwargs: Mapping[str,
     if cache is not None and hasattr(cache, "get_seq_length"):
         past = int(cache.get_seq_length())
     mask = bound.get("attention_mask")
-    tail = None
+    tail = full = None
     if isinstance(mask, torch.Tensor):
         if mask.dim() != 2:
             if batch > 1:
@@ -95,7 +101,8 @@ def forward_inputs(model: nn.Module, args: tuple[Any, ...], kwargs: Mapping[str,
                     f"itself for cache_implementation='static': use the default dynamic cache to capture a batch)"
                 )
         else:
-            tail = mask[:, -q:].to("cpu") != 0
+            full = mask.to("cpu") != 0
+            tail = full[:, -q:]
             if bool(tail.all()):
                 tail = None
     pos = bound.get("position_ids")
@@ -108,6 +115,9 @@ def forward_inputs(model: nn.Module, args: tuple[Any, ...], kwargs: Mapping[str,
         tail,
         pos,
         bool(getattr(model, "training", False)),
+        full,
+        isinstance(mask, torch.Tensor),
+        None if cache is None else id(cache),
     )
 
 

@@ -105,6 +105,7 @@ def unit_metadata(
             "mode": residuals,
             "drift": [unit.drift[k] for k in sorted(unit.drift)],
         },
+        "replay": unit.replay,  # the forwards its rows came from, to replay them (see replay_record)
         "checks": {
             "skipped": [
                 {"check": c.check, "layer": c.layer, "point": c.point, "reason": c.skipped}

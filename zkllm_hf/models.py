@@ -200,6 +200,20 @@ def looks_like_a_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1 or os.path.isabs(name)
 
 
+def _bnb_config(cls: Any, four: bool, eight: bool, recorded: dict[str, Any] | None) -> Any:
+    """The recorded bitsandbytes config when it asks for the same bits, else the default one."""
+    if (
+        isinstance(recorded, dict)
+        and bool(recorded.get("load_in_4bit")) == four
+        and bool(recorded.get("load_in_8bit")) == eight
+    ):
+        try:
+            return cls.from_dict(dict(recorded))
+        except (TypeError, ValueError, KeyError):
+            pass  # not a config this transformers reads: the default one
+    return cls(load_in_4bit=four, load_in_8bit=eight)
+
+
 def load(
     name: str | None = None,
     *,
@@ -209,11 +223,14 @@ def load(
     device: str = "cpu",
     resolved: tuple[str, dict[str, Any]] | None = None,
     tokenizer: bool = True,
+    quantization: dict[str, Any] | None = None,
 ) -> LoadedModel:
     """Load a causal LM and its tokenizer offline, as the CLI's ``--model``, ``--dtype`` ... ask.
 
     ``resolved`` is what :func:`resolve` already returned for ``name``, to skip resolving it twice.
     ``tokenizer=False`` loads the model only (``LoadedModel.tokenizer`` is None): checks need no tokenizer.
+    ``quantization`` (a recorded ``quantization_config``) is used as it is for a 4-bit or 8-bit load, so a model
+    is quantized as the capture's was (its 4-bit type, compute dtype, double quantization).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
@@ -235,7 +252,7 @@ def load(
             raise ModelLoadError(
                 "--load-in-4bit/--load-in-8bit need bitsandbytes: pip install 'zkllm-hf[quant]'"
             ) from None
-        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=load_in_4bit, load_in_8bit=load_in_8bit)
+        kwargs["quantization_config"] = _bnb_config(BitsAndBytesConfig, load_in_4bit, load_in_8bit, quantization)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as exc:

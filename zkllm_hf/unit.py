@@ -119,6 +119,7 @@ class UnitRecorder:
         self._unresolved: list[LayerInFlight] = []  # layers whose checks are still on the device
         self.gate_abs_max: dict[int, torch.Tensor] = {}  # layer -> max |gate_proj output|, 0-d, on the device
         self.drift: dict[tuple[int, str], dict[str, Any]] = {}  # exact-int: (layer, point) -> worst drift
+        self.replay: dict[str, Any] | None = None  # where its rows came from (replay_record), set at commit
 
     @property
     def where(self) -> str:

@@ -212,6 +212,7 @@ class ValidationReport:
     metadata: dict[str, Any] | None = None
     rows: list[dict[str, Any]] | None = field(default=None, repr=False)  # the manifest's rows, as read
     contract: Contract | None = field(default=None, repr=False)  # the contract the checks came from
+    replay: dict[str, Any] | None = None  # validate --replay: the verdict, what differed, the localisation
 
     @property
     def failures(self) -> list[CheckResult]:
@@ -249,6 +250,7 @@ class ValidationReport:
                 "summary": self.summary(),
                 "failures": [f.to_dict() for f in self.failures],
                 "skipped": self.skip_reasons(),
+                **({"replay": self.replay} if self.replay is not None else {}),
             },
             indent=2,
             default=str,
@@ -267,6 +269,11 @@ class ValidationReport:
         if self.failures:
             lines.append("failures:")
             lines += [f"  - {f.describe()}" for f in self.failures]
+        if self.replay is not None:
+            lines.append(f"replay: {self.replay['verdict']} verdict" + "".join(
+                f"\n  - differs: {d}" for d in self.replay["differences"]))  # fmt: skip
+            if self.replay.get("localisation"):
+                lines.append(f"  localised: {self.replay['localisation']['message']}")
         return "\n".join(lines)
 
 
@@ -276,6 +283,7 @@ def validate(
     *,
     progress: bool = False,
     contract: str | None = None,
+    replay: bool = False,
 ) -> ValidationReport:
     """Re-check a capture (a unit or a dataset) from disk against every check of its contract.
 
@@ -283,10 +291,34 @@ def validate(
     fingerprint; without it those checks are reported as skipped. ``progress`` shows bars on a terminal.
     A manifest naming a contract outside the package is refused unless ``contract`` names that folder:
     a capture cannot choose a laxer contract for itself.
+
+    ``replay`` (needs ``model``) re-runs every unit's recorded forwards through ``model`` and compares every
+    captured point with its file, under the contract's ``replay`` entries (see :mod:`zkllm_hf.replay`).
     """
+    if replay and model is None:
+        raise ValueError("replay=True needs the model to replay through: pass model= (the CLI's --model)")
     path = Path(path)
     clean_leftovers(path)  # a dead capture's staging or half-deleted old folder, beside this one
-    return validate_folder(path, model, progress=progress, trusted=contract)
+    report = validate_folder(path, model, progress=progress, trusted=contract)
+    if replay:
+        _add_replay(report, model)
+    return report
+
+
+def _add_replay(report: ValidationReport, model: torch.nn.Module) -> None:
+    """Replay the capture through ``model`` and add the ``replay`` entries' results to ``report``."""
+    from .replay import replay_capture
+
+    if report.contract is None:
+        report.results.append(CheckResult("replay", False, skipped="the capture's manifest cannot be read"))
+        return
+    try:
+        outcome = replay_capture(report.path, model, report.contract)
+    except (MetadataError, OSError, pa.ArrowInvalid, KeyError, TypeError, IndexError, AttributeError) as exc:
+        report.results.append(CheckResult("replay", False, f"the replay could not run: {exc}"))
+        return
+    report.results += outcome.results
+    report.replay = outcome.to_dict()
 
 
 def validate_folder(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import sys
 from pathlib import Path
 
 from ..errors import ModelLoadError, UnsupportedModelError
@@ -14,29 +15,69 @@ from .exits import EXIT_INVALID, EXIT_OK, err, fail
 # -- validate --------------------------------------------------------------------------------------
 
 
+def recorded_load(directory: str) -> dict:
+    """How the capture's model was loaded, from the model metadata every capture records (the CLI section of an
+    older CLI capture where the metadata lacks it): ``dtype``, ``load_in_4bit``, ``load_in_8bit``."""
+    from ..manifest import read_manifest
+
+    try:
+        meta = read_manifest(Path(directory) / "manifest.arrow")[1]
+    except (OSError, ValueError):
+        return {}  # validate reports an unreadable manifest itself
+    model = meta.get("model") if isinstance(meta.get("model"), dict) else {}
+    quant = model.get("quantization") if isinstance(model.get("quantization"), dict) else {}
+    out: dict = {}
+    if isinstance(model.get("dtype"), str):
+        out["dtype"] = model["dtype"]
+    out["load_in_4bit"] = bool(quant.get("load_in_4bit"))
+    out["load_in_8bit"] = bool(quant.get("load_in_8bit"))
+    out["quantization"] = quant or None
+    extra = meta.get("extra")
+    cli = extra.get("cli") if isinstance(extra, dict) and isinstance(extra.get("cli"), dict) else {}
+    if "dtype" not in out and isinstance(cli.get("dtype"), str):
+        out["dtype"] = cli["dtype"]
+    return out
+
+
+def load_mismatch(recorded: dict, dtype: str, four: bool, eight: bool) -> str | None:
+    """One line naming the field that differs between the capture and how --model is loaded, and the flag."""
+    if recorded.get("load_in_4bit") != four or recorded.get("load_in_8bit") != eight:
+        then = "4-bit" if recorded.get("load_in_4bit") else "8-bit" if recorded.get("load_in_8bit") else "unquantized"
+        flag = (
+            "--load-in-4bit"
+            if recorded.get("load_in_4bit")
+            else "--load-in-8bit"
+            if recorded.get("load_in_8bit")
+            else "neither --load-in-4bit nor --load-in-8bit"
+        )
+        return f"model.quantization: the capture ran {then}, --model is loaded otherwise; pass {flag}"
+    if recorded.get("dtype") not in (None, dtype) and not (four or eight):
+        then = recorded["dtype"]
+        return f"model.dtype: the capture ran {then}, --model is loaded as {dtype}; pass --dtype {then}"
+    return None
+
+
 def load_model_for_check(args: argparse.Namespace):
     """The model for validate --model, loaded as the capture ran it (dtype, 4-bit, 8-bit) unless told."""
     if args.model is None:
         return None
-    from ..manifest import read_manifest
+    from ..dtypes import LOAD_DTYPE_NAMES
     from ..models import load
 
-    ran: dict = {}
-    try:
-        extra = read_manifest(Path(args.dir) / "manifest.arrow")[1].get("extra")
-        ran = extra.get("cli") if isinstance(extra, dict) and isinstance(extra.get("cli"), dict) else {}
-    except (OSError, ValueError):
-        pass  # validate reports an unreadable manifest itself
-    ran = {k: v for k, v in ran.items() if isinstance(v, str if k == "dtype" else bool)}  # as zkllm-hf writes them
-    dtype = args.dtype or ran.get("dtype") or "float32"
-    four = args.load_in_4bit or (not args.load_in_8bit and not args.dtype and bool(ran.get("load_in_4bit")))
-    eight = args.load_in_8bit or (not args.load_in_4bit and not args.dtype and bool(ran.get("load_in_8bit")))
+    ran = recorded_load(args.dir)
+    told = bool(args.dtype or args.load_in_4bit or args.load_in_8bit)
+    dtype = args.dtype or (ran.get("dtype") if ran.get("dtype") in LOAD_DTYPE_NAMES else None) or "float32"
+    four = args.load_in_4bit or (not told and bool(ran.get("load_in_4bit")))
+    eight = args.load_in_8bit or (not told and bool(ran.get("load_in_8bit")))
+    if ran and (hint := load_mismatch(ran, dtype, four, eight)) is not None:
+        print(f"zkllm-hf: note: {hint}", file=sys.stderr)
     return load(
         None if args.model == "default" else args.model,
         dtype=dtype,
         load_in_4bit=four,
         load_in_8bit=eight,
         tokenizer=False,  # the checks read the weights and the config only
+        quantization=ran.get("quantization"),
     ).model
 
 
@@ -45,6 +86,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from ..hooks import find_layout
     from ..validate import validate
 
+    if getattr(args, "replay", False) and args.model is None:
+        return fail(ValueError("--replay re-runs the capture through a model: pass --model (or --model default)"))
     folder = Path(args.dir)
     if not (folder / "manifest.arrow").is_file():  # not a capture at all: the one line inspect gives too
         cap = open_capture(args.dir)
@@ -59,7 +102,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
                 raise ModelLoadError(f"--model {args.model}: {exc}") from None
     except ModelLoadError as exc:
         return fail(exc)
-    report = validate(args.dir, model=model, progress=True, contract=args.contract)  # bars on a terminal only
+    replay = bool(getattr(args, "replay", False))
+    report = validate(args.dir, model=model, progress=True, contract=args.contract, replay=replay)  # bars: a tty only
     print(report.to_json() if args.json else report)
     if not report.ok:  # the report is on stdout; stderr says in one line why the exit code is 1
         first = " ".join(report.failures[0].describe().split())

@@ -96,6 +96,11 @@ def _validate(sub) -> None:
     vquant.add_argument("--load-in-8bit", action="store_true", help="load --model in bitsandbytes 8-bit")
     val.add_argument("--json", action="store_true", help="print the report as JSON")
     val.add_argument(
+        "--replay",
+        action="store_true",
+        help="re-run every unit's recorded forwards through --model and compare every point with its file",
+    )
+    val.add_argument(
         "--contract",
         default=None,
         metavar="DIR",

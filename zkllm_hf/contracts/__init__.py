@@ -8,12 +8,14 @@ definition: an entry removed from the contract is removed from both, a changed p
 
 Scopes: ``layer`` checks see one layer's int32 codes (the identities); ``file`` checks see each file once
 (integrity and range, from one read); ``capture`` checks see a manifest, its metadata and, when given, the
-model; ``dataset`` checks see a dataset's index and its units.
+model; ``dataset`` checks see a dataset's index and its units; ``replay`` checks see one point of a unit
+replayed through the model (``validate --replay``).
 
 The package's modules, one job each: ``spec`` (the types), ``registry`` (kinds and their scopes), ``loader``
 (a contract folder), ``manifest_schema`` (the pandera checks), ``layer_checks``, ``file_checks``,
-``capture_checks`` and ``dataset_checks`` (the kinds of each scope). This module only gathers their public
-names, so ``from zkllm_hf.contracts import X`` works for each of them, and registers every kind on import.
+``capture_checks``, ``dataset_checks`` and ``replay_checks`` (the kinds of each scope). This module only
+gathers their public names, so ``from zkllm_hf.contracts import X`` works for each of them, and registers
+every kind on import.
 """
 
 from __future__ import annotations
@@ -25,12 +27,14 @@ from .layer_checks import RESIDUAL_MODES, PendingIdentities, Tensors, run_identi
 from .loader import DEFAULT_CONTRACT, contracts_root, load_contract
 from .manifest_schema import expected_file, register_manifest_checks
 from .registry import SCOPES, implementation, register_check, run_entries, scope_of
+from .replay_checks import ULP_STEPS, ReplayStats, judge_replay
 from .spec import CheckResult, CheckSpec, Contract, ContractViolation, row_place
 
 __all__ = [
     "DEFAULT_CONTRACT",
     "INDEX_KINDS",
     "RESIDUAL_MODES",
+    "ULP_STEPS",
     "SCOPES",
     "CaptureSubject",
     "CheckResult",
@@ -38,11 +42,13 @@ __all__ = [
     "Contract",
     "ContractViolation",
     "PendingIdentities",
+    "ReplayStats",
     "Tensors",
     "contracts_root",
     "expected_file",
     "implementation",
     "inside",
+    "judge_replay",
     "load_contract",
     "register_check",
     "register_manifest_checks",

@@ -193,7 +193,23 @@ def _weights_fingerprint(spec: CheckSpec, s: CaptureSubject, contract: Contract)
             f"{FINGERPRINT_ALGORITHM!r}; validate with the zkllm-hf that made the capture, or capture again"
         )
     else:
-        message = (
+        message = _loaded_otherwise(s) or (
             f"model weights {now[:12]}..., capture recorded {str(recorded)[:12]}...; pass the model that was captured"
         )
     return [CheckResult(spec.name, ok, message)]
+
+
+def _loaded_otherwise(s: CaptureSubject) -> str | None:
+    """The recorded model field the given model differs in (dtype, quantization), and the flag that fixes it."""
+    from ..provenance import quantization_info
+
+    recorded = s.metadata.get("model", {})
+    quant, now_quant = recorded.get("quantization") or {}, quantization_info(s.model) or {}
+    for key, flag in (("load_in_4bit", "--load-in-4bit"), ("load_in_8bit", "--load-in-8bit")):
+        if bool(quant.get(key)) != bool(now_quant.get(key)):
+            fix = f"load it with {flag}" if quant.get(key) else f"load it without {flag}"
+            return f"model.quantization: the capture recorded {key}={bool(quant.get(key))}, this model differs; {fix}"
+    dtype, now_dtype = recorded.get("dtype"), str(getattr(s.model, "dtype", None)).removeprefix("torch.")
+    if dtype is not None and dtype != now_dtype:
+        return f"model.dtype: the capture recorded {dtype}, this model is {now_dtype}; load it with --dtype {dtype}"
+    return None

@@ -8,7 +8,7 @@ from typing import Any
 
 from .spec import CheckSpec, Contract
 
-SCOPES = ("capture", "file", "layer", "dataset")
+SCOPES = ("capture", "file", "layer", "dataset", "replay")
 _KINDS: dict[str, tuple[str, Callable[..., Any]]] = {}
 
 

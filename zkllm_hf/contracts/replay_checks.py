@@ -1,0 +1,114 @@
+"""The ``replay`` kind: a capture point's files against the same point replayed through the model.
+
+A replay (``validate --replay``) re-runs each unit's recorded forwards through the capture engine and hands the
+comparison of every point, element by element, to the contract as :class:`ReplayStats`: the element count,
+how many are equal, how many lie within 1, 2, 4 and 8 ulps of the file's source dtype at the element's
+magnitude, and the worst. Each ``replay`` entry judges them under its ``verdict``:
+
+- ``exact``: every code equal (the replay ran as the capture did: device type, dtype, quantization, thread
+  count, attention implementation and library versions);
+- ``tolerant``: at least ``fractions[D][k]`` of the elements within ``k`` ulps, and none beyond ``max_ulps[D]``, for
+  ``D`` the point's source dtype (float32's thresholds for a dtype the entry does not name).
+
+An element's ulp, in LSB, is ``max(1, ulp_D(m) * 2**k)`` for ``m`` the larger magnitude of the two values: a
+difference below one LSB cannot be seen in the codes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from .registry import register_check
+from .spec import CheckResult, CheckSpec
+
+ULP_STEPS = (1, 2, 4, 8)
+
+__all__ = ["ULP_STEPS", "ReplayStats", "judge_replay"]
+
+
+@dataclass
+class ReplayStats:
+    """One point of one unit: the files against the replay, accumulated over the forwards that fed it."""
+
+    unit: str
+    layer: int
+    point: str
+    file: str
+    dtype: str  # the source dtype the ulps are taken in
+    rows_expected: int
+    rows: int = 0
+    elements: int = 0
+    equal: int = 0
+    within: dict[int, int] = field(default_factory=lambda: dict.fromkeys(ULP_STEPS, 0))
+    max_ulps: float = 0.0
+    max_lsb: int = 0
+    ulp_lsb: float = 1.0  # one ulp at the worst element, in LSB
+    index: tuple[int, int] | None = None  # (token within the unit, dim) of the worst element
+    expected: int | None = None  # the file's code there
+    replayed: int | None = None  # the replay's
+    note: str = ""  # why the comparison is incomplete (rows missing, a file unreadable)
+
+    def fraction(self, k: int) -> float:
+        return 1.0 if not self.elements else self.within[k] / self.elements
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "elements": self.elements,
+            "equal": self.equal,
+            "fraction_within_ulps": {str(k): self.fraction(k) for k in ULP_STEPS},
+            "max_ulps": self.max_ulps,
+            "max_dev_lsb": self.max_lsb,
+            "index": list(self.index) if self.index else None,
+            "expected_code": self.expected,
+            "replayed_code": self.replayed,
+        }
+
+
+def _place(s: ReplayStats) -> dict[str, Any]:
+    return {"layer": s.layer, "point": s.point, "file": s.file, "unit": s.unit or None, "index": s.index}
+
+
+def _by_dtype(spec: CheckSpec, name: str, dtype: str) -> Any:
+    """A tolerant parameter for ``dtype`` (float32's for a dtype the entry does not name, e.g. float64)."""
+    table = dict(spec.params[name])
+    return table.get(dtype, table["float32"])
+
+
+def _fractions(spec: CheckSpec, dtype: str) -> Mapping[int, float]:
+    return {int(k): float(v) for k, v in dict(_by_dtype(spec, "fractions", dtype)).items()}
+
+
+@register_check("replay", "replay")
+def judge_replay(spec: CheckSpec, s: ReplayStats) -> CheckResult:
+    """One point's verdict under ``spec`` (its ``verdict``: exact or tolerant)."""
+    if s.note:
+        return CheckResult(spec.name, False, s.note, **_place(s))
+    worst = f"file code {s.expected}, replay {s.replayed}" if s.index is not None else ""
+    seen = ", ".join(f"{s.fraction(k):.6f} within {k}" for k in ULP_STEPS)
+    if spec.params.get("verdict") == "exact":
+        ok = s.equal == s.elements
+        message = "" if ok else f"{s.elements - s.equal} of {s.elements} codes differ ({worst}; ulps: {seen})"
+        return CheckResult(
+            spec.name, ok, message, max_dev_lsb=float(s.max_lsb), max_ratio=float(s.max_lsb),
+            tolerance_lsb=0.0, **_place(s),
+        )  # fmt: skip
+    allowed = float(_by_dtype(spec, "max_ulps", s.dtype))
+    short = [
+        f"{s.fraction(k):.6f} within {k} ulps, needs {f}"
+        for k, f in _fractions(spec, s.dtype).items()
+        if s.fraction(k) < f
+    ]
+    over = s.max_ulps > allowed
+    ok = not short and not over
+    why = ([f"worst {s.max_ulps:.4g} ulps, allowed {allowed:g}"] if over else []) + short
+    return CheckResult(
+        spec.name,
+        ok,
+        "" if ok else f"{'; '.join(why)} ({worst})",
+        max_dev_lsb=float(s.max_lsb),
+        max_ratio=s.max_ulps / allowed if allowed else float("inf"),
+        tolerance_lsb=allowed * s.ulp_lsb,
+        **_place(s),
+    )

@@ -121,49 +121,80 @@ def ulp_bound_stats(
         return dense()
     rows = [_rows(t) for t in (lhs, *terms, ref)]
     blocks = fp.row_blocks(rows[0])
-    cols = rows[0].shape[1]
-    zero_seen: list[bool] = []  # a block found |ref| == 0 where |d| >= 1: the smallest key there can be
-
-    def scan(b: slice) -> tuple[int, int | None, np.ndarray]:
-        d = _difference(rows[0][b], [t[b] for t in rows[1:-1]])
-        lo, hi = (int(v) for v in torch.aminmax(d))
-        top = max(hi, -lo)
-        ad = d.abs_()
-        flagged = np.flatnonzero(ad.numpy() >= 2) + b.start * cols if top >= 2 else np.empty(0, np.int64)
-        if top == 0 or zero_seen:
-            return top, None, flagged
-        least = int(off_by_one_key(ad, rows[-1][b]).min())
-        if least == 0:
-            zero_seen.append(True)
-        return top, least, flagged
-
+    ratios = unit_ratios(table)
+    scan = _BlockScan(rows, exact, ratios[0])
     scanned = fp.map_blocks(scan, blocks, lhs.device)
+    if scan.too_many:
+        return dense()
     max_dev = max(s[0] for s in scanned)
     flat_ref = rows[-1].reshape(-1)
     if max_dev == 0:  # every ratio is 0: the first element, its tolerance
         return _stats(0.0, 0.0, 0, table[abs(int(flat_ref[0])).bit_length()])
-    candidates: list[tuple[float, int, float]] = []  # (ratio, flat index, tolerance) of each group's best
-    if max_dev >= 2:
-        flagged = np.concatenate([s[2] for s in scanned])
-        if len(flagged) * DENSE_FRACTION > lhs.numel():
-            return dense()
-        _, ratio, pos, tol = exact(torch.from_numpy(flagged)).tolist()
-        candidates.append((ratio, int(flagged[int(pos)]), tol))
-    j = min(s[1] for s in scanned if s[1] is not None).bit_length()  # the smallest |ref| where |d| >= 1
-    ratios = unit_ratios(table)
-    best = max([ratios[j]] + [c[0] for c in candidates])
-    if ratios[j] == best:  # elements off by one LSB reach it: the first of them, found by |ref| alone
-        j_hi = j
-        while j_hi + 1 < len(ratios) and ratios[j_hi + 1] == best:
-            j_hi += 1
-        first = _first_key_at_most(rows, blocks, cols, min(2**j_hi - 1, LARGEST_KEY))
-        candidates.append((best, first, table[abs(int(flat_ref[first])).bit_length()]))
+    # (ratio, flat index, tolerance) of each group's best: per block, then the blocks gathered once decided
+    candidates = [s[2] for s in scanned if isinstance(s[2], tuple)]
+    rest = [s[2] for s in scanned if isinstance(s[2], np.ndarray)]
+    if rest:
+        candidates.append(scan.gathered_best(np.concatenate(rest)))
+    best = max((c[0] for c in candidates), default=-math.inf)
+    if not scan.ones_lose:  # then every block has its smallest key: j, the smallest |ref| where |d| >= 1
+        j = min(s[1] for s in scanned if s[1] is not None).bit_length()
+        best = max(best, ratios[j])
+        if ratios[j] == best:  # elements off by one LSB reach it: the first of them, found by |ref| alone
+            j_hi = j
+            while j_hi + 1 < len(ratios) and ratios[j_hi + 1] == best:
+                j_hi += 1
+            first = _first_key_at_most(rows, blocks, min(2**j_hi - 1, LARGEST_KEY))
+            candidates.append((best, first, table[abs(int(flat_ref[first])).bit_length()]))
     pos, tol = min((i, t) for r, i, t in candidates if r == best)
     return _stats(float(max_dev), best, pos, tol)
 
 
-def _first_key_at_most(rows: list[torch.Tensor], blocks: list[slice], cols: int, limit: int) -> int:
+class _BlockScan:
+    """One block of rows: its largest ``|d|``, its smallest :func:`off_by_one_key` (None when no longer needed)
+    and the float64 formula's best among its elements with ``|d| >= 2`` (None if there are none; once
+    ``ones_lose`` holds, their flat indices instead, for one gathered run of the formula at the end).
+
+    The smallest key is not needed once a block has seen ``|ref| == 0`` where ``|d| >= 1`` (no key is smaller),
+    nor once a gathered element's ratio exceeds ``1 / T[0]``, the largest an element off by one LSB can have
+    (then ``ones_lose``). ``too_many``: over 1/DENSE_FRACTION of a block has ``|d| >= 2``; the caller runs the
+    float64 formula on everything instead."""
+
+    def __init__(self, rows: list[torch.Tensor], exact: Callable[[torch.Tensor], torch.Tensor], top_unit: float):
+        self.rows, self.exact, self.top_unit = rows, exact, top_unit
+        self.cols = rows[0].shape[1]
+        self.zero_seen = self.ones_lose = self.too_many = False
+
+    def gathered_best(self, flagged: np.ndarray) -> tuple[float, int, float]:
+        """(ratio, flat index, tolerance) of the first largest ratio among ``flagged``, by the float64 formula."""
+        _, ratio, pos, tol = self.exact(torch.from_numpy(flagged)).tolist()
+        return ratio, int(flagged[int(pos)]), tol
+
+    def __call__(self, b: slice) -> tuple[int, int | None, tuple[float, int, float] | np.ndarray | None]:
+        if self.too_many:
+            return 0, None, None
+        ad = abs_difference(self.rows[0][b], [t[b] for t in self.rows[1:-1]])
+        top = int(ad.max())
+        best = None
+        if top >= 2:
+            flagged = np.flatnonzero(ad.numpy() >= 2)
+            if len(flagged) * DENSE_FRACTION > ad.numel():
+                self.too_many = True
+                return 0, None, None
+            flagged += b.start * self.cols
+            if self.ones_lose:  # decided: the float64 formula runs on these once, with the other blocks' rest
+                return top, None, flagged
+            best = self.gathered_best(flagged)
+            self.ones_lose = self.ones_lose or best[0] > self.top_unit
+        if top == 0 or self.zero_seen or self.ones_lose:
+            return top, None, best
+        least = int(off_by_one_key(ad, self.rows[-1][b]).min())
+        self.zero_seen = self.zero_seen or least == 0
+        return top, least, best
+
+
+def _first_key_at_most(rows: list[torch.Tensor], blocks: list[slice], limit: int) -> int:
     """The first flat index whose :func:`off_by_one_key` is at most ``limit`` (one exists)."""
+    cols = rows[0].shape[1]
     for b in blocks:
         ad = abs_difference(rows[0][b], [t[b] for t in rows[1:-1]])
         hits = off_by_one_key(ad, rows[-1][b]).numpy().reshape(-1) <= limit

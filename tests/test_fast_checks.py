@@ -11,8 +11,8 @@ elements at the bound, one LSB either side, codes at binade edges and the int32 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 
-import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -72,7 +72,9 @@ def reference_ulp(values: torch.Tensor, dtype: torch.dtype, *, in_place: bool = 
     return mag.mul_(info.eps)
 
 
-def reference_ulp_bound(q: torch.Tensor, dtype: torch.dtype, scale_log2: int, *, lsb: float, ulps: float) -> torch.Tensor:
+def reference_ulp_bound(
+    q: torch.Tensor, dtype: torch.dtype, scale_log2: int, *, lsb: float, ulps: float
+) -> torch.Tensor:
     """Per element, in LSB: ``lsb + ulps * ulp_dtype(|v|)``, the magnitude ``|v|`` of each value taken from its
     code ``q``, widened by the half LSB its own rounding may have removed. The one home of the sum and drift
     tolerances (float64 out; ``q`` is never modified)."""
@@ -150,7 +152,9 @@ def _sum_kernel(q_x, q_y, q_sum, *, dtype, scale_log2, quantisation_lsb=1.5, rou
     # |q_sum - q_x - q_y| in float64 is exact: every term is below 2**33.
     dev = q_sum.to(torch.float64)
     dev.sub_(q_x).sub_(q_y).abs_()
-    return dev, reference_sum_tolerance(q_sum, dtype, scale_log2, quantisation_lsb=quantisation_lsb, rounding_ulps=rounding_ulps)
+    return dev, reference_sum_tolerance(
+        q_sum, dtype, scale_log2, quantisation_lsb=quantisation_lsb, rounding_ulps=rounding_ulps
+    )
 
 
 def reference_sum_deviation_stats(
@@ -218,7 +222,9 @@ def _rmsnorm_kernel(q_in, q_out, *, w, w_abs, eps, in_dtype, out_dtype, scale_lo
     s = n_abs.add_(from_input)  # n_abs + from_input; n_abs is not needed on its own below
     n_high = s.mul(1 + reduction)  # the largest |n| the model can have computed
     y_high = q_out.to(torch.float64).abs_().add_(0.5).div_(scale)  # the model's |y|, from its own code
-    per_value = from_input.add_(s.mul_(reduction)).add_(reference_ulp(n_high, in_dtype, in_place=True).mul_(0.5)).mul_(w_abs)
+    per_value = (
+        from_input.add_(s.mul_(reduction)).add_(reference_ulp(n_high, in_dtype, in_place=True).mul_(0.5)).mul_(w_abs)
+    )
     tol = per_value.add_(reference_ulp(y_high, out_dtype, in_place=True).mul_(0.5)).mul_(scale).add_(0.5)
     dev = q_out.to(torch.float64).sub_(y.mul_(scale)).abs_()
     return dev, tol

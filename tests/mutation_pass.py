@@ -47,6 +47,12 @@ MUTANTS = [
     ("a manifest may name its own (laxer) contract", "zkllm_hf/trust.py",
      "if not packaged and (trusted is None or Path(trusted).resolve() != Path(folder).resolve()):",
      "if False:"),
+    # issue 17: the identity checks' int32 fast path
+    ("the fast path leaves out the elements off by 2 LSB", "zkllm_hf/fast_checks.py",
+     "flagged = np.flatnonzero(ad.numpy() >= 2)", "flagged = np.flatnonzero(ad.numpy() >= 3)"),
+    ("the fast path trusts int32 sums that may wrap", "zkllm_hf/fast_checks.py",
+     "        if lo <= -(2**31) or hi > INT32_MAX:\n            return False",
+     "        if False:\n            return False"),
     # issue 14: ownership, the dataset index, resume, plan --out, compare, the fingerprint, metadata, threads
     ("ownership trusts a manifest whose digest does not match", "zkllm_hf/writer.py",
      'if rows_digest(table.to_pylist(), meta) != meta.get("manifest_digest"):\n            return None',

@@ -82,7 +82,7 @@ _pool_lock = threading.Lock()
 _pool: ThreadPoolExecutor | None = None
 
 
-def _map_blocks(fn: Callable[[slice], torch.Tensor], blocks: list[slice], device: torch.device) -> list[torch.Tensor]:
+def map_blocks(fn: Callable[[slice], torch.Tensor], blocks: list[slice], device: torch.device) -> list[torch.Tensor]:
     """``fn`` on each block; on the CPU, on as many threads as torch uses (torch releases the GIL)."""
     global _pool
     workers = min(torch.get_num_threads(), os.cpu_count() or 1, len(blocks))
@@ -352,7 +352,7 @@ def _rows_check(
         dev, tol = kernel(*(r[b] for r in rows))
         return _block_stats(dev, tol, b.start * cols)
 
-    return _combine(_map_blocks(one, row_blocks(rows[0]), first.device))
+    return _combine(map_blocks(one, row_blocks(rows[0]), first.device))
 
 
 def _sum_kernel(q_x, q_y, q_sum, *, dtype, scale_log2, quantisation_lsb=1.5, rounding_ulps=0.5):
@@ -391,7 +391,7 @@ def equal_deviation_stats(q_a: torch.Tensor, q_b: torch.Tensor) -> torch.Tensor:
         pos = torch.argmax(dev)  # the first largest difference
         return torch.stack([dev[pos], dev[pos], (pos + b.start * cols).double(), torch.zeros_like(dev[pos])])
 
-    stats = _combine(_map_blocks(one, row_blocks(rows_a), q_a.device))
+    stats = _combine(map_blocks(one, row_blocks(rows_a), q_a.device))
     # tolerance zero: any difference is a ratio of infinity
     return torch.where(torch.arange(4, device=stats.device) == 1, torch.where(stats[0] > 0, math.inf, 0.0), stats)
 

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from .. import fast_checks as fast
 from .. import fixed_point as fp
 from .registry import implementation, register_check
 from .spec import CheckResult, CheckSpec, Contract
@@ -31,14 +32,16 @@ def _sum(
     **_: Any,
 ) -> torch.Tensor:
     if residuals == "exact-int":  # the sum was derived from its terms in the int domain: it must be exact
-        return fp.equal_deviation_stats(lhs, terms[0].to(torch.int64) + terms[1].to(torch.int64))
+        return fast.equal_stats(
+            lhs, terms, dense=lambda: fp.equal_deviation_stats(lhs, terms[0].to(torch.int64) + terms[1].to(torch.int64))
+        )
     tolerance = {k: float(spec.params[k]) for k in ("quantisation_lsb", "rounding_ulps") if k in spec.params}
-    return fp.sum_deviation_stats(terms[0], terms[1], lhs, lhs_dtype, scale_log2, **tolerance)
+    return fast.sum_stats(terms[0], terms[1], lhs, lhs_dtype, scale_log2, **tolerance)
 
 
 @register_check("exact", "layer")
 def _exact(spec: CheckSpec, lhs: torch.Tensor, terms: Sequence[torch.Tensor], **_: Any) -> torch.Tensor:
-    return fp.equal_deviation_stats(lhs, terms[0])
+    return fast.equal_stats(lhs, terms[:1], dense=lambda: fp.equal_deviation_stats(lhs, terms[0]))
 
 
 @register_check("rmsnorm", "layer")
@@ -71,7 +74,7 @@ def _drift(
     **_: Any,
 ) -> torch.Tensor:
     """``lhs`` derived in the int domain against ``terms[0]``, the model's own codes of the same point."""
-    return fp.drift_deviation_stats(
+    return fast.drift_stats(
         lhs,
         terms[0],
         lhs_dtype,

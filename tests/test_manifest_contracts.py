@@ -53,7 +53,7 @@ def test_polars_and_duckdb_read_it(captured):
 def test_metadata_is_what_an_auditor_needs(captured):
     _, meta = read_manifest(captured / "manifest.arrow")
     assert meta["format_version"] == 1
-    assert meta["contract"] == {"name": "zkllm-hf-capture", "version": "1.4.0", "folder": "v1"}
+    assert meta["contract"] == {"name": "zkllm-hf-capture", "version": "1.5.0", "folder": "v1"}
     assert set(meta["versions"]) >= {"zkllm_hf", "transformers", "torch", "python"}
     model = meta["model"]
     assert model["class"] == "LlamaForCausalLM" and len(model["config_sha256"]) == 64

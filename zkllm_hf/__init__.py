@@ -39,6 +39,9 @@ def capture(
     extra_metadata: Mapping[str, Any] | None = None,
     contract: str = "v1",
     residuals: str = "model",
+    digest: str = "blake3",
+    fingerprint: str = "cached",
+    writers: int | None = None,
 ) -> CaptureSession:
     """Capture the next forward of ``model`` into ``out_dir`` as zkLLM ``.bin`` files.
 
@@ -47,7 +50,11 @@ def capture(
     ``layers`` is None (all), a list of indices or a spec such as ``"0-3,7"``. ``contract`` is a packaged
     contract (``"v1"``) or a folder holding ``capture.yaml``. ``residuals="exact-int"`` writes the residual
     stream derived in int32 from the sublayer outputs, so that zkLLM's skip steps reproduce it bit for bit; the
-    default, ``"model"``, writes the model's own values.
+    default, ``"model"``, writes the model's own values. ``digest`` is the files', the manifest's and the
+    weights fingerprint's hash: ``"blake3"`` (fast, the default) or ``"sha256"`` (for tools that need it).
+    ``fingerprint="full"`` recomputes the weights fingerprint even when this process computed it for the
+    same, unchanged parameters (``"cached"``, the default, reuses it; the manifest records which).
+    ``writers`` is the number of writer threads (hash and write); by default 1 on the CPU, more on a GPU.
     """
     return CaptureSession(
         model,
@@ -61,6 +68,9 @@ def capture(
         extra_metadata=extra_metadata,
         contract=contract,
         residuals=residuals,
+        digest=digest,
+        fingerprint=fingerprint,
+        writers=writers,
     )
 
 

@@ -35,6 +35,7 @@ from . import provenance
 from .contracts import load_contract
 from .dataset_folder import check_out_dir, clear_work, discard, place_unit, prepare_out_dir, refuse_foreign
 from .dataset_index import write_index
+from .digests import check_digest
 from .engine import CaptureError
 from .hooks import find_layout
 from .options import generation_problem, resolve_layers, threads_problem
@@ -249,6 +250,8 @@ def capture_dataset(
     extra_metadata: Mapping[str, Any] | None = None,
     state: Any = None,
     threads: int | None = 1,
+    digest: str = "blake3",
+    fingerprint: str = "cached",
 ) -> DatasetResult:
     """Capture each prompt as a unit ``sample-{id}/`` under ``out_dir``, then write the dataset index.
 
@@ -269,9 +272,12 @@ def capture_dataset(
     restored after; ``None`` leaves it alone). torch's CPU kernels give other float32 bits with another
     count and accelerate gives each rank one thread, so the default 1 is what makes a unit's bytes the same
     in one process and in K ranks. Each unit's manifest records the count (``runtime.torch_threads``).
+    ``digest`` and ``fingerprint`` are as for :func:`zkllm_hf.capture` (the fingerprint is computed once per
+    rank and reused by each prompt's capture while the weights are unchanged).
     """
     t0 = time.perf_counter()
     _check_options(threads=threads, generate=generate, mode=mode, pad_to=pad_to)
+    check_digest(digest)
     parsed, source = as_prompts(prompts)
     out = Path(out_dir).absolute()
     device = next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
@@ -279,7 +285,8 @@ def capture_dataset(
     batches = tokenize_prompts(model, tokenizer, parsed, generate=generate, pad_to=pad_to)
     capture_mode = "forward" if generate is None else mode
     fixed = _fixed_settings(
-        model, mode=capture_mode, layers=layers, scale_log2=scale_log2, residuals=residuals, threads=threads
+        model, mode=capture_mode, layers=layers, scale_log2=scale_log2, residuals=residuals, threads=threads,
+        digest=digest, fingerprint=fingerprint,
     )
     run = _DatasetRun(
         model,
@@ -290,7 +297,10 @@ def capture_dataset(
         generate=generate,
         mode=mode,
         pad_to=pad_to,
-        options={"layers": layers, "scale_log2": scale_log2, "residuals": residuals},
+        options={
+            "layers": layers, "scale_log2": scale_log2, "residuals": residuals, "digest": digest,
+            "fingerprint": fingerprint,
+        },
         extra_metadata=extra_metadata,
         threads=threads,
         asked={"generate": generate, "mode": capture_mode, "pad_to": pad_to},
@@ -330,10 +340,13 @@ def _fixed_settings(
     scale_log2: int,
     residuals: str,
     threads: int | None,
+    digest: str = "blake3",
+    fingerprint: str = "cached",
 ) -> dict[str, Any]:
     """What every unit of this run shares whatever its prompt (a unit on disk is kept only if it matches)."""
     layer_list = _layer_list(model, layers)
-    info = provenance.model_info(model)  # the weights fingerprint, once per rank
+    info = provenance.model_info(model, fingerprint=False, digest=digest)
+    info["weights_fingerprint"] = provenance.cached_fingerprint(model, digest=digest, mode=fingerprint)[0]
     return run_settings(
         contract=load_contract("v1").identity,
         mode=mode,

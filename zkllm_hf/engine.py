@@ -100,7 +100,7 @@ class CaptureEngine:
         self._fwd: Forward | None = None
         self._broken: str | None = None
         self._thread = threading.get_ident()
-        self._fingerprint: Future[str] | None = None  # the weights fingerprint, started with the first forward
+        self._fingerprint: Future[tuple[str, str]] | None = None  # (fingerprint, how), from the first forward
         self._runtime: list[dict[str, Any]] = []  # provenance.runtime() at each captured forward, distinct ones
         self._bar = None
 
@@ -139,9 +139,21 @@ class CaptureEngine:
     def sink(self) -> Sink:
         """Where the units' codes go: the staging folder (made on first use), or the sink given."""
         if self._sink is None:
-            make = self._make_sink or (lambda: staging_sink(self.out_dir, overwrite=self.options.overwrite))
+            o = self.options
+            make = self._make_sink or (
+                lambda: staging_sink(self.out_dir, overwrite=o.overwrite, digest=o.digest, writers=self._writers())
+            )
             self._sink = make()
         return self._sink
+
+    GPU_WRITERS = 4  # writer threads on a GPU, where the host is otherwise idle (at most the CPU count)
+
+    def _writers(self) -> int:
+        """The writer threads: as asked, else 1 on the CPU (the forward needs its cores), several on a GPU."""
+        if self.options.writers is not None:
+            return self.options.writers
+        on_gpu = any(p.device.type == "cuda" for p in self.model.parameters())
+        return min(self.GPU_WRITERS, os.cpu_count() or 1) if on_gpu else 1
 
     @property
     def staging(self) -> StagingDir:
@@ -274,13 +286,18 @@ class CaptureEngine:
         if any(t.device.type == "meta" for t in tensors) or provenance.has_bnb_layers(self.model):
             return
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zkllm-fingerprint")
-        self._fingerprint = pool.submit(provenance.weights_fingerprint, self.model)
+        self._fingerprint = pool.submit(self._fingerprint_now)
         pool.shutdown(wait=False)
 
-    def weights_fingerprint(self) -> str:
-        """The fingerprint of the weights the capture ran with (started with the first forward, if it could)."""
+    def _fingerprint_now(self) -> tuple[str, str]:
+        o = self.options
+        return provenance.cached_fingerprint(self.model, digest=o.digest, mode=o.fingerprint)
+
+    def weights_fingerprint(self) -> tuple[str, str]:
+        """``(fingerprint, "cached" or "full")`` of the weights the capture ran with (started with the first
+        forward, if it could; reused from earlier in this process while the parameters are unchanged)."""
         if self._fingerprint is None:
-            return provenance.weights_fingerprint(self.model)
+            return self._fingerprint_now()
         return self._fingerprint.result()
 
     def _on_model_output(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
@@ -353,7 +370,7 @@ class CaptureEngine:
         share_units(staging.path, units, written)
         hidden = units[0].hidden or 0
         ran = ran_with(self._runtime, self.model)
-        common = common_metadata(self.model, self.options, ran, self.weights_fingerprint(), hidden)
+        common = common_metadata(self.model, self.options, ran, *self.weights_fingerprint(), hidden=hidden)
         gated = gate_units(
             units,
             written,

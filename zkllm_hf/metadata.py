@@ -17,6 +17,7 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from .digests import DIGESTS
 from .errors import MetadataError
 
 INT32_MAX = 2**31 - 1
@@ -146,6 +147,8 @@ _COMMON: tuple[tuple[str, bool, Rule], ...] = (
     ("capture.mode", True, _str(nonempty=True)),
     ("capture.created_utc", True, _str()),
     ("capture.residuals", False, _one_of(*RESIDUAL_MODES)),
+    ("digest_algorithm", False, _one_of(*DIGESTS)),  # absent before BLAKE3: sha256
+    ("model.weights_fingerprint_mode", False, _one_of("cached", "full")),
     ("model", True, OBJECT),
     ("model.class", True, _str()),
     ("model.dtype", True, _str()),

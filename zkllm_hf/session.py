@@ -36,9 +36,13 @@ class CaptureSession:
         contract: str = "v1",
         residuals: str = "model",
         options: CaptureOptions | None = None,
+        digest: str = "blake3",
+        fingerprint: str = "cached",
+        writers: int | None = None,
     ):
         """``options`` (a :class:`~zkllm_hf.options.CaptureOptions` of mode ``"forward"``) replaces ``layers``,
-        ``scale_log2``, ``overwrite``, ``progress``, ``extra_metadata``, ``contract`` and ``residuals``."""
+        ``scale_log2``, ``overwrite``, ``progress``, ``extra_metadata``, ``contract``, ``residuals``, ``digest``,
+        ``fingerprint`` and ``writers``."""
         if options is None:
             self.engine = CaptureEngine(
                 model,
@@ -51,6 +55,9 @@ class CaptureSession:
                 extra_metadata=extra_metadata,
                 contract=contract,
                 residuals=residuals,
+                digest=digest,
+                fingerprint=fingerprint,
+                writers=writers,
             )
         else:
             self.engine = CaptureEngine(model, out_dir, options=options)

@@ -1,7 +1,7 @@
 """The engine's output stage: a :class:`Sink` takes each unit's int32 codes, a layer at a time, then its end.
 
 Two sinks: :func:`staging_sink`, the atomic staging folder a capture writes today
-(:class:`~zkllm_hf.writer.StagingDir`: one ordered writer thread, a byte-bounded queue, PARTIAL marker,
+(:class:`~zkllm_hf.writer.StagingDir`: ordered writer threads, a byte-bounded queue, PARTIAL marker,
 flock, atomic rename at commit), and :class:`MemorySink`, which keeps the codes per (unit, layer, point) in
 memory and writes nothing (to replay a capture and compare it with the files).
 """
@@ -42,9 +42,11 @@ class Sink(Protocol):
         """Drop everything."""
 
 
-def staging_sink(out_dir: str | os.PathLike[str], *, overwrite: bool = False) -> StagingDir:
+def staging_sink(
+    out_dir: str | os.PathLike[str], *, overwrite: bool = False, digest: str = "blake3", writers: int = 1
+) -> StagingDir:
     """The sink of a capture written to disk: the staging folder beside ``out_dir``."""
-    return StagingDir(out_dir, overwrite=overwrite)
+    return StagingDir(out_dir, overwrite=overwrite, digest=digest, writers=writers)
 
 
 _FILE_PATTERNS = [

@@ -174,6 +174,8 @@ def _run(args: argparse.Namespace, loaded, batch, out: Path, ids, mask):
         "overwrite": args.overwrite,
         "residuals": args.residuals,
         "extra_metadata": extra_metadata(args, loaded),
+        "digest": args.digest,
+        "fingerprint": args.fingerprint,
     }
     if args.generate is not None:
         return _run_generate(args, loaded, batch, out, ids, mask, options)
@@ -311,6 +313,8 @@ def _run_dataset(args: argparse.Namespace, loaded):
             progress=not args.quiet,
             extra_metadata=extra_metadata(args, loaded),
             threads=args.threads,
+            digest=args.digest,
+            fingerprint=args.fingerprint,
         )
     finally:
         if ours and distributed_up():

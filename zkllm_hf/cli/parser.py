@@ -201,6 +201,19 @@ def add_capture_options(p: argparse.ArgumentParser) -> None:
         help="'model' (default): the model's own residual stream; 'exact-int': derived in int32 from the sublayer "
         "outputs, so zkLLM's skip steps reproduce the files bit for bit (drift from the model recorded and bounded)",
     )
+    p.add_argument(
+        "--digest",
+        choices=["blake3", "sha256"],
+        default="blake3",
+        help="the files', the manifest's and the weights fingerprint's hash: 'blake3' (default, fast) or 'sha256' "
+        "(for tools that need SHA-256)",
+    )
+    p.add_argument(
+        "--fingerprint",
+        choices=["cached", "full"],
+        default="cached",
+        help="'full' recomputes the weights fingerprint even if this process has it for unchanged weights",
+    )
     quant = p.add_mutually_exclusive_group()
     quant.add_argument("--load-in-4bit", action="store_true", help="bitsandbytes 4-bit weights")
     quant.add_argument("--load-in-8bit", action="store_true", help="bitsandbytes 8-bit weights")

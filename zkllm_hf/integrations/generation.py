@@ -72,6 +72,8 @@ class CaptureLogitsProcessor(LogitsProcessor):
         pad_to: int | None = None,
         extra_metadata: Mapping[str, Any] | None = None,
         residuals: str = "model",
+        digest: str = "blake3",
+        fingerprint: str = "cached",
     ):
         check_arguments(mode, pad_to)
         self.model = model
@@ -84,6 +86,8 @@ class CaptureLogitsProcessor(LogitsProcessor):
             overwrite=overwrite,
             extra_metadata=extra_metadata,
             residuals=residuals,
+            digest=digest,
+            fingerprint=fingerprint,
         )
         self.result: CaptureResult | None = None
         self._armed = False

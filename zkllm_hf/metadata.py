@@ -278,6 +278,14 @@ def check_metadata(meta: Mapping[str, Any], where: str) -> None:
         _check_fields(meta, (("units", True, ARRAY),), where)
 
 
+def _digest_column(table: Any) -> str:
+    """The column that holds a manifest's file digests: blake3 where any row has one, else sha256."""
+    names = table.column_names
+    if "blake3" in names and table.column("blake3").null_count < len(table):
+        return "blake3"
+    return "sha256"
+
+
 _POSITIVE_COLUMNS = ("rows", "cols")  # a file of zero rows or columns is never written
 _NON_NEGATIVE_COLUMNS = ("sample", "step", "layer", "byte_size")
 
@@ -302,6 +310,13 @@ def check_columns(table: Any, where: str) -> None:
             row = column.to_pylist().index(None)
             raise MetadataError(
                 f"{where}: manifest column '{spec.name}' is null in row {row}; zkllm-hf always writes it: {FIX}",
+                field=spec.name,
+            )
+        if spec.name == _digest_column(table) and column.null_count:  # every file has its digest
+            row = column.to_pylist().index(None)
+            raise MetadataError(
+                f"{where}: manifest column '{spec.name}' is null in row {row}; zkllm-hf writes every file's digest: "
+                f"{FIX}",
                 field=spec.name,
             )
         low = 1 if spec.name in _POSITIVE_COLUMNS else 0 if spec.name in _NON_NEGATIVE_COLUMNS else None

@@ -141,17 +141,22 @@ def wait_for_deletions(timeout: float | None = None) -> None:
 
 
 def remove_leftovers(target: Path) -> list[Path]:
-    """Remove hidden leftovers of ``target`` whose process is gone (call it holding the target's lock); a
-    replaced capture this process is still deleting in the background is left to that thread."""
+    """Remove hidden leftovers of ``target`` whose process is gone (call it holding the target's lock). A
+    replaced capture this process is deleting in the background is waited for, and removed only if that
+    thread left something."""
     target = Path(target).absolute()
     removed = []
     prefix = f".{target.name}.zkllm-"
     for entry in target.parent.glob(f"{glob.escape(prefix)}*"):
         m = _LEFTOVER.search(entry.name)
-        with _DELETING_LOCK:
-            ours = entry.absolute() in _DELETING
-        if not m or ours:
+        if not m:
             continue
+        with _DELETING_LOCK:
+            ours = _DELETING.get(entry.absolute())
+        if ours is not None:
+            ours.join()
+            if not entry.exists():
+                continue
         shutil.rmtree(entry, ignore_errors=True)
         removed.append(entry)
         logger.warning("removed %s, left by an interrupted zkllm-hf process (pid %s)", entry, m[2])

@@ -276,8 +276,7 @@ def capture_dataset(
     rank and reused by each prompt's capture while the weights are unchanged).
     """
     t0 = time.perf_counter()
-    _check_options(threads=threads, generate=generate, mode=mode, pad_to=pad_to)
-    check_digest(digest)
+    _check_options(threads=threads, generate=generate, mode=mode, pad_to=pad_to, digest=digest)
     parsed, source = as_prompts(prompts)
     out = Path(out_dir).absolute()
     device = next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
@@ -286,21 +285,13 @@ def capture_dataset(
     capture_mode = "forward" if generate is None else mode
     fixed = _fixed_settings(
         model, mode=capture_mode, layers=layers, scale_log2=scale_log2, residuals=residuals, threads=threads,
-        digest=digest, fingerprint=fingerprint,
-    )
+        digest=digest, fingerprint=fingerprint)
     run = _DatasetRun(
-        model,
-        tokenizer,
-        out,
-        parsed,
-        batches,
+        model, tokenizer, out, parsed, batches,
         generate=generate,
         mode=mode,
         pad_to=pad_to,
-        options={
-            "layers": layers, "scale_log2": scale_log2, "residuals": residuals, "digest": digest,
-            "fingerprint": fingerprint,
-        },
+        options=dict(layers=layers, scale_log2=scale_log2, residuals=residuals, digest=digest, fingerprint=fingerprint),
         extra_metadata=extra_metadata,
         threads=threads,
         asked={"generate": generate, "mode": capture_mode, "pad_to": pad_to},
@@ -323,8 +314,9 @@ def capture_dataset(
     return result
 
 
-def _check_options(*, threads: int | None, generate: int | None, mode: str, pad_to: int | None) -> None:
+def _check_options(*, threads: int | None, generate: int | None, mode: str, pad_to: int | None, digest: str) -> None:
     """Refuse a combination of options capture_dataset cannot run, naming the value and the fix."""
+    check_digest(digest)
     if (problem := threads_problem(threads)) is not None:
         raise ValueError(problem)
     problem = generation_problem(generate, None if mode == "prefill" else mode, pad_to)

@@ -30,7 +30,7 @@ from .hooks import HookSet, attach, find_layout
 from .manifest_rows import common_metadata, ran_with
 from .options import CaptureOptions
 from .points import POINTS, CapturePoint
-from .sink import Sink, staging_sink
+from .sink import Sink, staging_sink, writer_count
 from .unit import PHASES, UnitRecorder
 from .writer import StagingDir, check_target
 
@@ -140,20 +140,12 @@ class CaptureEngine:
         """Where the units' codes go: the staging folder (made on first use), or the sink given."""
         if self._sink is None:
             o = self.options
+            writers = writer_count(self.model, o.writers)
             make = self._make_sink or (
-                lambda: staging_sink(self.out_dir, overwrite=o.overwrite, digest=o.digest, writers=self._writers())
+                lambda: staging_sink(self.out_dir, overwrite=o.overwrite, digest=o.digest, writers=writers)
             )
             self._sink = make()
         return self._sink
-
-    GPU_WRITERS = 4  # writer threads on a GPU, where the host is otherwise idle (at most the CPU count)
-
-    def _writers(self) -> int:
-        """The writer threads: as asked, else 1 on the CPU (the forward needs its cores), several on a GPU."""
-        if self.options.writers is not None:
-            return self.options.writers
-        on_gpu = any(p.device.type == "cuda" for p in self.model.parameters())
-        return min(self.GPU_WRITERS, os.cpu_count() or 1) if on_gpu else 1
 
     @property
     def staging(self) -> StagingDir:
@@ -286,18 +278,14 @@ class CaptureEngine:
         if any(t.device.type == "meta" for t in tensors) or provenance.has_bnb_layers(self.model):
             return
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zkllm-fingerprint")
-        self._fingerprint = pool.submit(self._fingerprint_now)
+        self._fingerprint = pool.submit(self.weights_fingerprint, now=True)
         pool.shutdown(wait=False)
 
-    def _fingerprint_now(self) -> tuple[str, str]:
-        o = self.options
-        return provenance.cached_fingerprint(self.model, digest=o.digest, mode=o.fingerprint)
-
-    def weights_fingerprint(self) -> tuple[str, str]:
+    def weights_fingerprint(self, *, now: bool = False) -> tuple[str, str]:
         """``(fingerprint, "cached" or "full")`` of the weights the capture ran with (started with the first
         forward, if it could; reused from earlier in this process while the parameters are unchanged)."""
-        if self._fingerprint is None:
-            return self._fingerprint_now()
+        if now or self._fingerprint is None:
+            return provenance.cached_fingerprint(self.model, digest=self.options.digest, mode=self.options.fingerprint)
         return self._fingerprint.result()
 
     def _on_model_output(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:

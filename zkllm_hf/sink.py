@@ -18,7 +18,7 @@ import numpy as np
 from .points import POINTS
 from .writer import StagingDir
 
-__all__ = ["MemorySink", "Sink", "point_of_file", "staging_sink"]
+__all__ = ["GPU_WRITERS", "MemorySink", "Sink", "point_of_file", "staging_sink", "writer_count"]
 
 
 class Sink(Protocol):
@@ -47,6 +47,18 @@ def staging_sink(
 ) -> StagingDir:
     """The sink of a capture written to disk: the staging folder beside ``out_dir``."""
     return StagingDir(out_dir, overwrite=overwrite, digest=digest, writers=writers)
+
+
+GPU_WRITERS = 4  # writer threads on a GPU, where the host is otherwise idle (at most the CPU count)
+
+
+def writer_count(model: Any, asked: int | None) -> int:
+    """The writer threads of a capture: as asked, else 1 on the CPU (the forward needs its cores) and
+    :data:`GPU_WRITERS` on a GPU, so hashing and writing are not bound by one core."""
+    if asked is not None:
+        return asked
+    on_gpu = any(p.device.type == "cuda" for p in model.parameters())
+    return min(GPU_WRITERS, os.cpu_count() or 1) if on_gpu else 1
 
 
 _FILE_PATTERNS = [

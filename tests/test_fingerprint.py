@@ -214,3 +214,14 @@ def test_a_fingerprint_made_by_another_algorithm_is_named_as_such(tiny, tmp_path
     assert "an older zkllm-hf" in failure.message and FINGERPRINT_ALGORITHM in failure.message
     assert "\n" not in failure.message
     assert {f.check for f in report.failures} == {"weights_fingerprint"}
+
+
+def test_inference_tensors_are_hashed_every_time():
+    """Defect: a model holding an inference tensor (made under torch.inference_mode, as bitsandbytes' CPU
+    repacking does in a forward) crashed the cache ("Inference tensors do not track version counter"). Such a
+    tensor can change without a trace, so nothing is cached for it."""
+    model = make_tiny()
+    with torch.inference_mode():
+        model.register_buffer("made_in_inference", torch.ones(3))
+    assert cached_fingerprint(model)[1] == "full"
+    assert cached_fingerprint(model) == (_old_fingerprint(model, "blake3"), "full")

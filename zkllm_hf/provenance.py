@@ -194,22 +194,32 @@ def _signature_of(name: str, t: Any) -> tuple[Any, ...]:
     return (name, *_tensor_key(t))
 
 
+class _Unprovable(Exception):
+    """A tensor whose changes the signature cannot see (an inference tensor has no version counter)."""
+
+
 def _tensor_key(t: Any) -> tuple[Any, ...]:
     if not isinstance(t, torch.Tensor):
         return (None,)
+    if t.is_inference():  # written in place under inference_mode without a trace: never cached
+        raise _Unprovable
     return (str(t.device), t.data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), str(t.dtype), t._version)
 
 
 def parameter_signature(model: nn.Module) -> tuple[Any, ...] | None:
     """What the cache compares: each state-dict entry's name, device, storage pointer and offset, shape,
     stride, dtype and version counter (a bitsandbytes weight: its codes' and quant state's, by identity).
-    None for a model with weights on the meta device (offloaded: their bytes live where this cannot see)."""
+    None where that proves nothing: weights on the meta device (offloaded: their bytes live where this
+    cannot see) or inference tensors (made under ``torch.inference_mode``: no version counter)."""
     out = []
     for name, t in _entries(model):
         if isinstance(t, torch.Tensor) and t.device.type == "meta":
             return None
         if isinstance(t, (torch.Tensor, _Dequantized)):
-            out.append(_signature_of(name, t))
+            try:
+                out.append(_signature_of(name, t))
+            except _Unprovable:
+                return None
     return tuple(out)
 
 

@@ -58,6 +58,7 @@ class WrittenFile:
 
 
 DURABILITY = ("append", "seal", "syncfs")  # when the staged bytes are made durable (docs in StagingDir)
+SYNC_THREADS = 4  # fdatasyncs in flight at once (durability "append"); bench/RESULTS.md measures the choice
 
 
 class TargetLock:
@@ -223,8 +224,9 @@ class StagingDir:
     bounds memory. Each file is hashed (``digest``) as it is written.
 
     Every file is durable before the commit's rename. ``durability`` says when: ``"append"`` (the default)
-    has the writer thread ``fdatasync`` each file as each write to it closes, overlapping the forward, so the
-    commit waits for the last layer's sync only; ``"seal"`` fsyncs each file when its unit ends (one fsync per
+    hands each file to a pool of sync threads as each write to it closes, which ``fdatasync`` it while the
+    forward and the writers go on (concurrent syncs share the filesystem's journal commits), so the commit
+    waits only for the syncs still running; ``"seal"`` fsyncs each file when its unit ends (one fsync per
     file at commit, as before 1.5); ``"syncfs"`` makes one ``syncfs`` of the staging folder's filesystem at
     commit (Linux; elsewhere it falls back to ``"seal"``). bench/RESULTS.md measures the three.
     """
@@ -264,6 +266,8 @@ class StagingDir:
         self._futures: list[Future[Any]] = []
         self._hashes: dict[str, Any] = {}  # name -> running digest; each touched by its file's writer thread only
         self._barriers: list[threading.Barrier] = []  # removals waiting for every writer thread
+        self._syncer = ThreadPoolExecutor(max_workers=SYNC_THREADS, thread_name_prefix="zkllm-sync")
+        self._syncs: list[Future[Any]] = []  # each closed write's fdatasync (durability "append")
         self._closed = False
 
     @property
@@ -365,9 +369,8 @@ class StagingDir:
             self._hashes[name] = hasher(self.digest)
         with open(path, "ab") as fh:
             fh.write(view)
-            if self.durability == "append":
-                fh.flush()
-                _datasync(fh.fileno())
+        if self.durability == "append":
+            self._syncs.append(self._syncer.submit(_datasync_path, path))
         self._hashes[name].update(view)
 
     def seal_many(self, items: list[tuple[str, tuple[str, ...]]]) -> list[Future[list[WrittenFile]]]:
@@ -405,12 +408,17 @@ class StagingDir:
         shutil.rmtree(self.path / folder, ignore_errors=True)
 
     def wait(self) -> list[WrittenFile]:
-        """Wait for every queued task; re-raise the first failure. Returns the sealed files, in order."""
-        return [w for f in self._futures if isinstance(r := f.result(), list) for w in r]
+        """Wait for every queued task and every sync; re-raise the first failure. Returns the sealed files, in
+        order."""
+        written = [w for f in self._futures if isinstance(r := f.result(), list) for w in r]
+        for f in self._syncs:
+            f.result()
+        return written
 
     def _shutdown(self, *, cancel: bool = False) -> None:
         for pool in self._pools:
             pool.shutdown(wait=True, cancel_futures=cancel)
+        self._syncer.shutdown(wait=True, cancel_futures=cancel)
 
     def _make_durable(self) -> None:
         """What the staging folder needs before the rename: the syncfs pass, if that is the mode, and every
@@ -462,9 +470,17 @@ class StagingDir:
         self._lock.release()
 
 
-def _datasync(fd: int) -> None:
-    """The file's data (and the size that reaches it) on disk: fdatasync, or fsync where there is none."""
-    (getattr(os, "fdatasync", None) or os.fsync)(fd)
+def _datasync_path(path: Path) -> None:
+    """The file's data (and the size that reaches it) on disk: fdatasync, or fsync where there is none. A file
+    gone by then was removed with its unit (:meth:`StagingDir.remove`); one missing at commit fails the gate."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return
+    try:
+        (getattr(os, "fdatasync", None) or os.fsync)(fd)
+    finally:
+        os.close(fd)
 
 
 def _syncfs() -> Callable[[Path], None] | None:

@@ -347,6 +347,7 @@ def _fixed_settings(
         residuals=residuals,
         threads=threads if threads is not None else torch.get_num_threads(),
         model_info=info,
+        digest=digest,
     )
 
 

@@ -38,11 +38,13 @@ def hasher(name: str, *, threads: int = 1) -> Any:
 
 def digest_bytes(name: str, data: Any) -> str:
     """The hex digest of ``data`` (bytes or a buffer) under ``name``; BLAKE3 on several threads when large."""
+    view = memoryview(data)
+    view = view if view.format == "B" else view.cast("B")  # blake3 takes bytes, not int32 items
     if name == "blake3":
-        big = memoryview(data).nbytes >= _THREADED
-        return blake3.blake3(data, max_threads=blake3.blake3.AUTO if big else 1).hexdigest()
+        big = view.nbytes >= _THREADED
+        return blake3.blake3(view, max_threads=blake3.blake3.AUTO if big else 1).hexdigest()
     h = hasher(name)
-    h.update(data)
+    h.update(view)
     return h.hexdigest()
 
 

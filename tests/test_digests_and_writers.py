@@ -234,3 +234,19 @@ def test_bad_digest_and_writers_are_one_line(tiny, tmp_path):
     with torch.no_grad(), zkllm_hf.capture(tiny, tmp_path / "c", writers=2):
         tiny(tiny_ids())
     assert zkllm_hf.validate(tmp_path / "c").ok
+
+
+def test_the_cli_flags(tiny_dir, tmp_path):
+    """capture --digest sha256 --fingerprint full: SHA-256 files (recomputed here) and a full fingerprint."""
+    from zkllm_hf.cli import main
+
+    out = tmp_path / "cap"
+    argv = ["capture", "--model", str(tiny_dir), "--out", str(out), "--quiet", "--text", "the fox"]
+    assert main([*argv, "--digest", "sha256", "--fingerprint", "full"]) == 0
+    rows, meta = _rows(out)
+    assert meta["digest_algorithm"] == "sha256" and meta["model"]["weights_fingerprint_mode"] == "full"
+    assert all(r["sha256"] == digest_of("sha256", (out / r["file"]).read_bytes()) for r in rows)
+    assert main(["validate", str(out)]) == 0
+    with pytest.raises(SystemExit) as exit_info:  # argparse's choices: usage error, exit 2
+        main([*argv[:4], str(tmp_path / "b"), *argv[5:], "--digest", "md5"])
+    assert exit_info.value.code == 2

@@ -1,14 +1,17 @@
 #!/usr/bin/env python
-"""Capture at the speed of the disk (issue 10): capture vs a plain forward, a naive capture and the raw floor.
+"""Capture at the speed of the disk (issues 10 and 17): capture vs a plain forward, the peers doing the same
+job, and the raw write of the same bytes.
 
-For each model and sequence length, in one process, interleaved (a, b, c, d, a, b, ...), medians of
-``--repeats`` runs after one warm-up:
+For each model and sequence length, in one process, one warm-up each, then ``--repeats`` rounds with the
+order rotated each round and ``os.sync()`` before every run; medians:
 
-  (a) plain    ``model(input_ids=ids)``, no hooks;
-  (b) capture  the whole ``with zkllm_hf.capture(model, dir, overwrite=True): model(ids)`` block;
-  (c) naive    hooks that clone every point, then ``np.round(x * 2**16).astype(int32).tofile()`` per file;
-  (d) floor    the capture's own int32 arrays (7 per layer) written with ``ndarray.tofile`` and hashed with
-               sha256: what writing the bytes costs at the least.
+  plain      ``model(input_ids=ids)``, no hooks;
+  capture    the whole ``with zkllm_hf.capture(model, dir, overwrite=True): model(ids)`` block;
+  floor      the capture's own int32 arrays (7 per layer) written with ``ndarray.tofile``, no hash;
+  hooks      hand-written hooks that clone every point, then ``np.round(x * 2**16).astype(int32).tofile()``;
+  nnsight, torchlens   the same job through each (``bench/peers.py``; run when installed: the bench extra).
+
+The target is ``capture / (plain + floor)``; each peer's files are compared with the capture's, bit for bit.
 
 Then, in fresh subprocesses, the peak RSS a capture adds over a plain forward (RSS sampled every 2 ms
 during the call, after the same warm-up in both), and validate's throughput: ``validate(dir, model=model)`` on
@@ -24,7 +27,6 @@ from __future__ import annotations
 import argparse
 import cProfile
 import gc
-import hashlib
 import io
 import json
 import os
@@ -47,6 +49,9 @@ import torch  # noqa: E402
 import zkllm_hf  # noqa: E402
 from zkllm_hf import models  # noqa: E402
 from zkllm_hf.points import POINTS  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import peers  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 TEXT = "Zero-knowledge proofs let a prover convince a verifier that an LLM ran exactly as claimed."
@@ -101,46 +106,6 @@ def run_capture(model, ids, out: Path) -> None:
         model(input_ids=ids)
 
 
-class NaiveCapture:
-    """Hooks that clone the seven points of every layer, then quantise and write each with numpy."""
-
-    def __init__(self, model):
-        self.model = model
-        self.saved: list[tuple[str, torch.Tensor]] = []
-
-    def run(self, ids, out: Path) -> None:
-        out.mkdir(parents=True, exist_ok=True)
-        self.saved = []
-        handles = []
-
-        def keep(name):
-            def hook(module, args, output=None):
-                t = output if output is not None else args[0]
-                t = t[0] if isinstance(t, tuple) else t
-                self.saved.append((name, t.detach().clone()))
-
-            return hook
-
-        for i, layer in enumerate(self.model.model.layers):
-            handles += [
-                layer.register_forward_pre_hook(lambda m, a, i=i: keep(f"{i}-block-input")(m, a)),
-                layer.input_layernorm.register_forward_hook(keep(f"{i}-norm-in")),
-                layer.self_attn.register_forward_hook(keep(f"{i}-attn")),
-                layer.post_attention_layernorm.register_forward_pre_hook(lambda m, a, i=i: keep(f"{i}-resid")(m, a)),
-                layer.post_attention_layernorm.register_forward_hook(keep(f"{i}-ffn-in")),
-                layer.mlp.register_forward_hook(keep(f"{i}-mlp")),
-                layer.register_forward_hook(keep(f"{i}-block-output")),
-            ]
-        try:
-            self.model(input_ids=ids)
-        finally:
-            for h in handles:
-                h.remove()
-        for name, t in self.saved:
-            np.round(t[0].numpy() * 2**16).astype(np.int32).tofile(out / f"layer-{name}.bin")
-        self.saved = []
-
-
 def floor_arrays(out: Path) -> list[np.ndarray]:
     """The capture's int32 files (primaries only: an alias is a hard link), in memory."""
     cap = zkllm_hf.load_capture(out)
@@ -148,46 +113,58 @@ def floor_arrays(out: Path) -> list[np.ndarray]:
 
 
 def run_floor(arrays: list[np.ndarray], out: Path) -> None:
+    """The raw write of the same bytes: ``ndarray.tofile``, no hash, no sync (the target's denominator)."""
     out.mkdir(parents=True, exist_ok=True)
     for i, a in enumerate(arrays):
         a.tofile(out / f"f{i}.bin")
-        hashlib.sha256(a).digest()
 
 
 def timed(fn, *args) -> tuple[float, float]:
     gc.collect()
+    os.sync()  # no run pays for the previous one's dirty pages
     w, c = time.perf_counter(), time.process_time()
     fn(*args)
     return time.perf_counter() - w, time.process_time() - c
 
 
 def bench_size(model, make_ids, n: int, repeats: int, root: Path) -> dict:
+    """Every way at one length: one warm-up each, then ``repeats`` rounds, the order rotated each round."""
     ids = make_ids(n)
-    out, naive_dir, floor_dir = root / f"cap-{n}", root / f"naive-{n}", root / f"floor-{n}"
-    naive = NaiveCapture(model)
+    out, floor_dir = root / f"cap-{n}", root / f"floor-{n}"
     run_plain(model, ids), run_capture(model, ids, out)  # warm-up
     arrays = floor_arrays(out)
-    naive.run(ids, naive_dir), run_floor(arrays, floor_dir)
-    rows: dict[str, list[tuple[float, float]]] = {k: [] for k in ("plain", "capture", "naive", "floor")}
-    for _ in range(repeats):
-        rows["plain"].append(timed(run_plain, model, ids))
-        rows["capture"].append(timed(run_capture, model, ids, out))
-        rows["naive"].append(timed(naive.run, ids, naive_dir))
-        rows["floor"].append(timed(run_floor, arrays, floor_dir))
+    ways = {"plain": (run_plain, model, ids), "capture": (run_capture, model, ids, out)}
+    ways["floor"] = (run_floor, arrays, floor_dir)
+    same = {}
+    for peer in peers.available(model):
+        folder = root / f"{peer.name}-{n}"
+        ways[peer.name] = (peer.run, ids, folder)
+        peer.run(ids, folder)  # warm-up, and its files compared with the capture's
+        same[peer.name] = peers.same_files(folder, out, model.config.num_hidden_layers)
+    run_floor(arrays, floor_dir)
+    names = list(ways)
+    rows: dict[str, list[tuple[float, float]]] = {k: [] for k in names}
+    for r in range(repeats):
+        for k in names[r % len(names) :] + names[: r % len(names)]:
+            fn, *args = ways[k]
+            rows[k].append(timed(fn, *args))
     med = {k: statistics.median(w for w, _ in v) for k, v in rows.items()}
     cpu = {k: statistics.median(c for _, c in v) for k, v in rows.items()}
     spread = {k: (min(w for w, _ in v), max(w for w, _ in v)) for k, v in rows.items()}
     nbytes = sum(a.nbytes for a in arrays)
-    shutil.rmtree(naive_dir, ignore_errors=True), shutil.rmtree(floor_dir, ignore_errors=True)
+    for k in names:
+        if k not in ("plain", "capture"):
+            shutil.rmtree(root / f"{k}-{n}", ignore_errors=True)
     return {
         "seq_len": n,
         "bytes": nbytes,
         "median": med,
         "cpu": cpu,
         "spread": spread,
+        "same_bytes": same,
         "dir": str(out),
-        "b_over_a_plus_d": med["capture"] / (med["plain"] + med["floor"]),
-        "b_over_c": med["capture"] / med["naive"],
+        "target": med["capture"] / (med["plain"] + med["floor"]),  # issue 17: <= 1.25
+        "over_plain": {k: med[k] / med["plain"] for k in names},
         "capture_mb_s": nbytes / 1e6 / med["capture"],
         "floor_mb_s": nbytes / 1e6 / med["floor"],
         "layer_bytes": activation_bytes(model, n),
@@ -401,26 +378,20 @@ def print_report(rep: dict) -> None:
         f"{' '.join(f'{x:.2f}' for x in m['load_avg_start'])} -> {' '.join(f'{x:.2f}' for x in m['load_avg_end'])}"
     )
     print("seconds are medians (wall); ratios of medians; MB/s = unique bytes written / median")
-    head = (
-        f"{'model':<8} {'seq':>5} {'MB':>6} {'(a)plain':>9} {'(b)capt':>9} {'(c)naive':>9} {'(d)floor':>9} "
-        f"{'b/(a+d)':>8} {'b/c':>6} {'capt MB/s':>9} {'+RSS MB':>8} {'layers':>6}"
-    )
-    print(head)
-    print("-" * len(head))
     for name, e in rep["models"].items():
         for r in e["sizes"]:
-            med = r["median"]
-            rss = r.get("rss")
-            extra = (
-                f"{rss['added_over_plain'] / 1e6:>8.1f} {rss['added_over_plain'] / r['layer_bytes']:>6.2f}"
-                if rss
-                else f"{'':>8} {'':>6}"
-            )
+            med, rss = r["median"], r.get("rss")
+            ways = "  ".join(f"{k} {v:.3f}s ({r['over_plain'][k]:.2f}x)" for k, v in med.items())
+            print(f"{name} seq {r['seq_len']} ({r['bytes'] / 1e6:.0f} MB): {ways}")
             print(
-                f"{name:<8} {r['seq_len']:>5} {r['bytes'] / 1e6:>6.0f} {med['plain']:>9.3f} {med['capture']:>9.3f} "
-                f"{med['naive']:>9.3f} {med['floor']:>9.3f} {r['b_over_a_plus_d']:>8.2f} {r['b_over_c']:>6.2f} "
-                f"{r['capture_mb_s']:>9.0f} {extra}"
+                f"    capture / (plain + raw tofile) = {r['target']:.2f}; capture {r['capture_mb_s']:.0f} MB/s; "
+                f"peers' files equal zkllm-hf's: {r['same_bytes']}"
             )
+            if rss:
+                print(
+                    f"    added peak RSS over plain: {rss['added_over_plain'] / 1e6:.1f} MB "
+                    f"({rss['added_over_plain'] / r['layer_bytes']:.2f} layers)"
+                )
         v = e["validate"]
         print(
             f"{name:<8} validate(dir, model=model) on the longest capture: {v['seconds']:.3f} s, {v['mb_s']:.0f} MB/s"

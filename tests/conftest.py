@@ -50,6 +50,21 @@ def tiny_ids(n: int = 16, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, TINY["vocab_size"], (1, n), generator=g)
 
 
+def digest_column(meta) -> str:
+    """The manifest column holding its files' digests: the one its ``digest_algorithm`` names (a manifest
+    without the field was written before BLAKE3 and holds SHA-256)."""
+    return meta.get("digest_algorithm", "sha256")
+
+
+def digest_of(algorithm: str, data) -> str:
+    """A digest recomputed here with hashlib or the blake3 package, independently of zkllm_hf."""
+    import hashlib
+
+    import blake3
+
+    return blake3.blake3(bytes(data)).hexdigest() if algorithm == "blake3" else hashlib.sha256(bytes(data)).hexdigest()
+
+
 def count_hooks(model) -> int:
     """How many forward and pre-forward hooks the model's modules carry (torch keeps them in these dicts)."""
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())

@@ -65,7 +65,7 @@ MUTANTS = [
      "    if stat.S_ISLNK(st.st_mode):\n        raise OutputRefused(\n            f\"{what} is a symbolic link; plan",
      "    if False:\n        raise OutputRefused(\n            f\"{what} is a symbolic link; plan"),
     ("compare does not check the captured file's digest", "zkllm_hf/prove/compare.py",
-     'if len(data) != int(row["byte_size"]) or digest != row["sha256"]:', "if False:"),
+     'if len(data) != int(row["byte_size"]) or digest != want:', "if False:"),
     ("the fingerprint hashes bitsandbytes' transient 4-bit packing", "zkllm_hf/provenance.py",
      'if cls == "Params4bit" and getattr(weight, "quant_state", None) is not None:', "if False:"),
     ("the loader does not check the metadata readers rely on", "zkllm_hf/validate.py",

@@ -394,7 +394,7 @@ def test_asynchronous_path_writes_the_same_capture(tmp_path, monkeypatch):
     _asynchronous_everywhere(monkeypatch)
     deferred, _ = run_capture(model, tmp_path / "deferred")
     a, b = zkllm_hf.load_capture(tmp_path / "direct"), zkllm_hf.load_capture(tmp_path / "deferred")
-    cols = ["file", "sha256", "int_min", "int_max", "check", "max_dev_lsb", "max_dev_ratio"]
+    cols = ["file", "sha256", "blake3", "int_min", "int_max", "check", "max_dev_lsb", "max_dev_ratio"]
     assert a.manifest.select(cols).to_pylist() == b.manifest.select(cols).to_pylist()
     assert [(c.check, c.layer, c.passed, c.max_ratio) for c in direct.checks] == [
         (c.check, c.layer, c.passed, c.max_ratio) for c in deferred.checks

@@ -340,3 +340,26 @@ def test_resume_refuses_units_made_with_another_thread_count(tiny_dir, tmp_path)
     assert {u.metadata["runtime"]["torch_threads"] for u in zkllm_hf.load_capture(out)} == {1}
     same = zkllm_hf.capture_dataset(model, tok, prompts, out, layers="0-1", threads=1)
     assert same.captured == [] and same.reused == [0, 1] and zkllm_hf.validate(out).ok
+
+
+def test_a_sha256_dataset_is_kept_only_by_a_sha256_run(tiny_dir, tmp_path):
+    """digest="sha256": every unit's files and the index are SHA-256 (recomputed here with hashlib); a run
+    with the default BLAKE3 refuses the units, naming the digest, and a sha256 run keeps them."""
+    import hashlib
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model, tok = AutoModelForCausalLM.from_pretrained(tiny_dir), AutoTokenizer.from_pretrained(tiny_dir)
+    prompts = [{"id": 0, "text": "the quick fox"}, {"id": 1, "text": "zero knowledge"}]
+    out = tmp_path / "ds"
+    assert zkllm_hf.capture_dataset(model, tok, prompts, out, layers="0-1", digest="sha256").captured == [0, 1]
+    table, meta = read_manifest(out / "manifest.arrow")
+    assert meta["digest_algorithm"] == "sha256"
+    for r in table.to_pylist():
+        assert r["sha256"] == hashlib.sha256((out / r["file"]).read_bytes()).hexdigest() and r["blake3"] is None
+    before = stamp(out)
+    with pytest.raises(FileExistsError, match="digest 'sha256', this run has 'blake3'"):
+        zkllm_hf.capture_dataset(model, tok, prompts, out, layers="0-1")
+    assert stamp(out) == before
+    same = zkllm_hf.capture_dataset(model, tok, prompts, out, layers="0-1", digest="sha256")
+    assert same.captured == [] and same.reused == [0, 1] and zkllm_hf.validate(out, model=model).ok

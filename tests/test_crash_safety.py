@@ -112,6 +112,7 @@ def test_a_replaced_capture_never_looks_finished_while_it_is_deleted(tmp_path, m
         zkllm_hf.load_capture(old)
     monkeypatch.undo()
     capture(model, out, layers="2", overwrite=True)  # the next capture of this target removes it
+    writer_mod.wait_for_deletions()  # the capture layers="2" replaced is deleted in the background
     assert hidden(tmp_path) == []
 
 

@@ -3,7 +3,6 @@ judging the files as written (exact sums, norms widened by the recorded drift)."
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 from pathlib import Path
 
@@ -11,11 +10,12 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import make_tiny, tiny_ids
+from conftest import digest_column, digest_of, make_tiny, tiny_ids
 from test_validate import rewrite_manifest
 
 import zkllm_hf
 from zkllm_hf.contracts import ContractViolation, contracts_root
+from zkllm_hf.manifest import read_manifest
 from zkllm_hf.validate import load_capture
 
 
@@ -72,12 +72,13 @@ def test_validate_holds_exact_int_sums_to_zero_tolerance(pristine, model, tmp_pa
         data = np.fromfile(cap / name, dtype=np.int32)
         data[10] += 1
         data.tofile(cap / name)
-        digest = hashlib.sha256(data.tobytes()).hexdigest()
+        column = digest_column(read_manifest(cap / "manifest.arrow")[1])
+        digest = digest_of(column, data.tobytes())
 
-        def edit(rows, name=name, digest=digest, data=data):
+        def edit(rows, name=name, digest=digest, data=data, column=column):
             for r in rows:
                 if r["file"] == name:
-                    r["sha256"] = digest
+                    r[column] = digest
                     r["int_min"], r["int_max"] = int(data.min()), int(data.max())
 
         rewrite_manifest(cap, edit_rows=edit, keep_digest=True)
@@ -178,7 +179,7 @@ def test_exact_int_writes_the_same_capture_on_the_asynchronous_path(model, tmp_p
     with torch.no_grad(), zkllm_hf.capture(model, tmp_path / "deferred", residuals="exact-int"):
         model(ids)
     a, b = load_capture(tmp_path / "direct"), load_capture(tmp_path / "deferred")
-    cols = ["file", "sha256", "int_min", "int_max", "max_dev_lsb"]
+    cols = ["file", "sha256", "blake3", "int_min", "int_max", "max_dev_lsb"]
     assert a.manifest.select(cols).to_pylist() == b.manifest.select(cols).to_pylist()
     assert a.metadata["residuals"] == b.metadata["residuals"]
     assert zkllm_hf.validate(tmp_path / "deferred", model=model).ok

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import hashlib
-
 import pytest
 import torch
-from conftest import make_tiny, tiny_ids
+from conftest import digest_of, make_tiny, tiny_ids
 from test_capture import run_capture
 from test_validate import rewrite_manifest
 
 import zkllm_hf
-from zkllm_hf.provenance import FINGERPRINT_ALGORITHM, weights_fingerprint
+from zkllm_hf import provenance
+from zkllm_hf.provenance import FINGERPRINT_ALGORITHM, cached_fingerprint, weights_fingerprint
 
 
 def _bnb_model(folder, kind: str, **kw):
@@ -88,23 +87,104 @@ def test_quantized_fingerprint_sees_a_changed_weight(kind, kw, after_forward, tm
         assert weights_fingerprint(model) != before, change
 
 
-def _old_fingerprint(model) -> str:
-    """The fingerprint as FINGERPRINT_ALGORITHM defined it before quantized weights were canonicalised,
-    recomputed here from model.state_dict() (independent of zkllm_hf.provenance)."""
+def _old_fingerprint(model, algorithm: str = "sha256") -> str:
+    """The fingerprint as FINGERPRINT_ALGORITHM defined it before quantized weights were canonicalised (v2,
+    sha256; v3 is the same lines under blake3), recomputed here from model.state_dict() (independent of
+    zkllm_hf.provenance)."""
     lines = []
     for name, t in sorted(model.state_dict().items()):
         flat = t.detach().contiguous().reshape(-1)
-        digest = hashlib.sha256(flat.view(torch.uint8).numpy() if flat.numel() else b"").hexdigest()
+        digest = digest_of(algorithm, flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
         lines.append(f"{name}|{t.dtype}|{list(t.shape)}|{digest}")
-    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+    return digest_of(algorithm, "\n".join(lines).encode())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("tied", [False, True])
 def test_unquantized_fingerprint_keeps_its_definition(dtype, tied):
-    """An unquantized model's fingerprint is what it always was, so captures made before stay valid."""
+    """An unquantized model's fingerprint is what it always was (v2, under sha256), so captures made before
+    stay valid; the default v3 is the same definition under blake3."""
     model = make_tiny(dtype=dtype, tie_word_embeddings=tied)
-    assert weights_fingerprint(model) == _old_fingerprint(model)
+    assert weights_fingerprint(model, digest="sha256") == _old_fingerprint(model, "sha256")
+    assert weights_fingerprint(model) == _old_fingerprint(model, "blake3")
+
+
+def test_a_capture_made_before_blake3_validates_with_its_model(tiny, tmp_path):
+    """A capture whose fingerprint is v2 (sha256, as every capture before 1.5) is checked under v2."""
+    run_capture(tiny, tmp_path / "cap")
+
+    def older(meta):
+        meta["model"]["weights_fingerprint_algorithm"] = provenance.FINGERPRINT_ALGORITHMS["sha256"]
+        meta["model"]["weights_fingerprint"] = _old_fingerprint(tiny, "sha256")
+
+    rewrite_manifest(tmp_path / "cap", edit_meta=older, keep_digest=True)
+    report = zkllm_hf.validate(tmp_path / "cap", model=tiny)
+    assert report.ok, str(report)
+    assert "weights_fingerprint" in {r.check for r in report.results if r.passed}
+
+
+def _counting(monkeypatch) -> list[int]:
+    calls: list[int] = []
+    full = provenance.weights_fingerprint
+
+    def counted(*a, **k):
+        calls.append(1)
+        return full(*a, **k)
+
+    monkeypatch.setattr(provenance, "weights_fingerprint", counted)
+    return calls
+
+
+def test_the_fingerprint_is_reused_while_the_parameters_are_unchanged(monkeypatch):
+    model = make_tiny()
+    calls = _counting(monkeypatch)
+    first = cached_fingerprint(model)
+    assert first == (_old_fingerprint(model, "blake3"), "full") and len(calls) == 1
+    assert cached_fingerprint(model) == (first[0], "cached") and len(calls) == 1
+    assert cached_fingerprint(model, mode="full") == (first[0], "full") and len(calls) == 2
+    assert cached_fingerprint(model, digest="sha256") == (_old_fingerprint(model, "sha256"), "full")
+
+
+def test_an_in_place_update_invalidates_the_fingerprint():
+    """``p.add_(1)`` under no_grad bumps the parameter's version counter: the cache recomputes."""
+    model = make_tiny()
+    before, _ = cached_fingerprint(model)
+    with torch.no_grad():
+        next(model.parameters()).add_(1)
+    after, how = cached_fingerprint(model)
+    assert how == "full" and after != before and after == _old_fingerprint(model, "blake3")
+
+
+def test_load_state_dict_invalidates_the_fingerprint():
+    model, other = make_tiny(seed=0), make_tiny(seed=1)
+    before, _ = cached_fingerprint(model)
+    model.load_state_dict(other.state_dict())
+    after, how = cached_fingerprint(model)
+    assert how == "full" and after != before and after == _old_fingerprint(other, "blake3")
+
+
+def test_a_reassigned_parameter_invalidates_the_fingerprint():
+    """A new tensor in the parameter's place (another storage) is seen even at version 0."""
+    model = make_tiny()
+    before, _ = cached_fingerprint(model)
+    layer = model.model.layers[0].mlp.up_proj
+    layer.weight = torch.nn.Parameter(layer.weight.detach().clone() * 2)
+    after, how = cached_fingerprint(model)
+    assert how == "full" and after != before and after == _old_fingerprint(model, "blake3")
+
+
+def test_the_manifest_records_how_the_fingerprint_was_made(tiny, tmp_path, monkeypatch):
+    calls = _counting(monkeypatch)
+    modes = []
+    for name, kw in (("a", {}), ("b", {}), ("c", {"fingerprint": "full"})):
+        with torch.no_grad(), zkllm_hf.capture(tiny, tmp_path / name, **kw):
+            tiny(tiny_ids())
+        meta = zkllm_hf.load_capture(tmp_path / name).metadata["model"]
+        modes.append(meta["weights_fingerprint_mode"])
+        assert meta["weights_fingerprint"] == _old_fingerprint(tiny, "blake3")
+    assert modes == ["full", "cached", "full"] and len(calls) == 2
+    with pytest.raises(ValueError, match="fingerprint='sometimes'"):
+        zkllm_hf.capture(tiny, tmp_path / "d", fingerprint="sometimes")
 
 
 def test_4bit_capture_validates_with_the_model_that_made_it(tmp_path):
@@ -134,3 +214,14 @@ def test_a_fingerprint_made_by_another_algorithm_is_named_as_such(tiny, tmp_path
     assert "an older zkllm-hf" in failure.message and FINGERPRINT_ALGORITHM in failure.message
     assert "\n" not in failure.message
     assert {f.check for f in report.failures} == {"weights_fingerprint"}
+
+
+def test_inference_tensors_are_hashed_every_time():
+    """Defect: a model holding an inference tensor (made under torch.inference_mode, as bitsandbytes' CPU
+    repacking does in a forward) crashed the cache ("Inference tensors do not track version counter"). Such a
+    tensor can change without a trace, so nothing is cached for it."""
+    model = make_tiny()
+    with torch.inference_mode():
+        model.register_buffer("made_in_inference", torch.ones(3))
+    assert cached_fingerprint(model)[1] == "full"
+    assert cached_fingerprint(model) == (_old_fingerprint(model, "blake3"), "full")

@@ -409,7 +409,7 @@ def test_forward_after_the_last_step_is_dropped(tiny, tmp_path):
         assert not (tmp_path / "extra" / f"sample-{r}" / f"step-{n}").exists()
     a, b = zkllm_hf.load_capture(tmp_path / "extra"), zkllm_hf.load_capture(tmp_path / "plain")
     assert [u["folder"] for u in a.metadata["units"]] == [u["folder"] for u in b.metadata["units"]]
-    assert a.manifest.column("sha256").to_pylist() == b.manifest.column("sha256").to_pylist()
+    assert a.manifest.column("blake3").to_pylist() == b.manifest.column("blake3").to_pylist()
     assert a.metadata["generation"]["steps"] == b.metadata["generation"]["steps"]
     assert zkllm_hf.validate(tmp_path / "extra", model=tiny).ok
 
@@ -634,7 +634,7 @@ def test_two_processors_in_one_generate(tiny, tmp_path):
     assert hooks_gone(tiny, before)
     a, b = zkllm_hf.load_capture(tmp_path / "steps"), zkllm_hf.load_capture(tmp_path / "solo")
     assert sorted(a.units) == sorted(b.units)
-    assert a.manifest.column("sha256").to_pylist() == b.manifest.column("sha256").to_pylist()
+    assert a.manifest.column("blake3").to_pylist() == b.manifest.column("blake3").to_pylist()
     assert sorted(zkllm_hf.load_capture(tmp_path / "full").units) == [(0, 0), (1, 0)]
     assert zkllm_hf.validate(tmp_path / "full", model=tiny).ok and zkllm_hf.validate(tmp_path / "steps").ok
 

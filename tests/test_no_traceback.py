@@ -297,7 +297,7 @@ def test_any_resealed_index_error_is_one_line(pristine, capsys, data):
 
 # The manifest's rows: what zkllm-hf writes in every column (docs/architecture.md §3).
 NOT_NULL = ["sample", "step", "phase", "layer", "point", "file", "rows", "cols", "dtype", "scale_log2", "byte_size",
-            "sha256", "source_dtype", "int_min", "int_max", "headroom", "hf_module", "hook"]
+            "blake3", "source_dtype", "int_min", "int_max", "headroom", "hf_module", "hook"]  # blake3: the digest
 AT_LEAST = {"rows": 1, "cols": 1, "byte_size": 0, "layer": 0, "sample": 0, "step": 0}
 
 

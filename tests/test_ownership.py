@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import digest_column, digest_of
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_capture_dataset import files, prompts_file, run, single  # noqa: F401 (fixtures)
@@ -22,7 +23,7 @@ import zkllm_hf
 from zkllm_hf.cli import main
 from zkllm_hf.dataset import check_out_dir, read_prompts
 from zkllm_hf.manifest import build_table, read_manifest, write_manifest
-from zkllm_hf.writer import check_target, sha256_file
+from zkllm_hf.writer import check_target
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
@@ -296,16 +297,19 @@ def test_the_gate_runs_the_same_dataset_checks(copy, tiny_dir, prompts_file, mon
 
 
 def forge(unit: Path, name: str) -> None:
-    """Change a unit's .bin and re-record its sha256 and range in the unit manifest, re-sealed."""
+    """Change a unit's .bin and re-record its digest and range in the unit manifest, re-sealed."""
     path = unit / name
     codes = np.fromfile(path, dtype="<i4")
     codes[: len(codes) // 2] += 1000
     codes.astype("<i4").tofile(path)
 
+    column = digest_column(read_manifest(unit / "manifest.arrow")[1])
+
     def rows_edit(rows):
         for r in rows:
             if r["file"] == name or r["alias_of"] == name:
-                r.update(sha256=sha256_file(path), int_min=int(codes.min()), int_max=int(codes.max()))
+                r.update({column: digest_of(column, path.read_bytes())})
+                r.update(int_min=int(codes.min()), int_max=int(codes.max()))
         return rows
 
     reseal(unit / "manifest.arrow", rows_edit=rows_edit)

@@ -18,12 +18,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_tiny, tiny_ids
+from conftest import digest_column, digest_of, make_tiny, tiny_ids
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import zkllm_hf
 from zkllm_hf.cli import main
+from zkllm_hf.manifest import read_manifest
 from zkllm_hf.points import POINTS
 
 MARK = b"# zkllm-hf plan sha256:"
@@ -332,7 +333,8 @@ def test_compare_checks_the_captured_file_against_the_manifest(cap, tmp_path, ca
     shutil.copyfile(target, tmp_path / "z.bin")
     assert compare(tmp_path / "z.bin", target, cap) == 1
     line = one_line(capsys)
-    assert str(target) in line and "sha256" in line and "validate" in line
+    algorithm = digest_column(read_manifest(cap / "manifest.arrow")[1])
+    assert str(target) in line and algorithm in line and "validate" in line
     with open(target, "ab") as fh:  # and a longer file, whose size is wrong
         fh.write(b"\0\0\0\0")
     assert compare(tmp_path / "z.bin", target, cap) == 1
@@ -353,7 +355,8 @@ def test_compare_refuses_a_file_whose_manifest_row_was_edited_to_match(cap, tmp_
     shutil.copyfile(target, tmp_path / "z.bin")
     table, meta = read_manifest(cap / "manifest.arrow")
     rows = table.to_pylist()
-    next(r for r in rows if r["file"] == target.name)["sha256"] = hashlib.sha256(target.read_bytes()).hexdigest()
+    column = digest_column(meta)
+    next(r for r in rows if r["file"] == target.name)[column] = digest_of(column, target.read_bytes())
     new = pa.Table.from_pylist(rows, schema=table.schema).replace_schema_metadata(
         {METADATA_KEY: __import__("json").dumps(meta).encode()})
     write_manifest(new, cap / "manifest.arrow")

@@ -15,13 +15,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY, make_tiny, tiny_ids
+from conftest import TINY, digest_column, digest_of, make_tiny, tiny_ids
 
 import zkllm_hf
 from zkllm_hf.cli import main
 from zkllm_hf.manifest import build_table, read_manifest, write_manifest
 from zkllm_hf.points import POINTS_BY_NAME
-from zkllm_hf.writer import sha256_file
 
 LAST = TINY["num_hidden_layers"] - 1
 SEQ = 12
@@ -79,7 +78,7 @@ def reseal(folder: Path, edit_meta=None) -> None:
     rows = table.to_pylist()
     for r in rows:
         data = np.fromfile(folder / r["file"], dtype="<i4")
-        r["sha256"] = sha256_file(folder / r["file"])
+        r[digest_column(meta)] = digest_of(digest_column(meta), (folder / r["file"]).read_bytes())
         r["byte_size"] = data.nbytes
         r["int_min"], r["int_max"] = int(data.min()), int(data.max())
         r["headroom"] = max(-r["int_min"], r["int_max"]) / (2**31 - 1)

@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
-from conftest import make_tiny, tiny_ids
+from conftest import digest_column, make_tiny, tiny_ids
 
 import zkllm_hf
 from zkllm_hf.cli import main
@@ -73,7 +73,8 @@ def test_flipped_byte(cap, name):
     (cap / name).unlink()  # break a hard link, so only this name changes
     (cap / name).write_bytes(bytes(data))
     bad = failures(zkllm_hf.validate(cap), "integrity")
-    assert [f.file for f in bad] == [name] and "sha256" in bad[0].message
+    algorithm = digest_column(read_manifest(cap / "manifest.arrow")[1])
+    assert [f.file for f in bad] == [name] and algorithm in bad[0].message
 
 
 def test_truncated_file(cap):
@@ -133,7 +134,7 @@ def test_range_bounds_are_checked_both_ends(cap, field, delta):
 def test_edited_row_with_recomputed_digest_is_still_caught(cap):
     def edit(rows):
         row = next(r for r in rows if r["file"] == "layer-0-self-attn-activation.bin")
-        row["sha256"] = "0" * 64
+        row[digest_column(read_manifest(cap / "manifest.arrow")[1])] = "0" * 64
 
     rewrite_manifest(cap, edit, keep_digest=True)
     bad = failures(zkllm_hf.validate(cap))

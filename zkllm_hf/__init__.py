@@ -41,6 +41,9 @@ def capture(
     residuals: str = "model",
     tokenizer: Any = None,
     store_text: bool = True,
+    digest: str = "blake3",
+    fingerprint: str = "cached",
+    writers: int | None = None,
 ) -> CaptureSession:
     """Capture the next forward of ``model`` into ``out_dir`` as zkLLM ``.bin`` files.
 
@@ -51,6 +54,11 @@ def capture(
     stream derived in int32 from the sublayer outputs, so that zkLLM's skip steps reproduce it bit for bit; the
     default, ``"model"``, writes the model's own values. ``tokenizer`` (the one the ids came from) is recorded by
     its fingerprint, and each unit's prompt is stored as text, decoded from its ids, unless ``store_text=False``.
+    ``digest`` is the files', the manifest's and the
+    weights fingerprint's hash: ``"blake3"`` (fast, the default) or ``"sha256"`` (for tools that need it).
+    ``fingerprint="full"`` recomputes the weights fingerprint even when this process computed it for the
+    same, unchanged parameters (``"cached"``, the default, reuses it; the manifest records which).
+    ``writers`` is the number of writer threads (hash and write); by default 1 on the CPU, more on a GPU.
     """
     return CaptureSession(
         model,
@@ -66,6 +74,9 @@ def capture(
         residuals=residuals,
         tokenizer=tokenizer,
         store_text=store_text,
+        digest=digest,
+        fingerprint=fingerprint,
+        writers=writers,
     )
 
 

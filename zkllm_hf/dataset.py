@@ -35,6 +35,7 @@ from . import provenance
 from .contracts import load_contract
 from .dataset_folder import check_out_dir, clear_work, discard, place_unit, prepare_out_dir, refuse_foreign
 from .dataset_index import write_index
+from .digests import check_digest
 from .engine import CaptureError
 from .hooks import find_layout
 from .manifest import remove_manifest
@@ -260,6 +261,8 @@ def capture_dataset(
     sampling: Mapping[str, Any] | None = None,
     seed: int | None = None,
     store_text: bool = True,
+    digest: str = "blake3",
+    fingerprint: str = "cached",
 ) -> DatasetResult:
     """Capture each prompt as a unit ``sample-{id}/`` under ``out_dir``, then write the dataset index.
 
@@ -285,29 +288,28 @@ def capture_dataset(
     ``top_k``), greedy without it; ``seed`` seeds torch's generator before each prompt's ``generate()``, so a
     sampled unit is the same whichever rank ran it. Both are recorded with each unit (``extra.dataset``).
     Each unit records ``tokenizer``'s fingerprint and its prompt (and generated) text, unless ``store_text=False``.
+    ``digest`` and ``fingerprint`` are as for :func:`zkllm_hf.capture` (the fingerprint is computed once per
+    rank and reused by each prompt's capture while the weights are unchanged).
     """
     t0 = time.perf_counter()
-    _check_options(threads=threads, generate=generate, mode=mode, pad_to=pad_to)
+    _check_options(threads=threads, generate=generate, mode=mode, pad_to=pad_to, digest=digest)
     parsed, source = as_prompts(prompts)
     out = Path(out_dir).absolute()
     ranks = _Ranks(_state(state, cpu=_device(model).type == "cpu"))
     batches = tokenize_prompts(model, tokenizer, parsed, generate=generate, pad_to=pad_to)
     capture_mode = "forward" if generate is None else mode
     run = _DatasetRun(
-        model,
-        tokenizer,
-        out,
-        parsed,
-        batches,
+        model, tokenizer, out, parsed, batches,
         generate=generate,
         mode=mode,
         pad_to=pad_to,
-        options=dict(layers=layers, scale_log2=scale_log2, residuals=residuals, **_text(tokenizer, store_text)),
+        options=_engine_options(layers, scale_log2, residuals, digest, fingerprint, tokenizer, store_text),
         extra_metadata=extra_metadata,
         threads=threads,
         asked=_asked(generate, capture_mode, pad_to, sampling, seed),
         fixed=_fixed_settings(
-            model, mode=capture_mode, layers=layers, scale_log2=scale_log2, residuals=residuals, threads=threads
+            model, mode=capture_mode, layers=layers, scale_log2=scale_log2, residuals=residuals, threads=threads,
+            digest=digest, fingerprint=fingerprint,
         ),
     )
     bar: _Progress | None = None
@@ -341,13 +343,19 @@ def _asked(
 def _device(model: nn.Module) -> torch.device:
     """Where the model's first placed parameter is (the CPU for a model all on the meta device)."""
     return next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
-def _text(tokenizer: Any, store_text: bool) -> dict[str, Any]:
-    """The engine options that record the tokenizer and the text."""
-    return {"tokenizer": tokenizer, "store_text": store_text}
 
 
-def _check_options(*, threads: int | None, generate: int | None, mode: str, pad_to: int | None) -> None:
+def _engine_options(
+    layers: Any, scale_log2: int, residuals: str, digest: str, fingerprint: str, tokenizer: Any, store_text: bool
+) -> dict[str, Any]:
+    """The options each prompt's capture engine gets (the tokenizer and text are recorded with each unit)."""
+    return dict(layers=layers, scale_log2=scale_log2, residuals=residuals, digest=digest, fingerprint=fingerprint,
+                tokenizer=tokenizer, store_text=store_text)
+
+
+def _check_options(*, threads: int | None, generate: int | None, mode: str, pad_to: int | None, digest: str) -> None:
     """Refuse a combination of options capture_dataset cannot run, naming the value and the fix."""
+    check_digest(digest)
     if (problem := threads_problem(threads)) is not None:
         raise ValueError(problem)
     problem = generation_problem(generate, None if mode == "prefill" else mode, pad_to)
@@ -363,10 +371,13 @@ def _fixed_settings(
     scale_log2: int,
     residuals: str,
     threads: int | None,
+    digest: str = "blake3",
+    fingerprint: str = "cached",
 ) -> dict[str, Any]:
     """What every unit of this run shares whatever its prompt (a unit on disk is kept only if it matches)."""
     layer_list = _layer_list(model, layers)
-    info = provenance.model_info(model)  # the weights fingerprint, once per rank
+    info = provenance.model_info(model, fingerprint=False, digest=digest)
+    info["weights_fingerprint"] = provenance.cached_fingerprint(model, digest=digest, mode=fingerprint)[0]
     return run_settings(
         contract=load_contract("v1").identity,
         mode=mode,
@@ -375,6 +386,7 @@ def _fixed_settings(
         residuals=residuals,
         threads=threads if threads is not None else torch.get_num_threads(),
         model_info=info,
+        digest=digest,
     )
 
 

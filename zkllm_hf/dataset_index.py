@@ -102,7 +102,7 @@ def _current_units(
 def _common_metadata(first: Mapping[str, Any], dataset: Mapping[str, Any]) -> dict[str, Any]:
     """The index's metadata: what every unit shares (from the first), and the dataset's own record."""
     extra = {k: v for k, v in (first.get("extra") or {}).items() if k != "dataset"}
-    common = {k: first[k] for k in ("contract", "versions", "model", "tokenizer") if k in first}
+    common = {k: first[k] for k in ("contract", "digest_algorithm", "versions", "model", "tokenizer") if k in first}
     common["capture"] = dict(first["capture"], created_utc=provenance.utc_now())
     common["extra"] = extra
     if "generation" in first:  # the generation config; prompt_length, steps and rows are each unit's own

@@ -31,7 +31,7 @@ from .manifest_rows import common_metadata, ran_with
 from .options import CaptureOptions, residuals_dtype_problem
 from .points import POINTS, CapturePoint
 from .replay_record import ForwardLog
-from .sink import Sink, staging_sink
+from .sink import Sink, staging_sink, writer_count
 from .unit import PHASES, UnitRecorder
 from .writer import StagingDir, check_target
 
@@ -60,6 +60,21 @@ def _refuse_replicas(model: Any) -> None:
         raise TypeError(f"capture needs a torch.nn.Module (a HF model), got {type(model).__name__}")
 
 
+def _resolved_options(
+    model: nn.Module, mode: str, options: CaptureOptions | None, kwargs: dict[str, Any]
+) -> CaptureOptions:
+    """The engine's options: given, or built from the keyword arguments; refused before any hook or forward
+    when the residual mode cannot run in the model's dtype (with the fix)."""
+    if options is None:
+        options = CaptureOptions.build(lambda: len(find_layout(model).layers), mode=mode, **kwargs)
+    elif kwargs:
+        raise TypeError(f"pass options or keyword arguments, not both ({', '.join(kwargs)})")
+    problem = residuals_dtype_problem(options.residuals, getattr(model, "dtype", None))
+    if problem is not None:
+        raise ValueError(problem)
+    return options
+
+
 class CaptureEngine:
     """Hooks on one model and the units of one capture. Adapters give it a planner and say when to commit.
 
@@ -81,14 +96,7 @@ class CaptureEngine:
         _refuse_replicas(model)
         self.model = model
         self.out_dir = Path(out_dir)
-        if options is None:
-            options = CaptureOptions.build(lambda: len(find_layout(model).layers), mode=mode, **kwargs)
-        elif kwargs:
-            raise TypeError(f"pass options or keyword arguments, not both ({', '.join(kwargs)})")
-        self.options = options
-        problem = residuals_dtype_problem(options.residuals, getattr(model, "dtype", None))
-        if problem is not None:  # refused before any hook or forward, with the fix
-            raise ValueError(problem)
+        self.options = options = _resolved_options(model, mode, options, kwargs)
         self.layout = find_layout(model)
         self.layers = list(options.layers)
         self._make_sink = sink
@@ -104,7 +112,7 @@ class CaptureEngine:
         self._fwd: Forward | None = None
         self._broken: str | None = None
         self._thread = threading.get_ident()
-        self._fingerprint: Future[str] | None = None  # the weights fingerprint, started with the first forward
+        self._fingerprint: Future[tuple[str, str]] | None = None  # (fingerprint, how), from the first forward
         self._runtime: list[dict[str, Any]] = []  # provenance.runtime() at each captured forward, distinct ones
         self._bar = None
         self.forward_log = ForwardLog()  # every forward's inputs, for the units' replay metadata
@@ -144,7 +152,11 @@ class CaptureEngine:
     def sink(self) -> Sink:
         """Where the units' codes go: the staging folder (made on first use), or the sink given."""
         if self._sink is None:
-            make = self._make_sink or (lambda: staging_sink(self.out_dir, overwrite=self.options.overwrite))
+            o = self.options
+            writers = writer_count(self.model, o.writers)
+            make = self._make_sink or (
+                lambda: staging_sink(self.out_dir, overwrite=o.overwrite, digest=o.digest, writers=writers)
+            )
             self._sink = make()
         return self._sink
 
@@ -281,13 +293,14 @@ class CaptureEngine:
         if any(t.device.type == "meta" for t in tensors) or provenance.has_bnb_layers(self.model):
             return
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zkllm-fingerprint")
-        self._fingerprint = pool.submit(provenance.weights_fingerprint, self.model)
+        self._fingerprint = pool.submit(self.weights_fingerprint, now=True)
         pool.shutdown(wait=False)
 
-    def weights_fingerprint(self) -> str:
-        """The fingerprint of the weights the capture ran with (started with the first forward, if it could)."""
-        if self._fingerprint is None:
-            return provenance.weights_fingerprint(self.model)
+    def weights_fingerprint(self, *, now: bool = False) -> tuple[str, str]:
+        """``(fingerprint, "cached" or "full")`` of the weights the capture ran with (started with the first
+        forward, if it could; reused from earlier in this process while the parameters are unchanged)."""
+        if now or self._fingerprint is None:
+            return provenance.cached_fingerprint(self.model, digest=self.options.digest, mode=self.options.fingerprint)
         return self._fingerprint.result()
 
     def _on_model_output(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
@@ -361,7 +374,7 @@ class CaptureEngine:
         self.forward_log.assign(units)
         hidden = units[0].hidden or 0
         ran = ran_with(self._runtime, self.model)
-        common = common_metadata(self.model, self.options, ran, self.weights_fingerprint(), hidden)
+        common = common_metadata(self.model, self.options, ran, *self.weights_fingerprint(), hidden=hidden)
         gated = gate_units(
             units,
             written,

@@ -173,7 +173,7 @@ def _gate_unit(
     as validate reads it back (the rows in manifest order, the metadata through JSON), and its file checks."""
     skip = frozenset() if flat else frozenset({"manifest_schema"})
     subject = CaptureSubject(
-        table.to_pylist(), table, table_metadata(table), root / u.folder, model, lambda: fingerprint, u.failures
+        table.to_pylist(), table, table_metadata(table), root / u.folder, model, lambda _: fingerprint, u.failures
     )
     capture_checks = run_capture_checks(contract, subject, skip=skip)
     file_checks = run_file_checks(contract, root / u.folder, rows)

@@ -14,6 +14,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from .digests import digest_bytes, manifest_algorithm
 from .metadata import decode_metadata
 
 FORMAT_VERSION = 1
@@ -33,7 +34,8 @@ SCHEMA = pa.schema(
         pa.field("dtype", pa.string(), nullable=False),
         pa.field("scale_log2", pa.int32(), nullable=False),
         pa.field("byte_size", pa.int64(), nullable=False),
-        pa.field("sha256", pa.string(), nullable=False),
+        pa.field("sha256", pa.string()),  # the file's digest, under the manifest's digest_algorithm:
+        pa.field("blake3", pa.string()),  # exactly one of the two is filled (captures before 1.5: sha256 only)
         pa.field("source_dtype", pa.string(), nullable=False),
         pa.field("int_min", pa.int32(), nullable=False),
         pa.field("int_max", pa.int32(), nullable=False),
@@ -46,10 +48,13 @@ SCHEMA = pa.schema(
     ]
 )
 COLUMNS = tuple(SCHEMA.names)
+OPTIONAL_COLUMNS = ("blake3",)  # absent from manifests written before BLAKE3; read as null
+REQUIRED_COLUMNS = tuple(c for c in COLUMNS if c not in OPTIONAL_COLUMNS)
 
 
 def rows_digest(rows: Iterable[Mapping[str, Any]], metadata: Mapping[str, Any]) -> str:
-    """SHA-256 over the rows and the metadata (less this digest), in a canonical JSON form."""
+    """The digest (the metadata's ``digest_algorithm``; SHA-256 without one) over the rows and the metadata
+    (less this digest), in a canonical JSON form."""
     meta = {k: v for k, v in metadata.items() if k != "manifest_digest"}
     canon = json.dumps(
         {"rows": [dict(r) for r in rows], "metadata": meta},
@@ -58,7 +63,7 @@ def rows_digest(rows: Iterable[Mapping[str, Any]], metadata: Mapping[str, Any]) 
         default=str,
         allow_nan=True,
     )
-    return hashlib.sha256(canon.encode()).hexdigest()
+    return digest_bytes(manifest_algorithm(metadata), canon.encode())
 
 
 SIDECAR_NAME = "capture.json"  # the metadata as a plain JSON file, beside every manifest
@@ -89,7 +94,8 @@ def build_table(rows: list[dict[str, Any]], metadata: dict[str, Any]) -> pa.Tabl
     """The manifest table, rows sorted by (sample, step, layer, file), with its digest in the metadata. The
     metadata records the ``capture.json`` that :func:`write_manifest` writes beside it (name and SHA-256), so
     the manifest's digest covers that file too."""
-    rows = sorted(rows, key=lambda r: (r["sample"], r["step"], r["layer"], r["file"]))
+    full = ({**dict.fromkeys(OPTIONAL_COLUMNS), **r} for r in rows)  # every column, as the table reads back
+    rows = sorted(full, key=lambda r: (r["sample"], r["step"], r["layer"], r["file"]))
     meta = dict(metadata, format_version=FORMAT_VERSION)
     meta["sidecar"] = {"file": SIDECAR_NAME, "sha256": hashlib.sha256(sidecar_bytes(meta)).hexdigest()}
     meta["manifest_digest"] = rows_digest(rows, meta)

@@ -44,7 +44,8 @@ def unit_rows(
             "dtype": "int32",
             "scale_log2": options.scale_log2,
             "byte_size": w.byte_size,
-            "sha256": w.sha256,
+            "sha256": w.sha256 if w.algorithm == "sha256" else None,  # the column named by the digest
+            "blake3": w.sha256 if w.algorithm == "blake3" else None,
             "source_dtype": str(rec.dtype).removeprefix("torch."),
             "int_min": rec.int_min,
             "int_max": rec.int_max,
@@ -129,16 +130,25 @@ def ran_with(seen: Sequence[Mapping[str, Any]], model: nn.Module) -> dict[str, A
 
 
 def common_metadata(
-    model: nn.Module, options: CaptureOptions, ran: Mapping[str, Any], fingerprint: str, hidden: int
+    model: nn.Module,
+    options: CaptureOptions,
+    ran: Mapping[str, Any],
+    fingerprint: str,
+    how: str = "full",
+    *,
+    hidden: int,
 ) -> dict[str, Any]:
-    """The metadata every unit of a capture shares: contract, versions, runtime, model, capture settings."""
+    """The metadata every unit of a capture shares: contract, digest, versions, runtime, model, capture
+    settings. ``how`` says whether the fingerprint was computed now ("full") or reused ("cached")."""
     return {
         "contract": options.contract.identity,
+        "digest_algorithm": options.digest,  # the files' column, the manifest digest, the fingerprint
         "versions": provenance.versions(),
         "runtime": dict(ran),
         "model": {
-            **provenance.model_info(model, fingerprint=False),
+            **provenance.model_info(model, fingerprint=False, digest=options.digest),
             "weights_fingerprint": fingerprint,
+            "weights_fingerprint_mode": how,
             "attn_implementation": ran["attn_implementation"],  # the one that ran, not the one now
         },
         "tokenizer": provenance.tokenizer_info(options.tokenizer),

@@ -17,6 +17,7 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from .digests import DIGESTS
 from .errors import MetadataError
 
 INT32_MAX = 2**31 - 1
@@ -146,6 +147,8 @@ _COMMON: tuple[tuple[str, bool, Rule], ...] = (
     ("capture.mode", True, _str(nonempty=True)),
     ("capture.created_utc", True, _str()),
     ("capture.residuals", False, _one_of(*RESIDUAL_MODES)),
+    ("digest_algorithm", False, _one_of(*DIGESTS)),  # absent before BLAKE3: sha256
+    ("model.weights_fingerprint_mode", False, _one_of("cached", "full")),
     ("model", True, OBJECT),
     ("model.class", True, _str()),
     ("model.dtype", True, _str()),
@@ -283,6 +286,14 @@ def check_metadata(meta: Mapping[str, Any], where: str) -> None:
         _check_fields(meta, (("units", True, ARRAY),), where)
 
 
+def _digest_column(table: Any) -> str:
+    """The column that holds a manifest's file digests: blake3 where any row has one, else sha256."""
+    names = table.column_names
+    if "blake3" in names and table.column("blake3").null_count < len(table):
+        return "blake3"
+    return "sha256"
+
+
 _POSITIVE_COLUMNS = ("rows", "cols")  # a file of zero rows or columns is never written
 _NON_NEGATIVE_COLUMNS = ("sample", "step", "layer", "byte_size")
 
@@ -307,6 +318,13 @@ def check_columns(table: Any, where: str) -> None:
             row = column.to_pylist().index(None)
             raise MetadataError(
                 f"{where}: manifest column '{spec.name}' is null in row {row}; zkllm-hf always writes it: {FIX}",
+                field=spec.name,
+            )
+        if spec.name == _digest_column(table) and column.null_count:  # every file has its digest
+            row = column.to_pylist().index(None)
+            raise MetadataError(
+                f"{where}: manifest column '{spec.name}' is null in row {row}; zkllm-hf writes every file's digest: "
+                f"{FIX}",
                 field=spec.name,
             )
         low = 1 if spec.name in _POSITIVE_COLUMNS else 0 if spec.name in _NON_NEGATIVE_COLUMNS else None

@@ -14,9 +14,11 @@ from typing import Any
 
 from . import fixed_point as fp
 from .contracts import RESIDUAL_MODES, Contract, load_contract
+from .digests import DEFAULT_DIGEST, check_digest
 from .points import parse_layers
 
-__all__ = ["GENERATE_MODES", "PADDABLE_MODES", "CaptureOptions", "check_residuals", "generation_problem",
+__all__ = ["GENERATE_MODES", "PADDABLE_MODES", "CaptureOptions", "check_fingerprint", "check_residuals",
+           "generation_problem",
            "residuals_dtype_problem", "resolve_layers", "threads_problem"]
 
 PADDABLE_MODES = frozenset({"forward", "full", "evaluate", "predict"})  # can the user pad these forwards?
@@ -86,6 +88,15 @@ def check_residuals(residuals: str) -> str:
     return residuals
 
 
+def check_fingerprint(fingerprint: Any, *, flag: bool = False) -> str:
+    """``fingerprint`` if it is a fingerprint mode ("cached" reuses this process's while the parameters are
+    unchanged, "full" recomputes it), else a ValueError naming the choices."""
+    if fingerprint not in ("cached", "full"):
+        said = f"--fingerprint {fingerprint}" if flag else f"fingerprint={fingerprint!r}"
+        raise ValueError(f"{said}: one of 'cached' (reuse it while the weights are unchanged) or 'full' (recompute)")
+    return fingerprint
+
+
 def resolve_layers(layers: Sequence[int] | str | None, num_layers: int) -> list[int]:
     """The sorted layer indices of ``layers`` (None: all; a spec such as ``"0-3,7"``; or indices), each
     checked against ``num_layers``; an empty choice is refused."""
@@ -113,6 +124,9 @@ class CaptureOptions:
     extra_metadata: Mapping[str, Any] = field(default_factory=dict)
     tokenizer: Any = field(default=None, compare=False, repr=False)  # the tokens' tokenizer: its fingerprint, text
     store_text: bool = True  # record each unit's prompt (and generated) text, decoded by ``tokenizer``
+    digest: str = DEFAULT_DIGEST  # the files', the manifest's and the fingerprint's digest: blake3 or sha256
+    fingerprint: str = "cached"  # "full" recomputes the weights fingerprint even if this process has it
+    writers: int | None = None  # writer threads (hash and write); None: 1 on the CPU, several on a GPU
 
     @property
     def paddable(self) -> bool:
@@ -135,12 +149,19 @@ class CaptureOptions:
         residuals: str = "model",
         tokenizer: Any = None,
         store_text: bool = True,
+        digest: str = DEFAULT_DIGEST,
+        fingerprint: str = "cached",
+        writers: int | None = None,
     ) -> CaptureOptions:
         """The options of the keyword arguments the entry points take, checked in this order: scale, contract,
         residual mode, then the layers against ``num_layers`` (an int, or a function asked only then)."""
         scale = fp.check_scale(scale_log2)
         loaded = load_contract(contract)
         check_residuals(residuals)
+        check_digest(digest)
+        check_fingerprint(fingerprint)
+        if writers is not None and (isinstance(writers, bool) or not isinstance(writers, int) or writers < 1):
+            raise ValueError(f"writers={writers!r}; a number of writer threads of at least 1, or None for the default")
         n = num_layers() if callable(num_layers) else num_layers
         return cls(
             mode=mode,
@@ -154,4 +175,7 @@ class CaptureOptions:
             extra_metadata=dict(extra_metadata or {}),
             tokenizer=tokenizer,
             store_text=bool(store_text),
+            digest=digest,
+            fingerprint=fingerprint,
+            writers=writers,
         )

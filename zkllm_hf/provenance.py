@@ -8,6 +8,8 @@ import hashlib
 import json
 import os
 import platform
+import threading
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from typing import Any
@@ -15,20 +17,32 @@ from typing import Any
 import torch
 from torch import nn
 
+from .digests import DEFAULT_DIGEST, check_digest, digest_bytes
 from .version import __version__
 from .weights import read_tensor
 
-FINGERPRINT_ALGORITHM = (
-    "v2: sha256(name|dtype|shape|sha256(bytes)) over the state dict, sorted by name; a bitsandbytes 4-bit or "
-    "8-bit weight as its float32 dequantized values (4-bit absmax at bfloat16), its quant-state entries skipped"
+_CANON = (
+    "over the state dict, sorted by name; a bitsandbytes 4-bit or 8-bit weight as its float32 dequantized values "
+    "(4-bit absmax at bfloat16), its quant-state entries skipped"
 )
+FINGERPRINT_ALGORITHMS = {  # by the capture's digest; a manifest records the definition it was made by
+    "blake3": f"v3: blake3(name|dtype|shape|blake3(bytes)) {_CANON}",
+    "sha256": f"v2: sha256(name|dtype|shape|sha256(bytes)) {_CANON}",
+}
+FINGERPRINT_ALGORITHM = FINGERPRINT_ALGORITHMS[DEFAULT_DIGEST]
+FINGERPRINT_MODES = ("cached", "full")
 
 
-def _tensor_digest(t: torch.Tensor) -> str:
+def fingerprint_digest(algorithm: Any) -> str | None:
+    """The digest a recorded fingerprint algorithm uses, or None for one this zkllm-hf does not compute."""
+    return next((d for d, a in FINGERPRINT_ALGORITHMS.items() if a == algorithm), None)
+
+
+def _tensor_digest(t: torch.Tensor, digest: str) -> str:
     flat = t.detach().to("cpu").contiguous().reshape(-1)
     if flat.numel() == 0:
-        return hashlib.sha256(b"").hexdigest()
-    return hashlib.sha256(flat.view(torch.uint8).numpy()).hexdigest()
+        return digest_bytes(digest, b"")
+    return digest_bytes(digest, flat.view(torch.uint8).numpy())
 
 
 def _materialize(model: nn.Module, name: str, t: torch.Tensor) -> torch.Tensor:
@@ -129,19 +143,19 @@ def _entries(model: nn.Module) -> list[tuple[str, Any]]:
     return out
 
 
-def _digest(t: Any) -> str:
-    return _tensor_digest(t.values() if isinstance(t, _Dequantized) else t)
+def _digest(t: Any, digest: str) -> str:
+    return _tensor_digest(t.values() if isinstance(t, _Dequantized) else t, digest)
 
 
-def weights_fingerprint(model: nn.Module, *, threads: int | None = None) -> str:
-    """SHA-256 fingerprint of every tensor in ``model.state_dict()``, in a stable (sorted) order.
+def weights_fingerprint(model: nn.Module, *, threads: int | None = None, digest: str = DEFAULT_DIGEST) -> str:
+    """The fingerprint of every tensor in ``model.state_dict()``, in a stable (sorted) order, under ``digest``
+    (BLAKE3 by default, :data:`FINGERPRINT_ALGORITHMS` names each definition; ``"sha256"`` is the v2 one).
 
-    Each distinct tensor is hashed once (tied weights share one digest; threads share the work, as hashlib
-    releases the GIL), then the sorted lines ``name|dtype|shape|digest`` are hashed. Nothing is cached
-    between calls: a tensor's address and version counter do not prove its bytes are unchanged. Cost is one
-    pass over the weights at SHA-256 speed, about 1.6 GB/s per core (3.1 GB/s on 2 cores for SmolLM2's
-    538 MB of distinct tensors, 0.17 s): a 7B model in bf16 (13.5 GB) takes about 4 s on 2 cores, 1-2 s
-    on 8, plus the copy to host memory for weights on a GPU.
+    Each distinct tensor is hashed once (tied weights share one digest; threads share the work, as both
+    hashes release the GIL), then the sorted lines ``name|dtype|shape|digest`` are hashed. Nothing is cached
+    here (:func:`cached_fingerprint` reuses a result while the parameters are provably untouched). Cost is
+    one pass over the weights: SHA-256 runs at about 1.6 GB/s per core, BLAKE3 at several times that, plus
+    the copy to host memory for weights on a GPU.
 
     A bitsandbytes 4-bit or 8-bit weight is defined by what it means, not by how bitsandbytes packs it at
     the moment: its line is ``name|bnb-4bit[quant_type,blocksize]->float32|shape|digest`` (or ``bnb-8bit``)
@@ -157,11 +171,77 @@ def weights_fingerprint(model: nn.Module, *, threads: int | None = None) -> str:
     unique: dict[tuple[Any, ...], Any] = {}
     for _, t in items:
         unique.setdefault(_identity(t), t)
+    check_digest(digest)
     workers = threads or min(8, os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        digests = dict(zip(unique, pool.map(_digest, unique.values())))
+        digests = dict(zip(unique, pool.map(lambda t: _digest(t, digest), unique.values())))
     lines = [f"{name}|{_dtype(t)}|{list(t.shape)}|{digests[_identity(t)]}" for name, t in items]
-    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+    return digest_bytes(digest, "\n".join(lines).encode())
+
+
+# The fingerprint cache: one result per (model, digest), kept while parameter_signature(model) is unchanged.
+_CACHE: weakref.WeakKeyDictionary[nn.Module, dict[str, tuple[tuple[Any, ...], str]]] = weakref.WeakKeyDictionary()
+_CACHE_LOCK = threading.Lock()
+
+
+def _signature_of(name: str, t: Any) -> tuple[Any, ...]:
+    if isinstance(t, _Dequantized):  # the packed codes and every quant-state tensor, by identity and version
+        weight = t.module.weight
+        qs = getattr(weight, "quant_state", None)
+        parts = [weight, getattr(qs, "absmax", None), getattr(weight, "SCB", None)]
+        parts.append(getattr(getattr(t.module, "state", None), "SCB", None))
+        return (name, t.kind, id(weight), id(qs), *(_tensor_key(p) for p in parts))
+    return (name, *_tensor_key(t))
+
+
+class _Unprovable(Exception):
+    """A tensor whose changes the signature cannot see (an inference tensor has no version counter)."""
+
+
+def _tensor_key(t: Any) -> tuple[Any, ...]:
+    if not isinstance(t, torch.Tensor):
+        return (None,)
+    if t.is_inference():  # written in place under inference_mode without a trace: never cached
+        raise _Unprovable
+    return (str(t.device), t.data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), str(t.dtype), t._version)
+
+
+def parameter_signature(model: nn.Module) -> tuple[Any, ...] | None:
+    """What the cache compares: each state-dict entry's name, device, storage pointer and offset, shape,
+    stride, dtype and version counter (a bitsandbytes weight: its codes' and quant state's, by identity).
+    None where that proves nothing: weights on the meta device (offloaded: their bytes live where this
+    cannot see) or inference tensors (made under ``torch.inference_mode``: no version counter)."""
+    out = []
+    for name, t in _entries(model):
+        if isinstance(t, torch.Tensor) and t.device.type == "meta":
+            return None
+        if isinstance(t, (torch.Tensor, _Dequantized)):
+            try:
+                out.append(_signature_of(name, t))
+            except _Unprovable:
+                return None
+    return tuple(out)
+
+
+def cached_fingerprint(
+    model: nn.Module, *, digest: str = DEFAULT_DIGEST, mode: str = "cached", threads: int | None = None
+) -> tuple[str, str]:
+    """``(fingerprint, how)``: the fingerprint computed earlier in this process for this model and digest
+    if :func:`parameter_signature` shows the parameters unchanged since (``how`` is ``"cached"``), else a
+    full computation (``"full"``; ``mode="full"`` always computes). See docs/architecture.md §2 for what the
+    signature proves and what it does not."""
+    if mode not in FINGERPRINT_MODES:
+        raise ValueError(f"fingerprint={mode!r}; one of {', '.join(FINGERPRINT_MODES)} ('full' recomputes it)")
+    before = parameter_signature(model)
+    with _CACHE_LOCK:
+        hit = _CACHE.get(model, {}).get(digest)
+    if mode == "cached" and before is not None and hit is not None and hit[0] == before:
+        return hit[1], "cached"
+    value = weights_fingerprint(model, threads=threads, digest=digest)
+    if before is not None and parameter_signature(model) == before:  # nothing moved while it was hashed
+        with _CACHE_LOCK:
+            _CACHE.setdefault(model, {})[digest] = (before, value)
+    return value, "full"
 
 
 def _dtype(t: Any) -> str:
@@ -199,15 +279,15 @@ def quantization_info(model: nn.Module) -> dict[str, Any] | None:
     return _jsonable(data)
 
 
-def model_info(model: nn.Module, *, fingerprint: bool = True) -> dict[str, Any]:
+def model_info(model: nn.Module, *, fingerprint: bool = True, digest: str = DEFAULT_DIGEST) -> dict[str, Any]:
     config = getattr(model, "config", None)
     return {
         "class": type(model).__name__,
         "name_or_path": getattr(config, "_name_or_path", None) or getattr(model, "name_or_path", None),
         "model_type": getattr(config, "model_type", None),
         "config_sha256": config_sha256(config),
-        "weights_fingerprint": weights_fingerprint(model) if fingerprint else None,
-        "weights_fingerprint_algorithm": FINGERPRINT_ALGORITHM,
+        "weights_fingerprint": cached_fingerprint(model, digest=digest)[0] if fingerprint else None,
+        "weights_fingerprint_algorithm": FINGERPRINT_ALGORITHMS[digest],
         "dtype": str(getattr(model, "dtype", None)).removeprefix("torch."),
         "quantization": quantization_info(model),
         # where the weights came from, as zkllm_hf.models records it in a converted GGUF's config (else None)

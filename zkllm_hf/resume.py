@@ -38,6 +38,7 @@ def run_settings(
     residuals: str,
     threads: int,
     model_info: Mapping[str, Any],
+    digest: str = "blake3",
 ) -> dict[str, Any]:
     """What this run's units share whatever the prompt (the fields of :func:`unit_settings` but the prompt)."""
     return {
@@ -47,6 +48,7 @@ def run_settings(
         "scale_log2": scale_log2,
         "residuals": residuals,
         "threads": threads,
+        "digest": digest,  # the files' digests and the weights fingerprint are made by it
         "model": {k: model_info.get(k) for k in MODEL_KEYS},
     }
 
@@ -70,6 +72,7 @@ def unit_settings(meta: Mapping[str, Any]) -> dict[str, Any]:
         "scale_log2": capture.get("scale_log2"),
         "residuals": capture.get("residuals", "model"),
         "threads": (meta.get("runtime") or {}).get("torch_threads"),  # float32 bytes depend on it
+        "digest": meta.get("digest_algorithm", "sha256"),  # absent before BLAKE3
         "model": {k: model.get(k) for k in MODEL_KEYS},
     }
 

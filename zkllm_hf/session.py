@@ -38,9 +38,13 @@ class CaptureSession:
         options: CaptureOptions | None = None,
         tokenizer: Any = None,
         store_text: bool = True,
+        digest: str = "blake3",
+        fingerprint: str = "cached",
+        writers: int | None = None,
     ):
         """``options`` (a :class:`~zkllm_hf.options.CaptureOptions` of mode ``"forward"``) replaces ``layers``,
-        ``scale_log2``, ``overwrite``, ``progress``, ``extra_metadata``, ``contract``, ``residuals``, ``tokenizer``
+        ``scale_log2``, ``overwrite``, ``progress``, ``extra_metadata``, ``contract``, ``residuals``, ``digest``,
+        ``fingerprint``, ``writers``, ``tokenizer``
         and ``store_text``."""
         if options is None:
             self.engine = CaptureEngine(
@@ -56,6 +60,9 @@ class CaptureSession:
                 residuals=residuals,
                 tokenizer=tokenizer,
                 store_text=store_text,
+                digest=digest,
+                fingerprint=fingerprint,
+                writers=writers,
             )
         else:
             self.engine = CaptureEngine(model, out_dir, options=options)

@@ -1,7 +1,7 @@
 """The engine's output stage: a :class:`Sink` takes each unit's int32 codes, a layer at a time, then its end.
 
 Two sinks: :func:`staging_sink`, the atomic staging folder a capture writes today
-(:class:`~zkllm_hf.writer.StagingDir`: one ordered writer thread, a byte-bounded queue, PARTIAL marker,
+(:class:`~zkllm_hf.writer.StagingDir`: ordered writer threads, a byte-bounded queue, PARTIAL marker,
 flock, atomic rename at commit), and :class:`MemorySink`, which keeps the codes per (unit, layer, point) in
 memory and writes nothing (to replay a capture and compare it with the files).
 """
@@ -18,7 +18,7 @@ import numpy as np
 from .points import POINTS
 from .writer import StagingDir
 
-__all__ = ["MemorySink", "Sink", "point_of_file", "staging_sink"]
+__all__ = ["GPU_WRITERS", "MemorySink", "Sink", "point_of_file", "staging_sink", "writer_count"]
 
 
 class Sink(Protocol):
@@ -42,9 +42,23 @@ class Sink(Protocol):
         """Drop everything."""
 
 
-def staging_sink(out_dir: str | os.PathLike[str], *, overwrite: bool = False) -> StagingDir:
+def staging_sink(
+    out_dir: str | os.PathLike[str], *, overwrite: bool = False, digest: str = "blake3", writers: int = 1
+) -> StagingDir:
     """The sink of a capture written to disk: the staging folder beside ``out_dir``."""
-    return StagingDir(out_dir, overwrite=overwrite)
+    return StagingDir(out_dir, overwrite=overwrite, digest=digest, writers=writers)
+
+
+GPU_WRITERS = 4  # writer threads on a GPU, where the host is otherwise idle (at most the CPU count)
+
+
+def writer_count(model: Any, asked: int | None) -> int:
+    """The writer threads of a capture: as asked, else 1 on the CPU (the forward needs its cores) and
+    :data:`GPU_WRITERS` on a GPU, so hashing and writing are not bound by one core."""
+    if asked is not None:
+        return asked
+    on_gpu = any(p.device.type == "cuda" for p in model.parameters())
+    return min(GPU_WRITERS, os.cpu_count() or 1) if on_gpu else 1
 
 
 _FILE_PATTERNS = [

@@ -32,7 +32,7 @@ from .contracts import (
 from .dtypes import SOURCE_DTYPES
 from .errors import CaptureNotFinished, UnsafeManifestError
 from .hooks import find_layout
-from .manifest import COLUMNS, read_manifest
+from .manifest import REQUIRED_COLUMNS, read_manifest
 from .metadata import MetadataError, check_columns, check_metadata
 from .points import POINTS
 from .trust import trusted_contract
@@ -175,7 +175,7 @@ def _load(path: Path, *, check_paths: bool) -> Capture | CaptureDataset:
         )
         raise CaptureNotFinished(f"'{path}' has no {MANIFEST_NAME}: not a finished capture ({why}); capture again")
     table, meta = read_manifest(manifest)
-    missing = [c for c in COLUMNS if c not in table.column_names]
+    missing = [c for c in REQUIRED_COLUMNS if c not in table.column_names]
     if missing:
         raise ValueError(
             f"{manifest}: the manifest lacks column(s) {missing}; it was not written by this zkllm-hf, or it "
@@ -348,7 +348,7 @@ def validate_folder(
         return ValidationReport(path, [CheckResult("manifest", False, str(exc))])
     assert isinstance(cap, Capture)
     if model is not None and fingerprint is None:
-        fingerprint = functools.cache(lambda: provenance.weights_fingerprint(model))
+        fingerprint = functools.cache(lambda digest: provenance.weights_fingerprint(model, digest=digest))
     return _validate_unit(cap, contract, scale, layers, model, progress=progress, fingerprint=fingerprint)
 
 
@@ -362,7 +362,7 @@ def _dataset_index(path: Path) -> tuple[pa.Table, dict[str, Any]] | None:
     if not (path / MANIFEST_NAME).is_file():
         return None
     table, meta = read_manifest(path / MANIFEST_NAME)
-    if meta.get("kind") != "dataset" or not all(c in table.column_names for c in COLUMNS):
+    if meta.get("kind") != "dataset" or not all(c in table.column_names for c in REQUIRED_COLUMNS):
         return None
     check_columns(table, str(path / MANIFEST_NAME))  # the index's columns and fields, before any
     check_metadata(meta, str(path / MANIFEST_NAME))  # reader uses them
@@ -483,7 +483,9 @@ def _validate_dataset(
     report = ValidationReport(path, results, meta, contract=contract)
     if any(r.check in contract.names_of("format_version") and r.failed for r in results):
         return report
-    fingerprint = functools.cache(lambda: provenance.weights_fingerprint(model)) if model is not None else None
+    fingerprint = None
+    if model is not None:
+        fingerprint = functools.cache(lambda digest: provenance.weights_fingerprint(model, digest=digest))
     entries = []
     for e in tqdm(_unit_entries(path, meta), desc="units", unit="unit", disable=None if progress else True):
         folder = e["folder"]

@@ -11,11 +11,10 @@ manifest it wrote lists, or its own pid-named staging, old, temp and lock entrie
 
 from __future__ import annotations
 
+import ctypes
 import glob
-import hashlib
 import logging
 import os
-import re
 import shutil
 import threading
 import uuid
@@ -27,19 +26,39 @@ from typing import Any
 
 import numpy as np
 
+from .digests import DEFAULT_DIGEST, check_digest, digest_file, hasher
 from .errors import TargetBusyError
+from .ownership import (  # noqa: F401 - the ownership rule, also importable from here as before
+    LEFTOVER,
+    STEP_DIR,
+    UNIT_DIR,
+    WORK,
+    foreign_files,
+    shown_paths,
+    zkllm_manifest,
+)
 
 logger = logging.getLogger(__name__)
 
 PARTIAL_MARKER = "PARTIAL"
-MANIFEST_NAME = "manifest.arrow"
+MANIFEST_NAME = "manifest.arrow"  # also ownership.MANIFEST_NAME
 
 
 @dataclass(frozen=True)
 class WrittenFile:
     name: str
-    sha256: str
+    digest: str
     byte_size: int
+    algorithm: str = DEFAULT_DIGEST
+
+    @property
+    def sha256(self) -> str:
+        """Deprecated (0.1.x): the digest, whatever its algorithm; read ``digest`` and ``algorithm``."""
+        return self.digest
+
+
+DURABILITY = ("append", "seal", "syncfs")  # when the staged bytes are made durable (docs in StagingDir)
+SYNC_THREADS = 4  # fdatasyncs in flight at once (durability "append"); bench/RESULTS.md measures the choice
 
 
 class TargetLock:
@@ -91,23 +110,59 @@ class TargetLock:
             self._fd = None
 
 
-_LEFTOVER = re.compile(r"\.zkllm-(staging|old|tmp)-(\d+)-[0-9a-f]+$")
-
-
 def leftover_name(target: Path, kind: str) -> Path:
     """A hidden sibling of ``target`` owned by this process: ``.NAME.zkllm-KIND-PID-RANDOM``."""
     return target.parent / f".{target.name}.zkllm-{kind}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
 
 
+_DELETING: dict[Path, threading.Thread] = {}  # replaced captures this process is deleting in the background
+_DELETING_LOCK = threading.Lock()
+
+
+def delete_in_background(old: Path) -> threading.Thread:
+    """Delete ``old`` (a pid-named ``.zkllm-old-`` entry, already marked unfinished) on a thread, off the
+    commit's critical path. Not a daemon: the interpreter waits for it at exit. If the process dies first,
+    the entry is a leftover by its name, which the next lock holder of the target removes."""
+
+    def run() -> None:
+        try:
+            shutil.rmtree(old, ignore_errors=True)
+        finally:
+            with _DELETING_LOCK:
+                _DELETING.pop(Path(os.path.realpath(old)), None)
+
+    thread = threading.Thread(target=run, name="zkllm-delete-old", daemon=False)
+    with _DELETING_LOCK:
+        _DELETING[Path(os.path.realpath(old))] = thread
+    thread.start()
+    return thread
+
+
+def wait_for_deletions(timeout: float | None = None) -> None:
+    """Wait for this process's background deletions of replaced captures to finish."""
+    with _DELETING_LOCK:
+        threads = list(_DELETING.values())
+    for t in threads:
+        t.join(timeout)
+
+
 def remove_leftovers(target: Path) -> list[Path]:
-    """Remove hidden leftovers of ``target`` whose process is gone (call it holding the target's lock)."""
+    """Remove hidden leftovers of ``target`` whose process is gone (call it holding the target's lock). A
+    replaced capture this process is deleting in the background is waited for, and removed only if that
+    thread left something."""
     target = Path(target).absolute()
     removed = []
     prefix = f".{target.name}.zkllm-"
     for entry in target.parent.glob(f"{glob.escape(prefix)}*"):
-        m = _LEFTOVER.search(entry.name)
+        m = LEFTOVER.search(entry.name)
         if not m:
             continue
+        with _DELETING_LOCK:
+            ours = _DELETING.get(Path(os.path.realpath(entry)))
+        if ours is not None:
+            ours.join()
+            if not entry.exists():
+                continue
         shutil.rmtree(entry, ignore_errors=True)
         removed.append(entry)
         logger.warning("removed %s, left by an interrupted zkllm-hf process (pid %s)", entry, m[2])
@@ -157,166 +212,42 @@ def check_target(out_dir: Path, overwrite: bool) -> None:
         )
 
 
-# --------------------------------------------------------------------------------------------------
-# Ownership: what zkllm-hf may replace or delete. By manifest, never by name.
-
-WORK = ".zkllm-work"  # capture_dataset's per-prompt engine targets, inside a dataset folder
-UNIT_DIR = re.compile(r"^sample-(\d+)$")
-STEP_DIR = re.compile(r"^step-(\d+)$")
-_LOCK_NAME = re.compile(r"^\..+\.zkllm-lock$")
-
-
-def shown_paths(names: list[str]) -> str:
-    """A few paths, then how many more."""
-    return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
-
-
-def zkllm_manifest(path: Path) -> tuple[Any, dict[str, Any]] | None:
-    """The table and metadata of ``path`` if it reads as a manifest zkllm-hf wrote, else None: a regular file,
-    an Arrow IPC file with every column of the schema, ``zkllm_hf`` metadata of this format version, and a
-    digest over rows and metadata that matches (edits are detected; it is not a signature)."""
-    from .manifest import COLUMNS, FORMAT_VERSION, read_manifest, rows_digest
-
-    try:
-        if path.is_symlink() or not path.is_file():
-            return None
-        table, meta = read_manifest(path)
-        if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
-            return None
-        if any(c not in table.column_names for c in COLUMNS):
-            return None
-        if rows_digest(table.to_pylist(), meta) != meta.get("manifest_digest"):
-            return None
-    except Exception:  # noqa: BLE001 - whatever fails to read as our manifest is simply not one
-        return None
-    return table, meta
-
-
-def _plain(name: Any) -> str | None:
-    """``name`` as a plain relative posix path inside its folder (no ``..``, not absolute), else None."""
-    if not isinstance(name, str) or not name or name.startswith("/") or "\\" in name:
-        return None
-    parts = [p for p in name.split("/") if p not in ("", ".")]
-    return "/".join(parts) if parts and ".." not in parts else None
-
-
-def _is_leftover(entry: os.DirEntry) -> bool:
-    """A pid-named staging, old or temp entry, or a target's lock file (each is zkllm-hf's by its name)."""
-    if entry.is_symlink() or not entry.name.startswith("."):
-        return False
-    if _LOCK_NAME.match(entry.name):
-        return entry.is_file()
-    return bool(_LEFTOVER.search(entry.name))
-
-
-def _claim(folder: Path, rel: str, files: set[str]) -> bool:
-    """Add to ``files`` what the zkllm-hf manifest in ``folder`` lists (a dataset index: its units, each by
-    its own manifest); False if ``folder`` holds no such manifest."""
-    found = zkllm_manifest(folder / MANIFEST_NAME)
-    if found is None:
-        return False
-    table, meta = found
-    files.add(rel + MANIFEST_NAME)
-    from .manifest import sidecar_name
-
-    if (name := sidecar_name(meta)) is not None:
-        files.add(rel + name)  # the capture.json the manifest records (and its digest covers)
-    if meta.get("kind") == "dataset":
-        for unit in meta.get("units") or []:
-            name = _plain(unit.get("folder")) if isinstance(unit, dict) else None
-            if name is not None:
-                _claim(folder / name, f"{rel}{name}/", files)
-        return True
-    for column in ("file", "alias_of"):
-        for name in table.column(column).to_pylist():
-            if (name := _plain(name)) is not None:
-                files.add(rel + name)
-    return True
-
-
-def _claim_unit(folder: Path, rel: str, files: set[str]) -> None:
-    """A unit folder ``sample-N``: its own manifest's, or (units of generation steps) its ``step-K`` folders'."""
-    if _claim(folder, rel, files):
-        return
-    for entry in os.scandir(folder):
-        if STEP_DIR.match(entry.name) and entry.is_dir(follow_symlinks=False):
-            _claim(Path(entry.path), f"{rel}{entry.name}/", files)
-
-
-def foreign_files(folder: Path, *, only: str | None = None) -> list[str]:
-    """Every path under ``folder`` that zkllm-hf does not own, relative to it (folders with a trailing ``/``,
-    named once as a whole when nothing in them is ours), sorted.
-
-    zkllm-hf owns a file only if a manifest it wrote lists it (:func:`zkllm_manifest`: right format,
-    metadata and digest): ``folder``'s own manifest, a dataset index's units by their own manifests, a unit
-    folder ``sample-N`` (or its ``step-K`` folders) by its manifest, and under the work folder ``.zkllm-work``
-    each capture by its manifest. Besides, a pid-named staging, old or temp entry and a lock file
-    (:func:`leftover_name`, :class:`TargetLock`) are its own. A unit folder without a manifest is foreign as
-    a whole (units are renamed into place complete), and so is any symlink. ``only`` limits the answer to one
-    entry of ``folder`` (and reads only that entry's manifests).
-    """
-    files: set[str] = set()
-    whole: set[str] = set()  # entries that are ours with all they hold
-    containers: set[str] = set()  # folders that are ours to look into, whatever they hold
-    if only is None:
-        _claim(folder, "", files)
-    for entry in os.scandir(folder):
-        if only is not None and entry.name != only:
-            continue
-        if _is_leftover(entry):
-            whole.add(entry.name)
-        elif entry.is_symlink() or not entry.is_dir():
-            continue
-        elif UNIT_DIR.match(entry.name):
-            _claim_unit(Path(entry.path), f"{entry.name}/", files)
-        elif entry.name == WORK:
-            containers.add(f"{WORK}/")
-            for sub in os.scandir(entry.path):
-                if _is_leftover(sub):
-                    whole.add(f"{WORK}/{sub.name}")
-                elif sub.is_dir(follow_symlinks=False):
-                    _claim(Path(sub.path), f"{WORK}/{sub.name}/", files)
-    dirs = set(containers)
-    for name in files:
-        parts = name.split("/")[:-1]
-        dirs.update("/".join(parts[: i + 1]) + "/" for i in range(len(parts)))
-    foreign: list[str] = []
-
-    def walk(path: Path, rel: str) -> None:
-        for entry in sorted(os.scandir(path), key=lambda e: e.name):
-            name = rel + entry.name
-            if (rel == "" and only is not None and entry.name != only) or name in whole:
-                continue
-            if entry.is_symlink():
-                foreign.append(name)
-            elif entry.is_dir():
-                if name + "/" in dirs:
-                    walk(Path(entry.path), name + "/")
-                else:
-                    foreign.append(name + "/")
-            elif name not in files:
-                foreign.append(name)
-
-    walk(folder, "")
-    return foreign
-
-
 class StagingDir:
     """A staging folder beside ``out_dir``; :meth:`commit` renames it into place, :meth:`abort` removes it.
 
     Files are named by their path relative to the staging folder (``layer-0-...bin`` for a flat capture,
-    ``sample-1/step-2/layer-0-...bin`` in a dataset). One background thread runs every write in the order
-    it was queued, so a file may be built by several :meth:`append_many` calls (a prompt prefilled in chunks)
-    and :meth:`remove` drops a folder only after the writes queued into it. At most ``max_in_flight_bytes``
-    of host copies wait for the disk (more only when one array alone is larger), which bounds memory.
+    ``sample-1/step-2/layer-0-...bin`` in a dataset). ``writers`` background threads run the writes; each file
+    belongs to one of them (given in turn as files first appear), which runs its writes in the order they were
+    queued, so a file may be built by several :meth:`append_many` calls (a prompt prefilled in chunks) and
+    :meth:`remove` drops a folder only after the writes queued into it, on every thread. At most
+    ``max_in_flight_bytes`` of host copies wait for the disk (more only when one array alone is larger), which
+    bounds memory. Each file is hashed (``digest``) as it is written.
+
+    Every file is durable before the commit's rename. ``durability`` says when: ``"append"`` (the default)
+    hands each file to a pool of sync threads as each write to it closes, which ``fdatasync`` it while the
+    forward and the writers go on (concurrent syncs share the filesystem's journal commits), so the commit
+    waits only for the syncs still running; ``"seal"`` fsyncs each file when its unit ends (one fsync per
+    file at commit, as before 1.5); ``"syncfs"`` makes one ``syncfs`` of the staging folder's filesystem at
+    commit (Linux; elsewhere it falls back to ``"seal"``). bench/RESULTS.md measures the three.
     """
 
     def __init__(
-        self, out_dir: str | os.PathLike[str], *, overwrite: bool = False, max_in_flight_bytes: int = 64 << 20
+        self,
+        out_dir: str | os.PathLike[str],
+        *,
+        overwrite: bool = False,
+        max_in_flight_bytes: int = 64 << 20,
+        digest: str = DEFAULT_DIGEST,
+        writers: int = 1,
+        durability: str = "append",
     ):
         self.out_dir = Path(out_dir).absolute()
         self.overwrite = overwrite
         self.max_in_flight_bytes = max_in_flight_bytes
+        self.digest = check_digest(digest)
+        if durability not in DURABILITY:
+            raise ValueError(f"durability={durability!r}; one of {', '.join(DURABILITY)}")
+        self.durability = "seal" if durability == "syncfs" and _syncfs() is None else durability
         check_target(self.out_dir, overwrite)
         self._lock = TargetLock(self.out_dir)  # fails fast if another capture writes there; cleans up dead ones
         try:
@@ -326,20 +257,39 @@ class StagingDir:
         except BaseException:
             self._lock.release()
             raise
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zkllm-writer")
+        self._pools = [
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"zkllm-writer-{i}") for i in range(max(1, writers))
+        ]
+        self._shard: dict[str, int] = {}  # file -> its writer thread; set by the capture's thread only
         self._budget = threading.Condition()
         self._in_flight = 0
         self._futures: list[Future[Any]] = []
-        self._hashes: dict[str, Any] = {}  # name -> running sha256; touched by the writer thread only
+        self._hashes: dict[str, Any] = {}  # name -> running digest; each touched by its file's writer thread only
+        self._barriers: list[threading.Barrier] = []  # removals waiting for every writer thread
+        self._syncer = ThreadPoolExecutor(max_workers=SYNC_THREADS, thread_name_prefix="zkllm-sync")
+        self._syncs: list[Future[Any]] = []  # each closed write's fdatasync (durability "append")
         self._closed = False
 
-    def _submit(self, fn: Callable[..., Any], *args: Any, nbytes: int = 0) -> Future[Any]:
+    @property
+    def writers(self) -> int:
+        return len(self._pools)
+
+    def _shard_of(self, name: str) -> int:
+        shard = self._shard.get(name)
+        if shard is None:
+            shard = self._shard[name] = len(self._shard) % len(self._pools)
+        return shard
+
+    def _reserve(self, nbytes: int) -> None:
         with self._budget:
             while self._in_flight and self._in_flight + nbytes > self.max_in_flight_bytes:
                 self._budget.wait()
             self._in_flight += nbytes
+
+    def _submit(self, fn: Callable[..., Any], *args: Any, nbytes: int = 0, shard: int = 0) -> Future[Any]:
+        """Queue ``fn(*args)`` on writer ``shard``; ``nbytes`` were reserved for it and are freed when it ends."""
         try:
-            fut = self._pool.submit(fn, *args)
+            fut = self._pools[shard].submit(fn, *args)
         except BaseException:
             self._release(nbytes)
             raise
@@ -352,6 +302,13 @@ class StagingDir:
             self._in_flight -= nbytes
             self._budget.notify_all()
 
+    def _groups(self, names: list[str]) -> dict[int, list[int]]:
+        """The positions of ``names`` by writer thread, in order."""
+        groups: dict[int, list[int]] = {}
+        for i, name in enumerate(names):
+            groups.setdefault(self._shard_of(name), []).append(i)
+        return groups
+
     def append_many(
         self,
         items: list[tuple[str, np.ndarray]],
@@ -360,12 +317,34 @@ class StagingDir:
         done: Callable[[], Any] | None = None,
     ) -> None:
         """Queue each ``(name, codes)``: int32 codes appended to the file ``name`` as raw little-endian C-order
-        bytes. One task for all of them (a layer's files): one hand-off to the writer thread.
+        bytes. One task per writer thread for all of them (a layer's files).
 
-        ``ready``, if given, has a ``synchronize()`` the writer calls before it reads the arrays (a CUDA event
-        after asynchronous copies into them); ``done()`` is called once they are written, or failed to be."""
+        ``ready``, if given, has a ``synchronize()`` each writer thread calls before it reads the arrays (a CUDA
+        event after asynchronous copies into them); ``done()`` is called once all are written, or failed to be."""
         data = [(name, np.ascontiguousarray(codes, dtype="<i4")) for name, codes in items]
-        self._submit(self._write_task, data, ready, done, nbytes=sum(d.nbytes for _, d in data))
+        groups = self._groups([name for name, _ in data])
+        self._reserve(sum(d.nbytes for _, d in data))
+        left = [len(groups)]
+        counted = threading.Lock()
+
+        def finished() -> None:
+            with counted:
+                left[0] -= 1
+                last = left[0] == 0
+            if last and done is not None:
+                done()
+
+        for k, (shard, idx) in enumerate(groups.items()):
+            part = [data[i] for i in idx]
+            nbytes = sum(d.nbytes for _, d in part)
+            try:
+                self._submit(self._write_task, part, ready, finished, nbytes=nbytes, shard=shard)
+            except BaseException:  # the groups not queued give their bytes back and count as finished
+                for _, rest in list(groups.items())[k + 1 :]:
+                    self._release(sum(data[i][1].nbytes for i in rest))
+                    finished()
+                raise
+        data.clear()
 
     def _write_task(self, items: list[tuple[str, np.ndarray]], ready: Any, done: Callable[[], Any] | None) -> None:
         try:
@@ -387,15 +366,19 @@ class StagingDir:
         path = self.path / name
         if name not in self._hashes:
             path.parent.mkdir(parents=True, exist_ok=True)
-            self._hashes[name] = hashlib.sha256()
+            self._hashes[name] = hasher(self.digest)
         with open(path, "ab") as fh:
             fh.write(view)
+        if self.durability == "append":
+            self._syncs.append(self._syncer.submit(_datasync_path, path))
         self._hashes[name].update(view)
 
-    def seal_many(self, items: list[tuple[str, tuple[str, ...]]]) -> Future[list[WrittenFile]]:
-        """Queue the end of each ``(name, aliases)`` (a unit's files), as one task: fsync the file, link each
-        alias (same folder) to it, and report its digest."""
-        return self._submit(self._seal_many, items)
+    def seal_many(self, items: list[tuple[str, tuple[str, ...]]]) -> list[Future[list[WrittenFile]]]:
+        """Queue the end of each ``(name, aliases)`` (a unit's files), one task per writer thread, each after
+        the writes of its files: make the file durable (unless already), link each alias (same folder) to it,
+        and report its digest."""
+        groups = self._groups([name for name, _ in items])
+        return [self._submit(self._seal_many, [items[i] for i in idx], shard=shard) for shard, idx in groups.items()]
 
     def _seal_many(self, items: list[tuple[str, tuple[str, ...]]]) -> list[WrittenFile]:
         return [self._seal(name, aliases) for name, aliases in items]
@@ -403,15 +386,20 @@ class StagingDir:
     def _seal(self, name: str, aliases: tuple[str, ...]) -> WrittenFile:
         path = self.path / name
         with open(path, "rb+") as fh:
-            os.fsync(fh.fileno())
+            if self.durability == "seal":
+                os.fsync(fh.fileno())
             size = fh.seek(0, os.SEEK_END)
         for alias in aliases:
             link_or_copy(path, path.with_name(alias))
-        return WrittenFile(name, self._hashes.pop(name).hexdigest(), size)
+        return WrittenFile(name, self._hashes.pop(name).hexdigest(), size, self.digest)
 
     def remove(self, folder: str) -> None:
-        """Queue the removal of a sub-folder, after every write already queued into it."""
-        self._submit(self._remove, folder)
+        """Queue the removal of a sub-folder, after every write already queued into it: a barrier on every
+        writer thread, so no thread writes past it before the folder is gone."""
+        barrier = threading.Barrier(len(self._pools), action=lambda: self._remove(folder))
+        self._barriers.append(barrier)
+        for shard in range(len(self._pools)):
+            self._submit(barrier.wait, shard=shard)
 
     def _remove(self, folder: str) -> None:
         prefix = folder.rstrip("/") + "/"
@@ -420,17 +408,34 @@ class StagingDir:
         shutil.rmtree(self.path / folder, ignore_errors=True)
 
     def wait(self) -> list[WrittenFile]:
-        """Wait for every queued task; re-raise the first failure. Returns the sealed files, in order."""
-        return [w for f in self._futures if isinstance(r := f.result(), list) for w in r]
+        """Wait for every queued task and every sync; re-raise the first failure. Returns the sealed files, in
+        order."""
+        written = [w for f in self._futures if isinstance(r := f.result(), list) for w in r]
+        for f in self._syncs:
+            f.result()
+        return written
+
+    def _shutdown(self, *, cancel: bool = False) -> None:
+        for pool in self._pools:
+            pool.shutdown(wait=True, cancel_futures=cancel)
+        self._syncer.shutdown(wait=True, cancel_futures=cancel)
+
+    def _make_durable(self) -> None:
+        """What the staging folder needs before the rename: the syncfs pass, if that is the mode, and every
+        folder's entries (the files', the aliases', the sub-folders')."""
+        if self.durability == "syncfs":
+            _syncfs()(self.path)
+        for folder, _, _ in os.walk(self.path):
+            fsync_dir(Path(folder))
 
     def commit(self, write_manifests: Callable[[Path], None]) -> Path:
         """Wait for the writes, let ``write_manifests(staging_path)`` write the manifests last, then move
-        the folder into place."""
+        the folder into place. A capture it replaces is renamed aside and deleted in the background."""
         self.wait()
-        self._pool.shutdown(wait=True)
+        self._shutdown()
         write_manifests(self.path)
         (self.path / PARTIAL_MARKER).unlink()
-        fsync_dir(self.path)
+        self._make_durable()
         check_target(self.out_dir, self.overwrite)  # the target may have changed during the forward
         old = None
         if self.out_dir.exists():
@@ -447,7 +452,7 @@ class StagingDir:
         if old is not None:  # unmark it first: a half-deleted old capture must never look finished
             (old / PARTIAL_MARKER).write_text("a replaced zkllm-hf capture being deleted\n")
             (old / MANIFEST_NAME).unlink(missing_ok=True)
-            shutil.rmtree(old, ignore_errors=True)
+            delete_in_background(old)
         self._lock.release()
         return self.out_dir
 
@@ -458,9 +463,44 @@ class StagingDir:
         self._closed = True
         for fut in self._futures:
             fut.cancel()
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        for barrier in self._barriers:  # a removal some threads reached, and cancelled tasks never will
+            barrier.abort()
+        self._shutdown(cancel=True)
         shutil.rmtree(self.path, ignore_errors=True)
         self._lock.release()
+
+
+def _datasync_path(path: Path) -> None:
+    """The file's data (and the size that reaches it) on disk: fdatasync, or fsync where there is none. A file
+    gone by then was removed with its unit (:meth:`StagingDir.remove`); one missing at commit fails the gate."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return
+    try:
+        (getattr(os, "fdatasync", None) or os.fsync)(fd)
+    finally:
+        os.close(fd)
+
+
+def _syncfs() -> Callable[[Path], None] | None:
+    """``syncfs`` of a path's filesystem (Linux, through libc), or None where there is none."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        call = libc.syncfs
+    except (OSError, AttributeError):
+        return None
+
+    def sync(path: Path) -> None:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            if call(fd) != 0:
+                err = ctypes.get_errno()
+                raise OSError(err, os.strerror(err), str(path))
+        finally:
+            os.close(fd)
+
+    return sync
 
 
 def fsync_dir(path: Path) -> None:
@@ -491,8 +531,4 @@ def link_or_copy(src: Path, dst: Path) -> None:
 
 def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 22) -> str:
     """SHA-256 of a file, read in chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+    return digest_file("sha256", path, chunk)

@@ -209,6 +209,8 @@ def _run(args: argparse.Namespace, loaded, batch, out: Path, ids, mask):
         "extra_metadata": extra_metadata(args, loaded),
         "tokenizer": loaded.tokenizer,
         "store_text": not getattr(args, "no_text", False),
+        "digest": args.digest,
+        "fingerprint": args.fingerprint,
     }
     if args.generate is not None:
         return _run_generate(args, loaded, batch, out, ids, mask, options)
@@ -363,6 +365,8 @@ def _run_dataset(args: argparse.Namespace, loaded):
             else None,
             seed=args.seed,
             store_text=not getattr(args, "no_text", False),
+            digest=args.digest,
+            fingerprint=args.fingerprint,
         )
     finally:
         if ours and distributed_up():

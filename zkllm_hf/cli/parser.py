@@ -237,6 +237,24 @@ def add_capture_options(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="do not store the prompt and generated text in the manifest (the token ids are stored either way)",
     )
+    _record_options(p)
+
+
+def _record_options(p: argparse.ArgumentParser) -> None:
+    """How the capture's digests and weights fingerprint are computed."""
+    p.add_argument(
+        "--digest",
+        choices=["blake3", "sha256"],
+        default="blake3",
+        help="the files', the manifest's and the weights fingerprint's hash: 'blake3' (default, fast) or 'sha256' "
+        "(for tools that need SHA-256)",
+    )
+    p.add_argument(
+        "--fingerprint",
+        choices=["cached", "full"],
+        default="cached",
+        help="'full' recomputes the weights fingerprint even if this process has it for unchanged weights",
+    )
 
 
 def _generation_options(p: argparse.ArgumentParser) -> None:

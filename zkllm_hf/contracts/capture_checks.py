@@ -27,7 +27,7 @@ class CaptureSubject:
     metadata: Mapping[str, Any]
     folder: Path | None = None  # where the files lie, to find files the manifest does not list
     model: Any = None
-    fingerprint: Callable[[], str] | None = None  # the model's weights fingerprint, computed at most once
+    fingerprint: Callable[[str], str] | None = None  # the model's weights fingerprint under a digest, once each
     fired: Sequence[CheckResult] = ()  # completeness failures the gate's hooks saw (points firing twice)
 
 
@@ -179,15 +179,16 @@ def _config(spec: CheckSpec, s: CaptureSubject, contract: Contract) -> list[Chec
 
 @register_check("weights_fingerprint", "capture")
 def _weights_fingerprint(spec: CheckSpec, s: CaptureSubject, contract: Contract) -> list[CheckResult]:
-    from ..provenance import FINGERPRINT_ALGORITHM, weights_fingerprint
+    from ..provenance import FINGERPRINT_ALGORITHM, fingerprint_digest, weights_fingerprint
 
-    now = s.fingerprint() if s.fingerprint is not None else weights_fingerprint(s.model)
     recorded = s.metadata.get("model", {}).get("weights_fingerprint")
     algorithm = s.metadata.get("model", {}).get("weights_fingerprint_algorithm")
+    digest = fingerprint_digest(algorithm) or "blake3"  # computed as the capture did (v2 sha256, v3 blake3)
+    now = s.fingerprint(digest) if s.fingerprint is not None else weights_fingerprint(s.model, digest=digest)
     ok = now == recorded
     if ok:
         message = ""
-    elif algorithm != FINGERPRINT_ALGORITHM:  # an unquantized model's fingerprint is the same in both: it matched
+    elif fingerprint_digest(algorithm) is None:  # an unquantized model's fingerprint is the same in both: it matched
         message = (
             f"the capture's weights fingerprint was made by algorithm {algorithm!r}, this zkllm-hf computes "
             f"{FINGERPRINT_ALGORITHM!r}; validate with the zkllm-hf that made the capture, or capture again"

@@ -55,8 +55,8 @@ def _dataset_index(
                     f"the index says {e['sample']}, {e['step']}",
                 )
             )
-        a = {(str(r["file"]).rpartition("/")[2], *(r[k] for k in keys)) for r in mine}
-        b = {(str(r["file"]), *(r[k] for k in keys)) for r in unit_rows}
+        a = {(str(r["file"]).rpartition("/")[2], *(r[k] for k in keys), r.get("blake3")) for r in mine}
+        b = {(str(r["file"]), *(r[k] for k in keys), r.get("blake3")) for r in unit_rows}
         results.append(index(a == b, f"{len(a ^ b)} file row(s) of {folder} differ between the index and the unit"))
     for folder, stray in sorted(by_unit.items()):
         results.append(

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import threading
 from collections.abc import Mapping, Sequence
@@ -14,6 +13,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from ..digests import digest_bytes, row_digest
 from .registry import entries_of, implementation, register_check
 from .spec import CheckResult, CheckSpec, Contract, row_place
 
@@ -27,9 +27,11 @@ def _integrity(
         return CheckResult(spec.name, False, problem or "file is unreadable", **where)
     if len(data) != row["byte_size"]:
         return CheckResult(spec.name, False, f"{len(data)} bytes, manifest says {row['byte_size']}", **where)
-    digest = hashlib.sha256(data).hexdigest()
-    if digest != row["sha256"]:
-        return CheckResult(spec.name, False, f"sha256 {digest[:12]}..., manifest says {row['sha256'][:12]}...", **where)
+    algorithm, want = row_digest(row)
+    digest = digest_bytes(algorithm, data)
+    if digest != want:
+        said = f"{algorithm} {digest[:12]}..., manifest says {str(want)[:12]}..."
+        return CheckResult(spec.name, False, said, **where)
     return CheckResult(spec.name, True, **where)
 
 

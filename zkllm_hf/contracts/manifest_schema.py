@@ -62,6 +62,17 @@ def register_manifest_checks() -> None:
 
     @extensions.register_check_method(statistics=[])
     def zkllm_alias_matches_primary(df: pd.DataFrame) -> pd.Series:
-        by_file = dict(zip(df["file"], df["sha256"]))
-        ok = [pd.isna(a) or by_file.get(a) == s for a, s in zip(df["alias_of"], df["sha256"])]
+        digests = list(zip(df["sha256"], _blake3(df)))
+        by_file = dict(zip(df["file"], digests))
+        ok = [pd.isna(a) or by_file.get(a) == d for a, d in zip(df["alias_of"], digests)]
         return pd.Series(ok, index=df.index)
+
+    @extensions.register_check_method(statistics=[])
+    def zkllm_one_digest(df: pd.DataFrame) -> pd.Series:
+        # each row carries one digest: sha256 (every capture before 1.5, or --digest sha256) or blake3
+        return df["sha256"].isna() != _blake3(df).isna()
+
+
+def _blake3(df: pd.DataFrame) -> pd.Series:
+    """The blake3 column, all null for a manifest written before it."""
+    return df["blake3"] if "blake3" in df else pd.Series([None] * len(df), index=df.index, dtype=object)

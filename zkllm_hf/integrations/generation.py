@@ -75,6 +75,8 @@ class CaptureLogitsProcessor(LogitsProcessor):
         residuals: str = "model",
         tokenizer: Any = None,
         store_text: bool = True,
+        digest: str = "blake3",
+        fingerprint: str = "cached",
     ):
         check_arguments(mode, pad_to)
         self.model = model
@@ -89,6 +91,8 @@ class CaptureLogitsProcessor(LogitsProcessor):
             residuals=residuals,
             tokenizer=tokenizer,
             store_text=store_text,
+            digest=digest,
+            fingerprint=fingerprint,
         )
         self.result: CaptureResult | None = None
         self._armed = False

@@ -3,7 +3,6 @@ whose result the captured file is (exactly, for every other point and for exact-
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import shlex
@@ -16,6 +15,7 @@ import numpy as np
 import torch
 
 from ..contracts import inside
+from ..digests import digest_bytes, row_digest
 from ..dtypes import SOURCE_DTYPES
 from ..fixed_point import sum_tolerance
 from ..manifest import rows_digest
@@ -136,12 +136,13 @@ def _captured_bytes(capture: Any, captured: Path, target: Path, row: dict[str, A
         data = target.read_bytes()
     except OSError as exc:
         return _input_error(f"cannot read {captured}: {exc.strerror or exc}")
-    digest = hashlib.sha256(data).hexdigest()
-    if len(data) != int(row["byte_size"]) or digest != row["sha256"]:
+    algorithm, want = row_digest(row)
+    digest = digest_bytes(algorithm, data)
+    if len(data) != int(row["byte_size"]) or digest != want:
         held = (
             f"holds {len(data)} bytes, the manifest says {row['byte_size']}"
             if len(data) != int(row["byte_size"])
-            else f"has sha256 {digest[:16]}..., the manifest says {str(row['sha256'])[:16]}..."
+            else f"has {algorithm} {digest[:16]}..., the manifest says {str(want)[:16]}..."
         )
         return Comparison(
             False,

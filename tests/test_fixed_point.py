@@ -624,12 +624,13 @@ def test_sum_deviation_large_float32_needs_ulp_tolerance():
 
 
 def hf_rmsnorm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-    """LlamaRMSNorm.forward, as in transformers."""
-    dtype = x.dtype
-    h = x.to(torch.float32)
-    v = h.pow(2).mean(-1, keepdim=True)
-    h = h * torch.rsqrt(v + eps)
-    return w * h.to(dtype)
+    """transformers' own LlamaRMSNorm, with weight ``w``, on ``x``."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    norm = LlamaRMSNorm(w.shape[-1], eps=eps).to(w.dtype)
+    with torch.no_grad():
+        norm.weight.copy_(w)
+        return norm(x)
 
 
 # Row magnitudes, in LSB of the chosen scale: from rows of a few dozen LSB up to millions of LSB. Below

@@ -183,7 +183,8 @@ def _script_of(cap: Path) -> str:
         from zkllm_hf.prove import Plan, write_script
 
         c = zkllm_hf.load_capture(cap)
-        _SCRIPTS[cap] = write_script(c, Plan(cap.resolve(), Path("/zk"), Path("/scratch"), 7, c.layers, []))
+        plan = Plan(cap.resolve(), Path("/zk"), Path("/scratch"), Path("/model"), "0" * 64, 3, 7, c.layers, [])
+        _SCRIPTS[cap] = write_script(c, plan)
     return _SCRIPTS[cap]
 
 
@@ -250,16 +251,13 @@ def test_the_script_refuses_a_scratch_folder_that_appeared_since(cap, tmp_path, 
     """Defect: the script ran `mkdir -p` on --scratch and wrote into whatever folder was there by then."""
     from zkllm_stub import install
 
-    from zkllm_hf.prove import LAYER_PARAMS
-
-    install(cap.parent / "zkllm", LAYER_PARAMS)  # a zkLLM stand-in: the script gets as far as writing logs
+    stub_env = install(cap.parent / "zkllm")  # a zkLLM stand-in: the script gets as far as writing logs
     out, scratch = tmp_path / "prove.sh", tmp_path / "scratch"
     assert plan(cap, out, "--scratch", str(scratch)) == 0
     scratch.mkdir()
     (scratch / "validate.log").write_bytes(b"mine\n")
     before = snapshot(scratch)
-    env = {**os.environ, "ZKLLM_STUB_LOG": str(tmp_path / "calls.jsonl"), "ZKLLM_STUB_HIDDEN": "64",
-           "ZKLLM_PYTHON": sys.executable}
+    env = {**os.environ, **stub_env, "ZKLLM_STUB_LOG": str(tmp_path / "calls.jsonl"), "ZKLLM_PYTHON": sys.executable}
     run = subprocess.run(["bash", str(out)], capture_output=True, text=True, cwd=tmp_path, env=env)
     assert run.returncode != 0 and "scratch" in run.stderr and str(scratch) in run.stderr
     assert snapshot(scratch) == before

@@ -236,9 +236,13 @@ def test_cli_plan_lists_captured_inputs(cap, tmp_path, capsys):
     assert main(["plan", str(spaced), "--zkllm-root", zk, "--force"]) == 0
     out, err = capsys.readouterr()
     q = lambda name: shlex.quote(str(spaced.resolve() / name))  # noqa: E731
-    assert f"--input_file {q('layer-2-ffn-activation.bin')}" in out
-    assert (f"--block_input_file {q('layer-1-post_attention-rmsnorm-activation.bin')} "
-            f"--block_output_file {q('layer-1-mlp-output.bin')}") in out
+    # zkLLM pastes its paths into shell commands unquoted: it gets them through a plain-named link, and the
+    # script checks each one by its own quoted path first
+    assert '--input_file "$LINKS/capture/layer-2-ffn-activation.bin"' in out
+    assert f"need {q('layer-2-ffn-activation.bin')}" in out
+    assert ('--block_input_file "$LINKS/capture/layer-1-post_attention-rmsnorm-activation.bin" '
+            '--block_output_file "$LINKS/capture/layer-1-mlp-output.bin"') in out
+    assert f"need {q('layer-1-post_attention-rmsnorm-activation.bin')} {q('layer-1-mlp-output.bin')}" in out
     assert "seq_len 16 is not a power of two" in err
     words = [w for ln in out.splitlines() if not ln.lstrip().startswith("#") for w in shlex.split(ln)]
     named = [w for w in words if w.startswith(str(spaced.resolve()))]  # the shell sees one word per path

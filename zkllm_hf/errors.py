@@ -90,6 +90,11 @@ class OutputRefused(ZkllmHfError, ValueError):
     """plan will not write its script (or let it write its outputs) there; the message names the path and the fix."""
 
 
+class ExportRefused(ZkllmHfError, ValueError):
+    """export-zkllm-model will not write the model folder zkLLM loads: the model given is not the captured one,
+    or cannot be proved as it is; the message names it and the fix."""
+
+
 class PlanRefused(ZkllmHfError, ValueError):
     """zkLLM would reject (or silently mis-prove) this capture; ``problems`` lists each limit and its fix."""
 

@@ -60,7 +60,8 @@ def zkllm_limit_warnings(
     if num_attention_heads and num_key_value_heads and num_key_value_heads != num_attention_heads:
         out.append(
             f"the model has {num_key_value_heads} key/value heads for {num_attention_heads} query heads "
-            f"(grouped-query attention); zkLLM's attention kernel builds K and V as hidden x hidden and rejects it"
+            f"(grouped-query attention); zkLLM's attention kernel builds K and V as hidden x hidden and rejects it, so "
+            "zkllm-hf plan proves its exactly equivalent MHA expansion (export-zkllm-model)"
         )
     return out
 

@@ -29,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     _validate(sub)
     _inspect(sub)
     _plan(sub)
+    _export(sub)
     _compare(sub)
     _report(sub)
     return parser
@@ -133,13 +134,27 @@ def _plan(sub) -> None:
     plan = sub.add_parser(
         "plan",
         help="write the bash script that proves a capture with zkLLM, after checking what zkLLM would reject",
-        description="Validate the capture, check it against zkLLM's limits (seq_len, FFN table, |gate|, GQA, the "
-        "Llama-2 dims its scripts load) and write a runnable script: absolute quoted paths, inputs checked before "
-        "each step, zkLLM's success lines checked, skip outputs compared with the capture.",
+        description="Validate the capture, check it against zkLLM's limits (seq_len, FFN table, |gate|, scale), "
+        "export the model zkLLM loads (the exact MHA expansion of a GQA model) into --model-dir, and write a runnable "
+        "script: every zkLLM script run unchanged through python -m zkllm_hf.zkllm_run, the weights checked against "
+        "the capture's before any commitment, inputs checked before each step, every success line of each binary "
+        "counted, skip outputs compared with the capture.",
     )
     plan.add_argument("dir", help="a unit's capture folder")
     plan.add_argument("--zkllm-root", required=True, help="the zkllm-ccs2024 checkout the script runs from")
-    plan.add_argument("--model-size", type=int, default=7, choices=[7, 13], help="zkLLM's model_size argument")
+    plan.add_argument(
+        "--model-size",
+        type=int,
+        default=7,
+        choices=[7, 13],
+        help="zkLLM's model_size argument; it only names zkLLM's workdir (./zkllm-workdir/Llama-2-{N}b)",
+    )
+    plan.add_argument(
+        "--model-dir",
+        help="the model folder zkLLM loads: new (plan exports the capture's model there), or an earlier export of "
+        "it (default: beside --out, or ./CAPTURE-zkllm-model)",
+    )
+    plan.add_argument("--model", help="where the captured model is, if not where its manifest says (to export it)")
     plan.add_argument("--layers", help="the captured layers to prove, e.g. '0-3,7' (default: all)")
     plan.add_argument(
         "--out",
@@ -157,6 +172,21 @@ def _plan(sub) -> None:
         "--force", action="store_true", help="write the script despite zkLLM's limits, listed in its header"
     )
     plan.set_defaults(func=prover.cmd_plan)
+
+
+def _export(sub) -> None:
+    """``export-zkllm-model``: the model folder zkLLM loads for a capture."""
+    exp = sub.add_parser(
+        "export-zkllm-model",
+        help="write the model folder zkLLM loads for a capture (a GQA model as its exact MHA expansion)",
+        description="Load the capture's model (checked against the capture's weights fingerprint) and save it for "
+        "zkLLM with save_pretrained: for grouped-query attention the equivalent multi-head model, k_proj and v_proj "
+        "rows repeated per group; zkllm-hf-export.json records the transformation and both fingerprints.",
+    )
+    exp.add_argument("dir", help="a unit's capture folder")
+    exp.add_argument("out", help="the folder to write (new, or empty)")
+    exp.add_argument("--model", help="where the captured model is, if not where its manifest says")
+    exp.set_defaults(func=prover.cmd_export)
 
 
 def _compare(sub) -> None:

@@ -16,8 +16,9 @@ from .exits import EXIT_INVALID, EXIT_OK, EXIT_USAGE, TOLERANCE_FROM, err, exit_
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    """``zkllm-hf plan``: validate the unit, check zkLLM's limits and write the script (stdout or --out)."""
-    from ..prove import Plan, prover_notes, prover_problems, write_script
+    """``zkllm-hf plan``: validate the unit, check zkLLM's limits, find or write the model folder zkLLM loads
+    (--model-dir) and write the script (stdout or --out)."""
+    from ..prove import Plan, prover_problems, write_script
 
     cap = _valid_unit(args)
     if isinstance(cap, int):
@@ -31,28 +32,143 @@ def cmd_plan(args: argparse.Namespace) -> int:
         return paths
     out, scratch = paths
     root = Path(args.zkllm_root).expanduser().resolve()
-    problems = prover_problems(cap, args.model_size, layers, root)
+    problems = prover_problems(cap, layers, root)
     if problems and not args.force:
         return fail(PlanRefused(problems))
-    notes = prover_notes(cap, args.model_size)
-    script = write_script(cap, Plan(capture_dir, root, scratch, args.model_size, layers, problems, notes))
+    model = _model_dir(args, cap, capture_dir, out)
+    if isinstance(model, int):
+        return model
+    model_dir, weights, notes, more = model
+    problems = [*problems, *more]
+    num_layers = int(cap.metadata["model"].get("num_hidden_layers") or max(cap.layers) + 1)
+    budget = budget_lines(cap, layers)  # the proof budget: in the script's header and on stderr
+    plan = Plan(
+        capture_dir, root, scratch, model_dir, weights, num_layers, args.model_size, layers, problems, notes, budget
+    )
+    script = write_script(cap, plan)
     if out is None:
         sys.stdout.write(script)
     else:
         code = _write(out, script, args.overwrite, len(layers))
         if code is not None:
             return code
-    for p in [*problems, *notes]:
+    for line in plan.budget:
+        print(line, file=sys.stderr)
+    for p in problems:
         print(f"warning: {p}", file=sys.stderr)
-    print_budget(cap, layers)
     return EXIT_OK
 
 
-def print_budget(cap, layers: list[int]) -> None:
-    """The proof budget (prove/budget.py) on stderr, before the script spends any GPU time."""
+def _model_dir(args: argparse.Namespace, cap, capture_dir: Path, out: Path | None):
+    """(the folder zkLLM loads, the weights fingerprint it must carry, header notes, warnings), exporting the
+    capture's model there when the folder is new; or the exit code after saying why not."""
+    from ..prove.export import describe_export, read_export
+
+    if args.model_dir:
+        path = unfollowed(args.model_dir)
+    elif out is not None:
+        path = out.with_name(out.stem + "-model")
+    else:
+        path = Path.cwd().resolve() / f"{capture_dir.name}-zkllm-model"
+    if path == capture_dir or capture_dir in path.parents:
+        err(f"--model-dir {path} lies inside the capture {capture_dir}; give a folder outside it")
+        return EXIT_USAGE
+    meta = cap.metadata["model"]
+    fp = meta.get("weights_fingerprint")
+    record = read_export(path) if path.is_dir() and not path.is_symlink() else None
+    if record is None and (not path.exists() or (path.is_dir() and not path.is_symlink() and not any(path.iterdir()))):
+        problem = _export(args, cap, path)
+        if isinstance(problem, int):
+            return problem
+        if problem is not None:  # --force: the script is written all the same, and will stop at its weights check
+            return path, str(fp), [], [f"plan could not export the model zkLLM loads into {path}: {problem}"]
+        record = read_export(path)
+    if record is not None:
+        if record["source"]["weights_fingerprint"] != fp:
+            err(
+                f"--model-dir {path} holds the export of another model (weights "
+                f"{record['source']['weights_fingerprint'][:16]}..., the capture's are {str(fp)[:16]}...); give plan "
+                f"--model-dir a new folder and it exports this capture's model there"
+            )
+            return EXIT_USAGE
+        return path, record["weights_fingerprint"], describe_export(record), []
+    heads, kv = meta.get("num_attention_heads"), meta.get("num_key_value_heads")
+    if not (path / "config.json").is_file() or (heads and kv and heads != kv):
+        err(
+            f"--model-dir {path} is not a model folder zkLLM can load for this capture (no export record"
+            f"{'; the capture is grouped-query attention' if heads != kv else ', no config.json'}); give plan "
+            f"--model-dir a new folder and it exports the capture's model there (its exact MHA expansion for GQA)"
+        )
+        return EXIT_USAGE
+    return path, str(fp), [f"zkLLM loads {path} as it is; the script checks it carries the captured weights"], []
+
+
+def _export(args: argparse.Namespace, cap, path: Path) -> int | str | None:
+    """Export the capture's model into ``path``: None when done; else, with --force, why not (a warning), and
+    without it the exit code after saying why not."""
+    from ..errors import ExportRefused, ModelLoadError
+    from ..prove.export import describe_export, export_zkllm_model
+
+    try:
+        model, tokenizer = _captured_model(cap, getattr(args, "model", None))
+        record = export_zkllm_model(model, cap, path, tokenizer=tokenizer)
+    except (ExportRefused, OutputRefused, ModelLoadError) as exc:
+        if getattr(args, "force", False):
+            return str(exc)
+        return fail(exc)
+    print(f"wrote {path}: the model zkLLM loads", file=sys.stderr)
+    for line in describe_export(record):
+        print(line, file=sys.stderr)
+    return None
+
+
+def _captured_model(cap, name: str | None):
+    """The capture's model (and its tokenizer, or None), loaded as the capture ran it: --model, else the
+    manifest's source (the default model, or its name or path), in the dtype it ran."""
+    from ..errors import ModelLoadError
+    from ..models import load
+
+    meta, extra = cap.metadata.get("model", {}), cap.metadata.get("extra") or {}
+    if name is None:
+        source = extra.get("source") if isinstance(extra.get("source"), dict) else {}
+        name = None if source.get("kind") == "default" else meta.get("name_or_path")
+        if name is None and source.get("kind") != "default" or name == "":
+            raise ModelLoadError(
+                "the capture does not record where its model is (captured from a model built in memory): pass "
+                "--model the folder it was saved to"
+            )
+    elif name == "default":
+        name = None
+    ran = extra.get("cli") if isinstance(extra.get("cli"), dict) else {}
+    dtype = ran.get("dtype") if isinstance(ran.get("dtype"), str) else str(meta.get("dtype") or "float32")
+    try:
+        loaded = load(name, dtype=dtype)
+    except ModelLoadError as exc:
+        if "tokenizer" not in str(exc):
+            raise
+        loaded = load(name, dtype=dtype, tokenizer=False)
+    return loaded.model, loaded.tokenizer
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """``zkllm-hf export-zkllm-model``: write the model folder zkLLM loads for a valid unit."""
+    cap = _valid_unit(args)
+    if isinstance(cap, int):
+        return cap
+    out = unfollowed(args.out)
+    capture_dir = Path(args.dir).resolve()
+    if out == capture_dir or capture_dir in out.parents:
+        err(f"{out} lies inside the capture {capture_dir}; give a folder outside it")
+        return EXIT_USAGE
+    return _export(args, cap, out) or EXIT_OK
+
+
+def budget_lines(cap, layers: list[int]) -> list[str]:
+    """The proof budget (prove/budget.py): printed on stderr before the script spends any GPU time, and kept
+    in the script's header."""
     from ..prove.budget import budget_of
 
-    print("\n".join(budget_of(cap, layers)), file=sys.stderr)
+    return list(budget_of(cap, layers))
 
 
 def _valid_unit(args: argparse.Namespace):

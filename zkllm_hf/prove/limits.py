@@ -1,34 +1,14 @@
-"""What zkLLM will reject: the Llama-2 dims its scripts load, its SwiGLU table and scale, and the capture's
-values checked against them (:func:`prover_problems`), plus what plan cannot check (:func:`prover_notes`)."""
+"""What zkLLM will reject: its attention and SwiGLU tables, its scale and its query width, checked against the
+capture's metadata (:func:`prover_problems`)."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from ..profile import zkllm_limit_warnings
 
-# The dims zkLLM's scripts read from the model they load by name (model_card = meta-llama/Llama-2-{size}b-hf).
-LLAMA2 = {
-    7: {
-        "hidden_size": 4096,
-        "intermediate_size": 11008,
-        "num_attention_heads": 32,
-        "num_key_value_heads": 32,
-        "num_hidden_layers": 32,
-        "rms_norm_eps": 1e-5,
-    },
-    13: {
-        "hidden_size": 5120,
-        "intermediate_size": 13824,
-        "num_attention_heads": 40,
-        "num_key_value_heads": 40,
-        "num_hidden_layers": 40,
-        "rms_norm_eps": 1e-5,
-    },
-}
 GATE_LIMIT = 512.0  # llama-ffn.py's SwiGLU table spans x in [-512, 512)
 ZKLLM_SCALE_LOG2 = 16  # zkLLM's kernels and llama-commit.py assume activations at 2**16
 SCRIPTS = (
@@ -53,8 +33,15 @@ LAYER_PARAMS = (
 )
 
 
-def prover_problems(cap: Any, model_size: int, layers: Sequence[int], zkllm_root: Path | None) -> list[str]:
-    """Every zkLLM limit the capture (``validate.Capture``) does not meet, each naming the value and the fix."""
+def prover_problems(cap: Any, layers: Sequence[int], zkllm_root: Path | None) -> list[str]:
+    """Every zkLLM limit the capture (``validate.Capture``) does not meet, each naming the value and the fix.
+
+    The model's own dims are no limit: the launcher (``zkllm_hf.zkllm_run``) points zkLLM's scripts at the folder
+    ``export-zkllm-model`` writes, and grouped-query attention is proved through its exact MHA expansion. What
+    remains are zkLLM's tables and kernels: seq_len, the SwiGLU table's size and range, the scale, and a query
+    width of ``num_attention_heads * head_dim == hidden_size`` (the self-attn kernel's q_proj is embed_dim x
+    embed_dim, self-attn.cu:21-27, and llama-self-attn.py:44 views Q as (seq_len, num_heads, head_dim)).
+    """
     meta = cap.metadata
     model = meta.get("model", {})
     out = zkllm_limit_warnings(
@@ -62,14 +49,19 @@ def prover_problems(cap: Any, model_size: int, layers: Sequence[int], zkllm_root
         cap.hidden_size,
         model.get("intermediate_size"),
         paddable=meta.get("capture", {}).get("mode", "forward") in ("forward", "full", "evaluate", "predict"),
-        num_attention_heads=model.get("num_attention_heads"),
-        num_key_value_heads=model.get("num_key_value_heads"),
         flags=True,  # plan's fixes are commands to run again
     )
     if cap.scale_log2 != ZKLLM_SCALE_LOG2:
         out.append(
             f"the capture is at scale 2**{cap.scale_log2}; zkLLM's kernels read activations at 2**{ZKLLM_SCALE_LOG2}: "
             f"capture again with --scale-log2 {ZKLLM_SCALE_LOG2}"
+        )
+    heads, head_dim = model.get("num_attention_heads"), model.get("head_dim")
+    if heads and head_dim and int(heads) * int(head_dim) != cap.hidden_size:
+        out.append(
+            f"num_attention_heads {heads} x head_dim {head_dim} is not hidden_size {cap.hidden_size}; zkLLM's "
+            f"self-attn kernel builds q_proj as hidden x hidden (self-attn.cu:21-27): this model cannot be proved "
+            f"without changing that kernel"
         )
     gates = {int(e["layer"]): float(e["value"]) for e in (meta.get("ffn") or {}).get("gate_abs_max") or []}
     missing = [layer for layer in layers if layer not in gates]
@@ -86,23 +78,6 @@ def prover_problems(cap: Any, model_size: int, layers: Sequence[int], zkllm_root
             f"{GATE_LIMIT:g}); llama-ffn.py's SwiGLU table covers [-512, 512) only: widen prepare_swiglu's range in "
             f"llama-ffn.py (and the table size ffn.cu expects), or prove other layers with --layers"
         )
-    expected = LLAMA2[model_size]
-    differ = []
-    for key, want in expected.items():
-        have = model.get(key)
-        if have is None or (not math.isclose(float(have), float(want)) if key == "rms_norm_eps" else have != want):
-            differ.append(f"{key} {have} (Llama-2-{model_size}B: {want})")
-    if differ:
-        out.append(
-            f"zkLLM's scripts load meta-llama/Llama-2-{model_size}b-hf by name and prove with its weights, and this "
-            f"capture's model differs: {', '.join(differ)}. To prove this model, change model_card in every "
-            f"llama-*.py to it (and add GQA to the attention kernel if it has fewer key/value heads)"
-        )
-    bad_layers = [layer for layer in layers if layer >= expected["num_hidden_layers"]]
-    if bad_layers:
-        out.append(
-            f"layers {bad_layers} do not exist in Llama-2-{model_size}B ({expected['num_hidden_layers']} layers)"
-        )
     if zkllm_root is not None:
         absent = [s for s in SCRIPTS if not (zkllm_root / s).is_file()]
         if absent:
@@ -111,16 +86,3 @@ def prover_problems(cap: Any, model_size: int, layers: Sequence[int], zkllm_root
                 f"of git clone https://github.com/jvhs0706/zkllm-ccs2024"
             )
     return out
-
-
-def prover_notes(cap: Any, model_size: int) -> list[str]:
-    """What plan cannot check but the prover's user must know: zkLLM proves with the weights of the model it
-    loads by name, whatever model the capture came from."""
-    name = str(cap.metadata.get("model", {}).get("name_or_path") or "")
-    if f"llama-2-{model_size}b" in name.lower().replace("_", "-"):
-        return []
-    return [
-        f"the capture's model is {name or 'unnamed'}; zkLLM commits to and proves with the weights of "
-        f"meta-llama/Llama-2-{model_size}b-hf, so unless these are exactly those weights the proof is about "
-        f"another model (compare the manifest's weights_fingerprint with that model's)"
-    ]

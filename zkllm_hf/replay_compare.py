@@ -38,6 +38,7 @@ class ExpectedFile:
 
 def compare_codes(stats: ReplayStats, got: np.ndarray, want: np.ndarray, row0: int, scale_log2: int) -> None:
     """Fold ``got`` (replayed) against ``want`` (the file's rows ``row0 ..``) into ``stats``."""
+    stats.scale_log2 = scale_log2
     stats.rows += int(got.shape[0])
     stats.elements += int(got.size)
     if np.array_equal(got, want):
@@ -49,6 +50,7 @@ def compare_codes(stats: ReplayStats, got: np.ndarray, want: np.ndarray, row0: i
     w = torch.from_numpy(np.ascontiguousarray(want, dtype=np.int64))
     diff = (g - w).abs_()
     where = torch.nonzero(diff.reshape(-1)).flatten()
+    fold_rows(stats, got, want, row0)
     stats.equal += int(got.size - where.numel())
     dev = diff.reshape(-1)[where].to(torch.float64)
     scale = float(2**scale_log2)
@@ -65,6 +67,27 @@ def compare_codes(stats: ReplayStats, got: np.ndarray, want: np.ndarray, row0: i
         stats.max_ulps, stats.max_lsb, stats.ulp_lsb = float(ulps[i]), int(dev[i]), float(unit[i])
         stats.index = (row0 + row, col)
         stats.expected, stats.replayed = int(want[row, col]), int(got[row, col])
+
+
+def fold_rows(stats: ReplayStats, got: np.ndarray, want: np.ndarray, row0: int) -> None:
+    """Fold each row's deviation moments (see :data:`~zkllm_hf.contracts.ROW_FIELDS`) into ``stats.by_row``.
+
+    Only rows holding a difference are touched: a row that never differed has zero deviation whatever its
+    scale, and the equal fast path never comes here."""
+    d = got.astype(np.int64) - want.astype(np.int64)
+    rows = np.flatnonzero(d.any(axis=1))
+    table = stats.row_table()
+    if rows.size == 0 or row0 + int(rows[-1]) >= table.shape[0]:
+        return
+    d = d[rows].astype(np.float64)
+    w = want[rows].astype(np.float64)
+    at = table[row0 + rows]
+    at[:, 0] += d.shape[1]
+    at[:, 1] += np.abs(d).sum(axis=1)
+    at[:, 2] += d.sum(axis=1)
+    at[:, 3] += np.square(d).sum(axis=1)
+    at[:, 4] += np.square(w).sum(axis=1)
+    table[row0 + rows] = at
 
 
 class ComparatorSink:

@@ -20,12 +20,18 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+import torch
+
+from ..dtypes import SOURCE_DTYPES
+
 from .registry import register_check
 from .spec import CheckResult, CheckSpec
 
 ULP_STEPS = (1, 2, 4, 8)
+ROW_FIELDS = ("n", "abs", "sum", "sq", "ref_sq")
 
-__all__ = ["ULP_STEPS", "ReplayStats", "judge_replay"]
+__all__ = ["ROW_FIELDS", "ULP_STEPS", "ReplayStats", "judge_replay", "row_statistics"]
 
 
 @dataclass
@@ -49,6 +55,17 @@ class ReplayStats:
     expected: int | None = None  # the file's code there
     replayed: int | None = None  # the replay's
     note: str = ""  # why the comparison is incomplete (rows missing, a file unreadable)
+    scale_log2: int = 16
+    # Per token row (rows of the file), columns ROW_FIELDS: elements compared, sum |d|, sum d, sum d**2 (d the
+    # replay's code minus the file's, in LSB), and the sum of the file's codes squared (the row's scale). Only
+    # rows holding a difference are folded; the others stay zero.
+    by_row: np.ndarray | None = None
+
+    def row_table(self) -> np.ndarray:
+        """The per-row accumulator, made on first use (one row per row of the file)."""
+        if self.by_row is None:
+            self.by_row = np.zeros((max(self.rows_expected, 0), len(ROW_FIELDS)), dtype=np.float64)
+        return self.by_row
 
     def fraction(self, k: int) -> float:
         return 1.0 if not self.elements else self.within[k] / self.elements
@@ -64,6 +81,21 @@ class ReplayStats:
             "expected_code": self.expected,
             "replayed_code": self.replayed,
         }
+
+
+def row_statistics(s: ReplayStats) -> tuple[np.ndarray, np.ndarray]:
+    """Per row of the point: the mean |deviation| in ulps of the source dtype at the row's RMS (one ulp at
+    least 1 LSB), and the signed-bias statistic ``|sum d| / sqrt(sum d**2)``; zero for a row that never differed."""
+    table = s.row_table()
+    n, dev_abs, dev_sum, dev_sq, ref_sq = (table[:, i] for i in range(len(ROW_FIELDS)))
+    seen = n > 0
+    info = torch.finfo(SOURCE_DTYPES.get(s.dtype, torch.float32))
+    rms = np.sqrt(np.divide(ref_sq, n, out=np.zeros_like(n), where=seen)) / 2.0**s.scale_log2
+    _, exp = np.frexp(np.maximum(rms, info.smallest_normal))
+    ulp_lsb = np.maximum(np.ldexp(info.eps, exp - 1 + s.scale_log2), 1.0)
+    mean_ulps = np.divide(dev_abs, n * ulp_lsb, out=np.zeros_like(n), where=seen)
+    bias = np.divide(np.abs(dev_sum), np.sqrt(dev_sq), out=np.zeros_like(n), where=dev_sq > 0)
+    return mean_ulps, bias
 
 
 def _place(s: ReplayStats) -> dict[str, Any]:

@@ -1,0 +1,129 @@
+"""Per token row, how far a genuine replay drifts from its capture, against a 3000-LSB half-row forgery.
+
+The tolerant verdict's row rule (contracts/v1 ``replay_tolerant``: ``row_factor``, ``row_floor_ulps``) is derived
+from these numbers: docs/architecture.md section 2, "Replay". For each model (the tests' tiny seeded Llama and
+SmolLM2-135M) and dtype it captures once (1 thread, sdpa) and replays under other settings (2 threads; eager
+attention with 1 and 2 threads). Per point it takes each row's mean |deviation| in ulps of the dtype at the
+row's RMS (the row statistic), and prints the largest row statistic against the point's median row, and the
+largest signed-bias statistic |sum d| / sqrt(sum d^2). Then it forges the capture: at every layer,
+``attn_output`` and ``mlp_output`` get +3000 LSB over the first half of one row (a different row per layer and
+point), replays it under each setting and prints the forged rows' statistics.
+
+    python bench/replay_rows.py --tokens 256 --models tiny,smollm2
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+import zkllm_hf  # noqa: E402
+from replay_tolerance import settings  # noqa: E402
+from zkllm_hf.contracts import load_contract  # noqa: E402
+from zkllm_hf.contracts.replay_checks import row_statistics  # noqa: E402
+from zkllm_hf.manifest import read_manifest  # noqa: E402
+from zkllm_hf.replay import replay_capture  # noqa: E402
+
+VARIANTS = {"2 threads": (2, "sdpa"), "eager": (1, "eager"), "eager, 2 threads": (2, "eager")}
+FORGED = ("attn_output", "mlp_output")
+
+
+def build(name: str, dtype: str):
+    if name == "tiny":
+        from conftest import make_tiny
+
+        return make_tiny(dtype=getattr(torch, dtype))
+    from zkllm_hf.models import load
+
+    return load(None, dtype=dtype, tokenizer=False).model
+
+
+def forge(folder: Path, layers: int, tokens: int) -> dict[tuple[int, str], int]:
+    """+3000 LSB over the first half of one row of attn_output and mlp_output at every layer; the rows forged."""
+    table, _ = read_manifest(folder / "manifest.arrow")
+    rows = {(r["layer"], r["point"]): r for r in table.to_pylist() if r["point"] in FORGED}
+    where = {}
+    for (layer, point), r in rows.items():
+        row = (7 * layer + 3 * FORGED.index(point) + 1) % tokens
+        data = np.fromfile(folder / r["file"], dtype="<i4").reshape(r["rows"], r["cols"]).astype(np.int64)
+        data[row, : r["cols"] // 2] += 3000
+        data.astype("<i4").tofile(folder / r["file"])
+        where[(layer, point)] = row
+    return where
+
+
+def summarise(label: str, outcome, forged: dict | None) -> dict:
+    genuine_score, genuine_t, genuine_m, forged_scores, forged_t, forged_m = [], [], [], [], [], []
+    for s in outcome.stats:
+        if not s.elements:
+            continue
+        m, t = row_statistics(s)
+        skip = forged.get((s.layer, s.point)) if forged else None
+        keep = np.ones(m.size, bool)
+        if skip is not None:
+            keep[skip] = False
+        med = float(np.median(m[keep]))
+        if skip is not None:
+            forged_m.append(float(m[skip]))
+            forged_scores.append(float(m[skip]) / max(med, 1e-9))
+            forged_t.append(float(t[skip]))
+        if m[keep].size:
+            genuine_m.append(float(m[keep].max()))
+            genuine_score.append(float(m[keep].max()) / max(med, 1e-9) if m[keep].max() > 0 else 0.0)
+            genuine_t.append(float(t[keep].max()))
+    out = {
+        "genuine max row stat (ulps)": max(genuine_m, default=0.0),
+        "genuine max row/median": max(genuine_score, default=0.0),
+        "genuine max t": max(genuine_t, default=0.0),
+    }
+    if forged:
+        out |= {
+            "forged min row stat (ulps)": min(forged_m),
+            "forged min row/median": min(forged_scores),
+            "forged min t": min(forged_t),
+        }
+    print(f"{label:44s} " + "; ".join(f"{k} {v:.3g}" for k, v in out.items()), flush=True)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokens", type=int, default=256)
+    ap.add_argument("--models", default="tiny,smollm2")
+    ap.add_argument("--dtypes", default="float32,bfloat16,float16")
+    ap.add_argument("--seeds", type=int, default=3, help="token draws per model and dtype")
+    args = ap.parse_args()
+    print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}")
+    contract = load_contract("v1")
+    for name in args.models.split(","):
+        for dtype in args.dtypes.split(","):
+            model = build(name, dtype)
+            tokens = 12 if name == "tiny" else args.tokens
+            layers = model.config.num_hidden_layers
+            for seed in range(args.seeds):
+                g = torch.Generator().manual_seed(seed)
+                ids = torch.randint(0, model.config.vocab_size, (1, tokens), generator=g)
+                with tempfile.TemporaryDirectory() as tmp:
+                    out, bad = Path(tmp) / "cap", Path(tmp) / "bad"
+                    with settings(1, "sdpa", model=model), torch.no_grad(), zkllm_hf.capture(model, out):
+                        model(input_ids=ids)
+                    shutil.copytree(out, bad)
+                    where = forge(bad, layers, tokens)
+                    for variant, (threads, attn) in VARIANTS.items():
+                        with settings(threads, attn, model=model):
+                            summarise(f"{name} {dtype} seed {seed} {variant}", replay_capture(out, model, contract), None)
+                            summarise(f"{name} {dtype} seed {seed} {variant} FORGED", replay_capture(bad, model, contract), where)
+
+
+if __name__ == "__main__":
+    main()

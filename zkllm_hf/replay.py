@@ -132,7 +132,7 @@ def _autocast(meta: Mapping[str, Any], device: torch.device):
     return torch.autocast(device.type, dtype=getattr(torch, str(state.get("dtype")), None))
 
 
-def _run(engine: CaptureEngine, model: nn.Module, plans: Sequence[ForwardPlan], hook=None) -> dict[int, UnitRecorder]:
+def _run(engine: CaptureEngine, model: nn.Module, plans: Sequence[ForwardPlan], hooks=()) -> dict[int, UnitRecorder]:
     """Run each forward as it ran, the engine routing each unit's rows as the capture did."""
     recorders: dict[int, UnitRecorder] = {}
     current: list[Route] = []
@@ -143,7 +143,7 @@ def _run(engine: CaptureEngine, model: nn.Module, plans: Sequence[ForwardPlan], 
         for plan in plans:
             current[:] = [Route(r.row, r.cols, _recorder(engine, recorders, r.unit)) for r in plan.routes]
             cache = _cache(plan, caches)
-            if hook is not None:
+            for hook in hooks:
                 hook.forward = plan
             kwargs: dict[str, Any] = {"input_ids": plan.input_ids.to(device), "use_cache": cache is not None}
             if plan.mask is not None:
@@ -202,18 +202,24 @@ def _cache(plan: ForwardPlan, caches: dict[tuple[str, int], Any]) -> Any:
 
 class _Substitute:
     """A pre-hook on layer L that replaces one unit's rows of the layer's input with the capture's own
-    dequantised ``block_input`` (the localisation replay)."""
+    dequantised ``block_input`` (the localisation replay, and each chained layer of a tolerant replay)."""
 
     def __init__(self, unit: ReplayUnit, layer: int, scale_log2: int):
         row = unit.rows.get(POINTS[0].file_name(layer))
         if row is None:
             raise CaptureError(f"layer {layer} has no block_input file to replay it on")
-        import numpy as np
-
-        codes = np.fromfile(unit.path / str(row["file"]), dtype="<i4").reshape(int(row["rows"]), int(row["cols"]))
-        self.values = torch.from_numpy(codes.astype("float64")) / float(2**scale_log2)
+        self.path, self.cols = unit.path / str(row["file"]), int(row["cols"])
+        self.scale = float(2**scale_log2)
         self.unit = unit
         self.forward: ForwardPlan | None = None
+
+    def _rows(self, start: int, count: int) -> torch.Tensor:
+        import numpy as np
+
+        codes = np.fromfile(self.path, dtype="<i4", count=count * self.cols, offset=start * self.cols * 4)
+        if codes.size != count * self.cols:
+            raise CaptureError(f"{self.path.name} holds fewer rows than the replay's forwards need")
+        return torch.from_numpy(codes.reshape(count, self.cols).astype("float64")) / self.scale
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         plan = self.forward
@@ -224,11 +230,28 @@ class _Substitute:
         hidden = hidden.clone()
         for r in mine:
             width = len(range(hidden.shape[1])[r.cols]) if isinstance(r.cols, slice) else int(r.cols.numel())
-            rows = self.values[r.offset : r.offset + width].to(device=hidden.device, dtype=hidden.dtype)
+            rows = self._rows(r.offset, width).to(device=hidden.device, dtype=hidden.dtype)
             hidden[r.row, r.cols if isinstance(r.cols, slice) else r.cols.to(hidden.device)] = rows
         if args:
             return (hidden, *args[1:]), kwargs
         return args, {**kwargs, "hidden_states": hidden}
+
+
+@contextlib.contextmanager
+def _forced(model: nn.Module, units: Sequence[ReplayUnit], layers: Sequence[int], scale_log2: int):
+    """Teacher forcing: every captured layer whose previous layer is captured too runs, for each unit's rows,
+    on the capture's own dequantised ``block_input`` (the chain check binds it to the previous layer's
+    ``block_output``, which the replay compares), so the kernel noise of the layers before is not carried in."""
+    chained = [layer for layer in layers if layer - 1 in set(layers)]
+    hooks = [_Substitute(u, layer, scale_log2) for layer in chained for u in units]
+    blocks = find_layout(model).layers
+    handles = [blocks[h_layer].register_forward_pre_hook(h, with_kwargs=True, prepend=True)
+               for h_layer, h in zip([layer for layer in chained for _ in units], hooks, strict=True)]  # fmt: skip
+    try:
+        yield hooks
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _judge(contract: Contract, stats: Sequence[ReplayStats], exact: bool, why: str) -> list[CheckResult]:
@@ -263,7 +286,7 @@ def localise(
     try:
         with _engine(model, meta, contract, sink, layers=[layer], residuals="model") as engine:
             groups = {p.group for p in plans if any(r.unit is unit for r in p.routes)}
-            _run(engine, model, [p for p in plans if p.group in groups], hook)
+            _run(engine, model, [p for p in plans if p.group in groups], [hook])
     finally:
         handle.remove()
     tolerant = [s for s in contract.entries(scope="replay") if s.params.get("verdict") == "tolerant"]
@@ -334,9 +357,12 @@ def replay_capture(path: Path, model: nn.Module, contract: Contract) -> ReplayOu
     sink = ComparatorSink(_expected(runnable), int(meta["capture"]["scale_log2"]))
     live = {p.group for p in plans if p.routes}
     plans = [p for p in plans if p.group in live]  # a group none of whose units can run is not run
+    force = not exact and meta["capture"].get("residuals", "model") != "exact-int"
+    scale = int(meta["capture"]["scale_log2"])
     try:
-        with _engine(model, meta, contract, sink) as engine:
-            recorders = _run(engine, model, plans)
+        layers = list(meta["capture"]["layers"]) if force else []
+        with _forced(model, runnable, layers, scale) as hooks, _engine(model, meta, contract, sink) as engine:
+            recorders = _run(engine, model, plans, hooks)
     except (CaptureError, ValueError, RuntimeError) as exc:
         name = next(iter(sorted(contract.names_of("replay"))), "replay")
         return ReplayOutcome([*skipped, CheckResult(name, False, f"the replay could not run: {exc}")], exact, diff)

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 import zkllm_hf  # noqa: E402
 from replay_tolerance import settings  # noqa: E402
-from zkllm_hf.contracts import load_contract  # noqa: E402
+from zkllm_hf.contracts import ULP_STEPS, load_contract  # noqa: E402
 from zkllm_hf.contracts.replay_checks import row_statistics  # noqa: E402
 from zkllm_hf.manifest import read_manifest  # noqa: E402
 from zkllm_hf.replay import replay_capture  # noqa: E402
@@ -63,37 +63,34 @@ def forge(folder: Path, layers: int, tokens: int) -> dict[tuple[int, str], int]:
 
 
 def summarise(label: str, outcome, forged: dict | None) -> dict:
-    genuine_score, genuine_t, genuine_m, forged_scores, forged_t, forged_m = [], [], [], [], [], []
+    """The genuine rows' worst (smallest) fraction within k ulps and largest bias; the forged rows' best."""
+    genuine = {k: 1.0 for k in ULP_STEPS} | {"t": 0.0, "mean": 0.0}
+    caught = {k: 0.0 for k in ULP_STEPS} | {"t": float("inf"), "mean": float("inf")}
     for s in outcome.stats:
         if not s.elements:
             continue
-        m, t = row_statistics(s)
+        within, bias, mean = row_statistics(s)
+        keep = np.ones(bias.size, bool)
         skip = forged.get((s.layer, s.point)) if forged else None
-        keep = np.ones(m.size, bool)
         if skip is not None:
             keep[skip] = False
-        med = float(np.median(m[keep]))
-        if skip is not None:
-            forged_m.append(float(m[skip]))
-            forged_scores.append(float(m[skip]) / max(med, 1e-9))
-            forged_t.append(float(t[skip]))
-        if m[keep].size:
-            genuine_m.append(float(m[keep].max()))
-            genuine_score.append(float(m[keep].max()) / max(med, 1e-9) if m[keep].max() > 0 else 0.0)
-            genuine_t.append(float(t[keep].max()))
-    out = {
-        "genuine max row stat (ulps)": max(genuine_m, default=0.0),
-        "genuine max row/median": max(genuine_score, default=0.0),
-        "genuine max t": max(genuine_t, default=0.0),
-    }
+            for k in ULP_STEPS:
+                caught[k] = max(caught[k], float(within[k][skip]))
+            caught["t"] = min(caught["t"], float(bias[skip]))
+            caught["mean"] = min(caught["mean"], abs(float(mean[skip])))
+        if keep.any():
+            for k in ULP_STEPS:
+                genuine[k] = min(genuine[k], float(within[k][keep].min()))
+            genuine["t"] = max(genuine["t"], float(bias[keep].max()))
+            biased = keep & (bias > 3.0)
+            if biased.any():  # the largest |mean deviation| of a row whose bias alone looks suspect
+                genuine["mean"] = max(genuine["mean"], float(np.abs(mean[biased]).max()))
+    text = "genuine rows: min " + ", ".join(f"<={k} {genuine[k]:.3f}" for k in ULP_STEPS) + f", max t {genuine['t']:.2f}, max |mean| (t > 3) {genuine['mean']:.1f} LSB"
     if forged:
-        out |= {
-            "forged min row stat (ulps)": min(forged_m),
-            "forged min row/median": min(forged_scores),
-            "forged min t": min(forged_t),
-        }
-    print(f"{label:44s} " + "; ".join(f"{k} {v:.3g}" for k, v in out.items()), flush=True)
-    return out
+        text += "; forged rows: max " + ", ".join(f"<={k} {caught[k]:.3f}" for k in ULP_STEPS)
+        text += f", min t {caught['t']:.2f}, min |mean| {caught['mean']:.1f} LSB"
+    print(f"{label:44s} {text}", flush=True)
+    return {"genuine": genuine, "forged": caught if forged else None}
 
 
 def main() -> None:

@@ -48,9 +48,9 @@ def compare_codes(stats: ReplayStats, got: np.ndarray, want: np.ndarray, row0: i
         return
     g = torch.from_numpy(np.ascontiguousarray(got, dtype=np.int64))
     w = torch.from_numpy(np.ascontiguousarray(want, dtype=np.int64))
-    diff = (g - w).abs_()
+    signed = g - w
+    diff = signed.abs()
     where = torch.nonzero(diff.reshape(-1)).flatten()
-    fold_rows(stats, got, want, row0)
     stats.equal += int(got.size - where.numel())
     dev = diff.reshape(-1)[where].to(torch.float64)
     scale = float(2**scale_log2)
@@ -58,6 +58,7 @@ def compare_codes(stats: ReplayStats, got: np.ndarray, want: np.ndarray, row0: i
     dtype = SOURCE_DTYPES.get(stats.dtype, torch.float32)
     unit = fp.ulp(mag, dtype, in_place=True).mul_(scale).clamp_(min=1.0)
     ulps = dev / unit
+    fold_rows(stats, signed, where, ulps, row0, int(got.shape[1]))
     for k in ULP_STEPS:
         stats.within[k] += int(got.size - where.numel()) + int((ulps <= k).sum())
     i = int(torch.argmax(ulps))
@@ -69,25 +70,21 @@ def compare_codes(stats: ReplayStats, got: np.ndarray, want: np.ndarray, row0: i
         stats.expected, stats.replayed = int(want[row, col]), int(got[row, col])
 
 
-def fold_rows(stats: ReplayStats, got: np.ndarray, want: np.ndarray, row0: int) -> None:
-    """Fold each row's deviation moments (see :data:`~zkllm_hf.contracts.ROW_FIELDS`) into ``stats.by_row``.
-
-    Only rows holding a difference are touched: a row that never differed has zero deviation whatever its
-    scale, and the equal fast path never comes here."""
-    d = got.astype(np.int64) - want.astype(np.int64)
-    rows = np.flatnonzero(d.any(axis=1))
+def fold_rows(stats: ReplayStats, d: torch.Tensor, where: torch.Tensor, ulps: torch.Tensor, row0: int, cols: int) -> None:
+    """Fold each row's counts (see :data:`~zkllm_hf.contracts.ROW_FIELDS`) into ``stats.by_row``: ``d`` the
+    signed deviations (rows, cols), ``where`` the flat indices of the differing elements, ``ulps`` theirs."""
     table = stats.row_table()
-    if rows.size == 0 or row0 + int(rows[-1]) >= table.shape[0]:
+    rows = torch.div(where, cols, rounding_mode="floor")
+    n = int(d.shape[0])
+    if row0 + n > table.shape[0]:
         return
-    d = d[rows].astype(np.float64)
-    w = want[rows].astype(np.float64)
-    at = table[row0 + rows]
-    at[:, 0] += d.shape[1]
-    at[:, 1] += np.abs(d).sum(axis=1)
-    at[:, 2] += d.sum(axis=1)
-    at[:, 3] += np.square(d).sum(axis=1)
-    at[:, 4] += np.square(w).sum(axis=1)
-    table[row0 + rows] = at
+    block = table[row0 : row0 + n]
+    block[:, 0] += cols
+    for i, k in enumerate(ULP_STEPS, start=1):
+        block[:, i] += torch.bincount(rows[ulps > k], minlength=n).numpy()
+    dd = d.to(torch.float64)
+    block[:, len(ULP_STEPS) + 1] += dd.sum(dim=1).numpy()
+    block[:, len(ULP_STEPS) + 2] += dd.square().sum(dim=1).numpy()
 
 
 class ComparatorSink:

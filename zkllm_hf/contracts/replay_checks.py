@@ -21,15 +21,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import torch
-
-from ..dtypes import SOURCE_DTYPES
 
 from .registry import register_check
 from .spec import CheckResult, CheckSpec
 
 ULP_STEPS = (1, 2, 4, 8)
-ROW_FIELDS = ("n", "abs", "sum", "sq", "ref_sq")
+ROW_FIELDS = ("n", *(f"beyond_{k}" for k in ULP_STEPS), "sum", "sq")
 
 __all__ = ["ROW_FIELDS", "ULP_STEPS", "ReplayStats", "judge_replay", "row_statistics"]
 
@@ -56,9 +53,9 @@ class ReplayStats:
     replayed: int | None = None  # the replay's
     note: str = ""  # why the comparison is incomplete (rows missing, a file unreadable)
     scale_log2: int = 16
-    # Per token row (rows of the file), columns ROW_FIELDS: elements compared, sum |d|, sum d, sum d**2 (d the
-    # replay's code minus the file's, in LSB), and the sum of the file's codes squared (the row's scale). Only
-    # rows holding a difference are folded; the others stay zero.
+    # Per token row (rows of the file), columns ROW_FIELDS: elements compared, how many lie beyond k ulps for
+    # each k of ULP_STEPS, sum d and sum d**2 (d the replay's code minus the file's, in LSB). Only rows compared
+    # unequal are folded; the others stay zero (every element within every k).
     by_row: np.ndarray | None = None
 
     def row_table(self) -> np.ndarray:
@@ -83,19 +80,20 @@ class ReplayStats:
         }
 
 
-def row_statistics(s: ReplayStats) -> tuple[np.ndarray, np.ndarray]:
-    """Per row of the point: the mean |deviation| in ulps of the source dtype at the row's RMS (one ulp at
-    least 1 LSB), and the signed-bias statistic ``|sum d| / sqrt(sum d**2)``; zero for a row that never differed."""
+def row_statistics(s: ReplayStats) -> tuple[dict[int, np.ndarray], np.ndarray, np.ndarray]:
+    """Per row of the point: the fraction of its elements within ``k`` ulps for each ``k`` of ULP_STEPS, and the
+    signed-bias statistic ``|sum d| / sqrt(sum d**2)``, and the mean signed deviation in LSB; a row that never
+    differed has fractions 1, bias 0 and mean 0."""
     table = s.row_table()
-    n, dev_abs, dev_sum, dev_sq, ref_sq = (table[:, i] for i in range(len(ROW_FIELDS)))
+    n = table[:, 0]
     seen = n > 0
-    info = torch.finfo(SOURCE_DTYPES.get(s.dtype, torch.float32))
-    rms = np.sqrt(np.divide(ref_sq, n, out=np.zeros_like(n), where=seen)) / 2.0**s.scale_log2
-    _, exp = np.frexp(np.maximum(rms, info.smallest_normal))
-    ulp_lsb = np.maximum(np.ldexp(info.eps, exp - 1 + s.scale_log2), 1.0)
-    mean_ulps = np.divide(dev_abs, n * ulp_lsb, out=np.zeros_like(n), where=seen)
+    within = {
+        k: 1.0 - np.divide(table[:, i], n, out=np.zeros_like(n), where=seen) for i, k in enumerate(ULP_STEPS, 1)
+    }
+    dev_sum, dev_sq = table[:, len(ULP_STEPS) + 1], table[:, len(ULP_STEPS) + 2]
     bias = np.divide(np.abs(dev_sum), np.sqrt(dev_sq), out=np.zeros_like(n), where=dev_sq > 0)
-    return mean_ulps, bias
+    mean = np.divide(dev_sum, n, out=np.zeros_like(n), where=seen)
+    return within, bias, mean
 
 
 def _place(s: ReplayStats) -> dict[str, Any]:
@@ -110,6 +108,28 @@ def _by_dtype(spec: CheckSpec, name: str, dtype: str) -> Any:
 
 def _fractions(spec: CheckSpec, dtype: str) -> Mapping[int, float]:
     return {int(k): float(v) for k, v in dict(_by_dtype(spec, "fractions", dtype)).items()}
+
+
+def _biased_row(spec: CheckSpec, s: ReplayStats) -> tuple[float, list[str]]:
+    """The row rule: a token row fails when its mean signed deviation is both beyond ``row_bias_t`` standard
+    errors (``|sum d| / sqrt(sum d**2)``) and beyond ``row_bias_lsb`` LSB. Kernel noise is near zero-mean and
+    spread over every row; a forgery of one row is one-signed, and concentrated there. Returns the worst row's
+    ratio to the rule (``min(t / T, |mean| / F)``; at least 1 when it fails) and the failure's wording."""
+    if "row_bias_t" not in spec.params or s.by_row is None:
+        return 0.0, []
+    limit_t, limit_lsb = float(_by_dtype(spec, "row_bias_t", s.dtype)), float(_by_dtype(spec, "row_bias_lsb", s.dtype))
+    _, bias, mean = row_statistics(s)
+    ratio = np.minimum(bias / limit_t, np.abs(mean) / limit_lsb)
+    row = int(np.argmax(ratio)) if ratio.size else 0
+    worst = float(ratio[row]) if ratio.size else 0.0
+    if worst <= 1.0:
+        return worst, []
+    flagged = int((ratio > 1.0).sum())
+    return worst, [
+        f"token row {row}{f' (and {flagged - 1} more)' if flagged > 1 else ''} is biased: mean deviation "
+        f"{mean[row]:+.4g} LSB, {bias[row]:.3g} standard errors from zero (a row fails beyond {limit_t:g} "
+        f"and {limit_lsb:g} LSB)"
+    ]
 
 
 @register_check("replay", "replay")
@@ -127,20 +147,21 @@ def judge_replay(spec: CheckSpec, s: ReplayStats) -> CheckResult:
             tolerance_lsb=0.0, **_place(s),
         )  # fmt: skip
     allowed = float(_by_dtype(spec, "max_ulps", s.dtype))
+    row_ratio, row_why = _biased_row(spec, s)
     short = [
         f"{s.fraction(k):.6f} within {k} ulps, needs {f}"
         for k, f in _fractions(spec, s.dtype).items()
         if s.fraction(k) < f
     ]
     over = s.max_ulps > allowed
-    ok = not short and not over
-    why = ([f"worst {s.max_ulps:.4g} ulps, allowed {allowed:g}"] if over else []) + short
+    ok = not short and not over and not row_why
+    why = ([f"worst {s.max_ulps:.4g} ulps, allowed {allowed:g}"] if over else []) + row_why + short
     return CheckResult(
         spec.name,
         ok,
         "" if ok else f"{'; '.join(why)} ({worst})",
         max_dev_lsb=float(s.max_lsb),
-        max_ratio=s.max_ulps / allowed if allowed else float("inf"),
+        max_ratio=max(s.max_ulps / allowed if allowed else float("inf"), row_ratio),
         tolerance_lsb=allowed * s.ulp_lsb,
         **_place(s),
     )

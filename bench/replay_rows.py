@@ -89,6 +89,11 @@ def summarise(label: str, outcome, forged: dict | None) -> dict:
     if forged:
         text += "; forged rows: max " + ", ".join(f"<={k} {caught[k]:.3f}" for k in ULP_STEPS)
         text += f", min t {caught['t']:.2f}, min |mean| {caught['mean']:.1f} LSB"
+    failed = {(r.layer, r.point) for r in outcome.results if r.check == "replay_tolerant" and r.failed}
+    if forged:
+        text += f"; verdict: {len(failed & set(forged))}/{len(forged)} forged points fail"
+    else:
+        text += f"; verdict: {len(failed)} points fail"
     print(f"{label:44s} {text}", flush=True)
     return {"genuine": genuine, "forged": caught if forged else None}
 

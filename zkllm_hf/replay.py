@@ -7,7 +7,11 @@ every unit is compared with its file as the layer completes. Forwards are rebuil
 for ``generate()`` steps the cache, rebuilt by replaying the cache's earlier forwards in order.
 
 The contract's ``replay`` entries judge each point (:mod:`~zkllm_hf.contracts.replay_checks`). ``exact`` runs
-when the replay runs as the capture did (:func:`differences` is empty); ``tolerant`` always runs. When a unit
+when the replay runs as the capture did (:func:`differences` is empty); ``tolerant`` always runs. When the
+replay does not run as the capture did, each captured layer whose previous layer is captured too runs on the
+capture's own dequantised ``block_input`` (teacher forcing, :func:`_forced`): the chain check binds that input
+to the previous layer's ``block_output``, which the replay compares, and each layer's deviation is then its
+own kernels' noise, not the noise of every layer before it. When a unit
 diverges, the first diverging layer L is replayed again with layer L's input replaced by the capture's own
 dequantised ``block_input`` (:func:`localise`), which says whether layer L's computation diverged or its input.
 """
@@ -242,13 +246,11 @@ def _forced(model: nn.Module, units: Sequence[ReplayUnit], layers: Sequence[int]
     """Teacher forcing: every captured layer whose previous layer is captured too runs, for each unit's rows,
     on the capture's own dequantised ``block_input`` (the chain check binds it to the previous layer's
     ``block_output``, which the replay compares), so the kernel noise of the layers before is not carried in."""
-    chained = [layer for layer in layers if layer - 1 in set(layers)]
-    hooks = [_Substitute(u, layer, scale_log2) for layer in chained for u in units]
+    pairs = [(layer, _Substitute(u, layer, scale_log2)) for layer in layers if layer - 1 in set(layers) for u in units]
     blocks = find_layout(model).layers
-    handles = [blocks[h_layer].register_forward_pre_hook(h, with_kwargs=True, prepend=True)
-               for h_layer, h in zip([layer for layer in chained for _ in units], hooks, strict=True)]  # fmt: skip
+    handles = [blocks[layer].register_forward_pre_hook(h, with_kwargs=True, prepend=True) for layer, h in pairs]
     try:
-        yield hooks
+        yield [h for _, h in pairs]
     finally:
         for handle in handles:
             handle.remove()

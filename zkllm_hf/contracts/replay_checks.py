@@ -7,8 +7,11 @@ magnitude, and the worst. Each ``replay`` entry judges them under its ``verdict`
 
 - ``exact``: every code equal (the replay ran as the capture did: device type, dtype, quantization, thread
   count, attention implementation and library versions);
-- ``tolerant``: at least ``fractions[D][k]`` of the elements within ``k`` ulps, and none beyond ``max_ulps[D]``, for
-  ``D`` the point's source dtype (float32's thresholds for a dtype the entry does not name).
+- ``tolerant``: at least ``fractions[D][k]`` of the elements within ``k`` ulps, none beyond ``max_ulps[D]``, and no
+  biased token row (``row_bias_t[D]``, ``row_bias_lsb[D]``: :func:`row_statistics`), for ``D`` the point's source
+  dtype (float32's thresholds for a dtype the entry does not name). The whole-point fractions see noise spread
+  over a point; the row rule sees a forgery concentrated on one token's row, which in half precision can stay
+  within a few ulps of large elements yet shifts the row's mean far beyond its standard error.
 
 An element's ulp, in LSB, is ``max(1, ulp_D(m) * 2**k)`` for ``m`` the larger magnitude of the two values: a
 difference below one LSB cannot be seen in the codes.

@@ -33,7 +33,7 @@ from .contracts import CheckResult, Contract, ReplayStats, implementation
 from .engine import CaptureEngine, CaptureError, Route
 from .hooks import find_layout
 from .options import CaptureOptions
-from .points import POINTS
+from .points import POINTS, POINTS_BY_NAME
 from .replay_compare import ComparatorSink, ExpectedFile
 from .replay_inputs import ForwardPlan, ReplayUnit, plan_forwards, read_units
 from .unit import UnitRecorder
@@ -206,12 +206,13 @@ def _cache(plan: ForwardPlan, caches: dict[tuple[str, int], Any]) -> Any:
 
 class _Substitute:
     """A pre-hook on layer L that replaces one unit's rows of the layer's input with the capture's own
-    dequantised ``block_input`` (the localisation replay, and each chained layer of a tolerant replay)."""
+    dequantised ``block_input`` (the localisation replay, and each chained layer of a tolerant replay), or,
+    on the layer's MLP, its input with the capture's ``ffn_input``."""
 
-    def __init__(self, unit: ReplayUnit, layer: int, scale_log2: int):
-        row = unit.rows.get(POINTS[0].file_name(layer))
+    def __init__(self, unit: ReplayUnit, layer: int, scale_log2: int, point: str = "block_input"):
+        row = unit.rows.get(POINTS_BY_NAME[point].file_name(layer))
         if row is None:
-            raise CaptureError(f"layer {layer} has no block_input file to replay it on")
+            raise CaptureError(f"layer {layer} has no {point} file to replay it on")
         self.path, self.cols = unit.path / str(row["file"]), int(row["cols"])
         self.scale = float(2**scale_log2)
         self.unit = unit
@@ -245,10 +246,15 @@ class _Substitute:
 def _forced(model: nn.Module, units: Sequence[ReplayUnit], layers: Sequence[int], scale_log2: int):
     """Teacher forcing: every captured layer whose previous layer is captured too runs, for each unit's rows,
     on the capture's own dequantised ``block_input`` (the chain check binds it to the previous layer's
-    ``block_output``, which the replay compares), so the kernel noise of the layers before is not carried in."""
-    pairs = [(layer, _Substitute(u, layer, scale_log2)) for layer in layers if layer - 1 in set(layers) for u in units]
-    blocks = find_layout(model).layers
-    handles = [blocks[layer].register_forward_pre_hook(h, with_kwargs=True, prepend=True) for layer, h in pairs]
+    ``block_output``, which the replay compares), and every captured layer's MLP on the capture's ``ffn_input``
+    (bound to ``post_attn_residual`` by the norm check, and that to ``attn_output`` by skip #1), so the kernel
+    noise of the layers and sublayers before is not carried in."""
+    layout = find_layout(model)
+    pairs = [(layout.layers[layer], _Substitute(u, layer, scale_log2)) for layer in layers if layer - 1 in set(layers)
+             for u in units]  # fmt: skip
+    mlp = POINTS_BY_NAME["mlp_output"].module
+    pairs += [(layout.module(layer, mlp), _Substitute(u, layer, scale_log2, "ffn_input")) for layer in layers for u in units]
+    handles = [module.register_forward_pre_hook(h, with_kwargs=True, prepend=True) for module, h in pairs]
     try:
         yield [h for _, h in pairs]
     finally:

@@ -8,7 +8,7 @@ magnitude, and the worst. Each ``replay`` entry judges them under its ``verdict`
 - ``exact``: every code equal (the replay ran as the capture did: device type, dtype, quantization, thread
   count, attention implementation and library versions);
 - ``tolerant``: at least ``fractions[D][k]`` of the elements within ``k`` ulps, none beyond ``max_ulps[D]``, and no
-  biased token row (``row_bias_t[D]``, ``row_bias_lsb[D]``: :func:`row_statistics`), for ``D`` the point's source
+  biased token row (``row_bias_alpha[D]``, ``row_bias_lsb[D]``: :func:`row_statistics`, :func:`bias_limit`), for ``D`` the point's source
   dtype (float32's thresholds for a dtype the entry does not name). The whole-point fractions see noise spread
   over a point; the row rule sees a forgery concentrated on one token's row, which in half precision can stay
   within a few ulps of large elements yet shifts the row's mean far beyond its standard error.
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from statistics import NormalDist
 from typing import Any
 
 import numpy as np
@@ -31,7 +32,7 @@ from .spec import CheckResult, CheckSpec
 ULP_STEPS = (1, 2, 4, 8)
 ROW_FIELDS = ("n", *(f"beyond_{k}" for k in ULP_STEPS), "sum", "sq")
 
-__all__ = ["ROW_FIELDS", "ULP_STEPS", "ReplayStats", "judge_replay", "row_statistics"]
+__all__ = ["ROW_FIELDS", "ULP_STEPS", "ReplayStats", "bias_limit", "judge_replay", "row_statistics"]
 
 
 @dataclass
@@ -113,15 +114,23 @@ def _fractions(spec: CheckSpec, dtype: str) -> Mapping[int, float]:
     return {int(k): float(v) for k, v in dict(_by_dtype(spec, "fractions", dtype)).items()}
 
 
+def bias_limit(alpha: float, rows: int) -> float:
+    """The row rule's limit in standard errors: the |N(0, 1)| quantile that ``rows`` rows of zero-mean noise all
+    stay within but with probability ``alpha`` (Bonferroni over the point's rows)."""
+    return NormalDist().inv_cdf(1.0 - alpha / (2.0 * max(rows, 1)))
+
+
 def _biased_row(spec: CheckSpec, s: ReplayStats) -> tuple[float, list[str]]:
-    """The row rule: a token row fails when its mean signed deviation is both beyond ``row_bias_t`` standard
-    errors (``|sum d| / sqrt(sum d**2)``) and beyond ``row_bias_lsb`` LSB. Kernel noise is near zero-mean and
-    spread over every row; a forgery of one row is one-signed, and concentrated there. Returns the worst row's
-    ratio to the rule (``min(t / T, |mean| / F)``; at least 1 when it fails) and the failure's wording."""
-    if "row_bias_t" not in spec.params or s.by_row is None:
+    """The row rule: a token row fails when its mean signed deviation is both beyond :func:`bias_limit`
+    standard errors (``|sum d| / sqrt(sum d**2)``, for ``row_bias_alpha``) and beyond ``row_bias_lsb`` LSB.
+    Kernel noise is near zero-mean and spread over every row; a forgery of one row is one-signed, and
+    concentrated there. Returns the worst row's ratio to the rule (``min(t / T, |mean| / F)``; above 1 when it
+    fails) and the failure's wording."""
+    if "row_bias_alpha" not in spec.params or s.by_row is None:
         return 0.0, []
-    limit_t, limit_lsb = float(_by_dtype(spec, "row_bias_t", s.dtype)), float(_by_dtype(spec, "row_bias_lsb", s.dtype))
     _, bias, mean = row_statistics(s)
+    limit_t = bias_limit(float(_by_dtype(spec, "row_bias_alpha", s.dtype)), bias.size)
+    limit_lsb = float(_by_dtype(spec, "row_bias_lsb", s.dtype))
     ratio = np.minimum(bias / limit_t, np.abs(mean) / limit_lsb)
     row = int(np.argmax(ratio)) if ratio.size else 0
     worst = float(ratio[row]) if ratio.size else 0.0
@@ -130,7 +139,7 @@ def _biased_row(spec: CheckSpec, s: ReplayStats) -> tuple[float, list[str]]:
     flagged = int((ratio > 1.0).sum())
     return worst, [
         f"token row {row}{f' (and {flagged - 1} more)' if flagged > 1 else ''} is biased: mean deviation "
-        f"{mean[row]:+.4g} LSB, {bias[row]:.3g} standard errors from zero (a row fails beyond {limit_t:g} "
+        f"{mean[row]:+.4g} LSB, {bias[row]:.3g} standard errors from zero (a row fails beyond {limit_t:.3g} "
         f"and {limit_lsb:g} LSB)"
     ]
 

@@ -213,10 +213,10 @@ def test_a_genuine_capture_passes_the_tolerant_verdict_under_another_setting(tmp
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-def test_a_real_half_precision_capture_passes_tolerantly_and_its_forgery_fails(tmp_path, model_cache, dtype):
-    """SmolLM2 in half precision, replayed with eager attention: the genuine capture passes the row rule, the
-    3000-LSB half-row forgery of a middle layer's mlp_output fails it."""
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_a_real_capture_passes_tolerantly_and_its_forgery_fails(tmp_path, model_cache, dtype):
+    """SmolLM2 replayed with eager attention: the genuine capture passes the tolerant verdict, the 3000-LSB
+    half-row forgery of a middle layer's mlp_output fails it."""
     from zkllm_hf.models import load
 
     m = load(None, dtype=dtype, tokenizer=False).model

@@ -41,6 +41,9 @@ from .unit import UnitRecorder
 __all__ = ["ReplayOutcome", "differences", "replay_capture"]
 
 MATH_LIBRARIES = ("torch", "transformers", "accelerate", "bitsandbytes")
+HALF = ("bfloat16", "float16")
+"""Source dtypes whose values the codes hold exactly (at magnitudes above 2**-9 and 2**-6): their dequantised
+``ffn_input`` is the one the model computed."""
 MODEL_POINTS = ("block_input", "input_layernorm_output", "attn_output", "ffn_input", "mlp_output")
 """The points an exact-int capture holds as the model computed them (the other two are derived in int32)."""
 
@@ -247,13 +250,15 @@ def _forced(model: nn.Module, units: Sequence[ReplayUnit], layers: Sequence[int]
     """Teacher forcing: every captured layer whose previous layer is captured too runs, for each unit's rows,
     on the capture's own dequantised ``block_input`` (the chain check binds it to the previous layer's
     ``block_output``, which the replay compares), and every captured layer's MLP on the capture's ``ffn_input``
-    (bound to ``post_attn_residual`` by the norm check, and that to ``attn_output`` by skip #1), so the kernel
-    noise of the layers and sublayers before is not carried in."""
+    (bound to ``post_attn_residual`` by the norm check, and that to ``attn_output`` by skip #1) when it is half
+    precision, so the kernel noise of the layers and sublayers before is not carried in. A float32 ``ffn_input``
+    is not substituted: its codes round it to half an LSB, tens of float32 ulps, which the MLP amplifies."""
     layout = find_layout(model)
     pairs = [(layout.layers[layer], _Substitute(u, layer, scale_log2)) for layer in layers if layer - 1 in set(layers)
              for u in units]  # fmt: skip
-    mlp = POINTS_BY_NAME["mlp_output"].module
-    pairs += [(layout.module(layer, mlp), _Substitute(u, layer, scale_log2, "ffn_input")) for layer in layers for u in units]
+    mlp, ffn = POINTS_BY_NAME["mlp_output"].module, POINTS_BY_NAME["ffn_input"]
+    pairs += [(layout.module(layer, mlp), _Substitute(u, layer, scale_log2, "ffn_input")) for layer in layers for u in units
+              if str((u.rows.get(ffn.file_name(layer)) or {}).get("source_dtype")) in HALF]  # fmt: skip
     handles = [module.register_forward_pre_hook(h, with_kwargs=True, prepend=True) for module, h in pairs]
     try:
         yield [h for _, h in pairs]

@@ -1,15 +1,16 @@
 """Per token row, how far a genuine replay drifts from its capture, against a 3000-LSB half-row forgery.
 
-The tolerant verdict's row rule (contracts/v1 ``replay_tolerant``: ``row_factor``, ``row_floor_ulps``) is derived
-from these numbers: docs/architecture.md section 2, "Replay". For each model (the tests' tiny seeded Llama and
-SmolLM2-135M) and dtype it captures once (1 thread, sdpa) and replays under other settings (2 threads; eager
-attention with 1 and 2 threads). Per point it takes each row's mean |deviation| in ulps of the dtype at the
-row's RMS (the row statistic), and prints the largest row statistic against the point's median row, and the
-largest signed-bias statistic |sum d| / sqrt(sum d^2). Then it forges the capture: at every layer,
-``attn_output`` and ``mlp_output`` get +3000 LSB over the first half of one row (a different row per layer and
-point), replays it under each setting and prints the forged rows' statistics.
+The tolerant verdict's row rule (contracts/v1 ``replay_tolerant``: ``row_bias_alpha``, ``row_bias_lsb``) is
+derived from these numbers: docs/architecture.md section 2, "Replay". For each model (the tests' tiny seeded
+Llama and SmolLM2-135M) and dtype it captures once (1 thread, sdpa) and replays under other settings (2
+threads; eager attention with 1 and 2 threads; teacher-forced, as every tolerant replay is). Per point and
+token row it takes the fraction of elements within 1, 2, 4, 8 ulps, the signed bias ``|sum d| / sqrt(sum
+d**2)`` and the mean signed deviation (d in LSB), and prints the genuine rows' worst values and the verdict.
+Then it forges the capture: at every layer, ``attn_output`` and ``mlp_output`` get +3000 LSB over the first
+half of one row (a different row per layer and point), replays it under each setting and prints the forged
+rows' least visible values and how many forged points fail.
 
-    python bench/replay_rows.py --tokens 256 --models tiny,smollm2
+    python bench/replay_rows.py --tokens 256 --models tiny,smollm2 --seeds 2
 """
 
 from __future__ import annotations

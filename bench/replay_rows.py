@@ -28,8 +28,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-import zkllm_hf  # noqa: E402
 from replay_tolerance import settings  # noqa: E402
+
+import zkllm_hf  # noqa: E402
 from zkllm_hf.contracts import ULP_STEPS, load_contract  # noqa: E402
 from zkllm_hf.contracts.replay_checks import row_statistics  # noqa: E402
 from zkllm_hf.manifest import read_manifest  # noqa: E402
@@ -86,7 +87,8 @@ def summarise(label: str, outcome, forged: dict | None) -> dict:
             biased = keep & (bias > 3.0)
             if biased.any():  # the largest |mean deviation| of a row whose bias alone looks suspect
                 genuine["mean"] = max(genuine["mean"], float(np.abs(mean[biased]).max()))
-    text = "genuine rows: min " + ", ".join(f"<={k} {genuine[k]:.3f}" for k in ULP_STEPS) + f", max t {genuine['t']:.2f}, max |mean| (t > 3) {genuine['mean']:.1f} LSB"
+    text = "genuine rows: min " + ", ".join(f"<={k} {genuine[k]:.3f}" for k in ULP_STEPS)
+    text += f", max t {genuine['t']:.2f}, max |mean| (t > 3) {genuine['mean']:.1f} LSB"
     if forged:
         text += "; forged rows: max " + ", ".join(f"<={k} {caught[k]:.3f}" for k in ULP_STEPS)
         text += f", min t {caught['t']:.2f}, min |mean| {caught['mean']:.1f} LSB"
@@ -124,8 +126,9 @@ def main() -> None:
                     where = forge(bad, layers, tokens)
                     for variant, (threads, attn) in VARIANTS.items():
                         with settings(threads, attn, model=model):
-                            summarise(f"{name} {dtype} seed {seed} {variant}", replay_capture(out, model, contract), None)
-                            summarise(f"{name} {dtype} seed {seed} {variant} FORGED", replay_capture(bad, model, contract), where)
+                            label = f"{name} {dtype} seed {seed} {variant}"
+                            summarise(label, replay_capture(out, model, contract), None)
+                            summarise(f"{label} FORGED", replay_capture(bad, model, contract), where)
 
 
 if __name__ == "__main__":

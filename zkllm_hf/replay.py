@@ -257,7 +257,8 @@ def _forced(model: nn.Module, units: Sequence[ReplayUnit], layers: Sequence[int]
     pairs = [(layout.layers[layer], _Substitute(u, layer, scale_log2)) for layer in layers if layer - 1 in set(layers)
              for u in units]  # fmt: skip
     mlp, ffn = POINTS_BY_NAME["mlp_output"].module, POINTS_BY_NAME["ffn_input"]
-    pairs += [(layout.module(layer, mlp), _Substitute(u, layer, scale_log2, "ffn_input")) for layer in layers for u in units
+    pairs += [(layout.module(layer, mlp), _Substitute(u, layer, scale_log2, "ffn_input"))
+              for layer in layers for u in units
               if str((u.rows.get(ffn.file_name(layer)) or {}).get("source_dtype")) in HALF]  # fmt: skip
     handles = [module.register_forward_pre_hook(h, with_kwargs=True, prepend=True) for module, h in pairs]
     try:

@@ -70,7 +70,9 @@ def compare_codes(stats: ReplayStats, got: np.ndarray, want: np.ndarray, row0: i
         stats.expected, stats.replayed = int(want[row, col]), int(got[row, col])
 
 
-def fold_rows(stats: ReplayStats, d: torch.Tensor, where: torch.Tensor, ulps: torch.Tensor, row0: int, cols: int) -> None:
+def fold_rows(
+    stats: ReplayStats, d: torch.Tensor, where: torch.Tensor, ulps: torch.Tensor, row0: int, cols: int
+) -> None:
     """Fold each row's counts (see :data:`~zkllm_hf.contracts.ROW_FIELDS`) into ``stats.by_row``: ``d`` the
     signed deviations (rows, cols), ``where`` the flat indices of the differing elements, ``ulps`` theirs."""
     table = stats.row_table()

@@ -8,10 +8,11 @@ magnitude, and the worst. Each ``replay`` entry judges them under its ``verdict`
 - ``exact``: every code equal (the replay ran as the capture did: device type, dtype, quantization, thread
   count, attention implementation and library versions);
 - ``tolerant``: at least ``fractions[D][k]`` of the elements within ``k`` ulps, none beyond ``max_ulps[D]``, and no
-  biased token row (``row_bias_alpha[D]``, ``row_bias_lsb[D]``: :func:`row_statistics`, :func:`bias_limit`), for ``D`` the point's source
-  dtype (float32's thresholds for a dtype the entry does not name). The whole-point fractions see noise spread
-  over a point; the row rule sees a forgery concentrated on one token's row, which in half precision can stay
-  within a few ulps of large elements yet shifts the row's mean far beyond its standard error.
+  biased token row (``row_bias_alpha[D]``, ``row_bias_lsb[D]``: :func:`row_statistics`, :func:`bias_limit`), for
+  ``D`` the point's source dtype (float32's thresholds for a dtype the entry does not name). The whole-point
+  fractions see noise spread over a point; the row rule sees a forgery concentrated on one token's row, which
+  in half precision can stay within a few ulps of large elements yet shifts the row's mean far beyond its
+  standard error.
 
 An element's ulp, in LSB, is ``max(1, ulp_D(m) * 2**k)`` for ``m`` the larger magnitude of the two values: a
 difference below one LSB cannot be seen in the codes.
@@ -91,9 +92,7 @@ def row_statistics(s: ReplayStats) -> tuple[dict[int, np.ndarray], np.ndarray, n
     table = s.row_table()
     n = table[:, 0]
     seen = n > 0
-    within = {
-        k: 1.0 - np.divide(table[:, i], n, out=np.zeros_like(n), where=seen) for i, k in enumerate(ULP_STEPS, 1)
-    }
+    within = {k: 1.0 - np.divide(table[:, i], n, out=np.zeros_like(n), where=seen) for i, k in enumerate(ULP_STEPS, 1)}
     dev_sum, dev_sq = table[:, len(ULP_STEPS) + 1], table[:, len(ULP_STEPS) + 2]
     bias = np.divide(np.abs(dev_sum), np.sqrt(dev_sq), out=np.zeros_like(n), where=dev_sq > 0)
     mean = np.divide(dev_sum, n, out=np.zeros_like(n), where=seen)

@@ -7,7 +7,11 @@ every unit is compared with its file as the layer completes. Forwards are rebuil
 for ``generate()`` steps the cache, rebuilt by replaying the cache's earlier forwards in order.
 
 The contract's ``replay`` entries judge each point (:mod:`~zkllm_hf.contracts.replay_checks`). ``exact`` runs
-when the replay runs as the capture did (:func:`differences` is empty); ``tolerant`` always runs. When a unit
+when the replay runs as the capture did (:func:`differences` is empty); ``tolerant`` always runs. When the
+replay does not run as the capture did, each captured layer whose previous layer is captured too runs on the
+capture's own dequantised ``block_input`` (teacher forcing, :func:`_forced`): the chain check binds that input
+to the previous layer's ``block_output``, which the replay compares, and each layer's deviation is then its
+own kernels' noise, not the noise of every layer before it. When a unit
 diverges, the first diverging layer L is replayed again with layer L's input replaced by the capture's own
 dequantised ``block_input`` (:func:`localise`), which says whether layer L's computation diverged or its input.
 """
@@ -29,7 +33,7 @@ from .contracts import CheckResult, Contract, ReplayStats, implementation
 from .engine import CaptureEngine, CaptureError, Route
 from .hooks import find_layout
 from .options import CaptureOptions
-from .points import POINTS
+from .points import POINTS, POINTS_BY_NAME
 from .replay_compare import ComparatorSink, ExpectedFile
 from .replay_inputs import ForwardPlan, ReplayUnit, plan_forwards, read_units
 from .unit import UnitRecorder
@@ -37,6 +41,9 @@ from .unit import UnitRecorder
 __all__ = ["ReplayOutcome", "differences", "replay_capture"]
 
 MATH_LIBRARIES = ("torch", "transformers", "accelerate", "bitsandbytes")
+HALF = ("bfloat16", "float16")
+"""Source dtypes whose values the codes hold exactly (at magnitudes above 2**-9 and 2**-6): their dequantised
+``ffn_input`` is the one the model computed."""
 MODEL_POINTS = ("block_input", "input_layernorm_output", "attn_output", "ffn_input", "mlp_output")
 """The points an exact-int capture holds as the model computed them (the other two are derived in int32)."""
 
@@ -132,7 +139,7 @@ def _autocast(meta: Mapping[str, Any], device: torch.device):
     return torch.autocast(device.type, dtype=getattr(torch, str(state.get("dtype")), None))
 
 
-def _run(engine: CaptureEngine, model: nn.Module, plans: Sequence[ForwardPlan], hook=None) -> dict[int, UnitRecorder]:
+def _run(engine: CaptureEngine, model: nn.Module, plans: Sequence[ForwardPlan], hooks=()) -> dict[int, UnitRecorder]:
     """Run each forward as it ran, the engine routing each unit's rows as the capture did."""
     recorders: dict[int, UnitRecorder] = {}
     current: list[Route] = []
@@ -143,7 +150,7 @@ def _run(engine: CaptureEngine, model: nn.Module, plans: Sequence[ForwardPlan], 
         for plan in plans:
             current[:] = [Route(r.row, r.cols, _recorder(engine, recorders, r.unit)) for r in plan.routes]
             cache = _cache(plan, caches)
-            if hook is not None:
+            for hook in hooks:
                 hook.forward = plan
             kwargs: dict[str, Any] = {"input_ids": plan.input_ids.to(device), "use_cache": cache is not None}
             if plan.mask is not None:
@@ -202,18 +209,25 @@ def _cache(plan: ForwardPlan, caches: dict[tuple[str, int], Any]) -> Any:
 
 class _Substitute:
     """A pre-hook on layer L that replaces one unit's rows of the layer's input with the capture's own
-    dequantised ``block_input`` (the localisation replay)."""
+    dequantised ``block_input`` (the localisation replay, and each chained layer of a tolerant replay), or,
+    on the layer's MLP, its input with the capture's ``ffn_input``."""
 
-    def __init__(self, unit: ReplayUnit, layer: int, scale_log2: int):
-        row = unit.rows.get(POINTS[0].file_name(layer))
+    def __init__(self, unit: ReplayUnit, layer: int, scale_log2: int, point: str = "block_input"):
+        row = unit.rows.get(POINTS_BY_NAME[point].file_name(layer))
         if row is None:
-            raise CaptureError(f"layer {layer} has no block_input file to replay it on")
-        import numpy as np
-
-        codes = np.fromfile(unit.path / str(row["file"]), dtype="<i4").reshape(int(row["rows"]), int(row["cols"]))
-        self.values = torch.from_numpy(codes.astype("float64")) / float(2**scale_log2)
+            raise CaptureError(f"layer {layer} has no {point} file to replay it on")
+        self.path, self.cols = unit.path / str(row["file"]), int(row["cols"])
+        self.scale = float(2**scale_log2)
         self.unit = unit
         self.forward: ForwardPlan | None = None
+
+    def _rows(self, start: int, count: int) -> torch.Tensor:
+        import numpy as np
+
+        codes = np.fromfile(self.path, dtype="<i4", count=count * self.cols, offset=start * self.cols * 4)
+        if codes.size != count * self.cols:
+            raise CaptureError(f"{self.path.name} holds fewer rows than the replay's forwards need")
+        return torch.from_numpy(codes.reshape(count, self.cols).astype("float64")) / self.scale
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         plan = self.forward
@@ -224,11 +238,34 @@ class _Substitute:
         hidden = hidden.clone()
         for r in mine:
             width = len(range(hidden.shape[1])[r.cols]) if isinstance(r.cols, slice) else int(r.cols.numel())
-            rows = self.values[r.offset : r.offset + width].to(device=hidden.device, dtype=hidden.dtype)
+            rows = self._rows(r.offset, width).to(device=hidden.device, dtype=hidden.dtype)
             hidden[r.row, r.cols if isinstance(r.cols, slice) else r.cols.to(hidden.device)] = rows
         if args:
             return (hidden, *args[1:]), kwargs
         return args, {**kwargs, "hidden_states": hidden}
+
+
+@contextlib.contextmanager
+def _forced(model: nn.Module, units: Sequence[ReplayUnit], layers: Sequence[int], scale_log2: int):
+    """Teacher forcing: every captured layer whose previous layer is captured too runs, for each unit's rows,
+    on the capture's own dequantised ``block_input`` (the chain check binds it to the previous layer's
+    ``block_output``, which the replay compares), and every captured layer's MLP on the capture's ``ffn_input``
+    (bound to ``post_attn_residual`` by the norm check, and that to ``attn_output`` by skip #1) when it is half
+    precision, so the kernel noise of the layers and sublayers before is not carried in. A float32 ``ffn_input``
+    is not substituted: its codes round it to half an LSB, tens of float32 ulps, which the MLP amplifies."""
+    layout = find_layout(model)
+    pairs = [(layout.layers[layer], _Substitute(u, layer, scale_log2)) for layer in layers if layer - 1 in set(layers)
+             for u in units]  # fmt: skip
+    mlp, ffn = POINTS_BY_NAME["mlp_output"].module, POINTS_BY_NAME["ffn_input"]
+    pairs += [(layout.module(layer, mlp), _Substitute(u, layer, scale_log2, "ffn_input"))
+              for layer in layers for u in units
+              if str((u.rows.get(ffn.file_name(layer)) or {}).get("source_dtype")) in HALF]  # fmt: skip
+    handles = [module.register_forward_pre_hook(h, with_kwargs=True, prepend=True) for module, h in pairs]
+    try:
+        yield [h for _, h in pairs]
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _judge(contract: Contract, stats: Sequence[ReplayStats], exact: bool, why: str) -> list[CheckResult]:
@@ -263,7 +300,7 @@ def localise(
     try:
         with _engine(model, meta, contract, sink, layers=[layer], residuals="model") as engine:
             groups = {p.group for p in plans if any(r.unit is unit for r in p.routes)}
-            _run(engine, model, [p for p in plans if p.group in groups], hook)
+            _run(engine, model, [p for p in plans if p.group in groups], [hook])
     finally:
         handle.remove()
     tolerant = [s for s in contract.entries(scope="replay") if s.params.get("verdict") == "tolerant"]
@@ -334,9 +371,12 @@ def replay_capture(path: Path, model: nn.Module, contract: Contract) -> ReplayOu
     sink = ComparatorSink(_expected(runnable), int(meta["capture"]["scale_log2"]))
     live = {p.group for p in plans if p.routes}
     plans = [p for p in plans if p.group in live]  # a group none of whose units can run is not run
+    force = not exact and meta["capture"].get("residuals", "model") != "exact-int"
+    scale = int(meta["capture"]["scale_log2"])
     try:
-        with _engine(model, meta, contract, sink) as engine:
-            recorders = _run(engine, model, plans)
+        layers = list(meta["capture"]["layers"]) if force else []
+        with _forced(model, runnable, layers, scale) as hooks, _engine(model, meta, contract, sink) as engine:
+            recorders = _run(engine, model, plans, hooks)
     except (CaptureError, ValueError, RuntimeError) as exc:
         name = next(iter(sorted(contract.names_of("replay"))), "replay")
         return ReplayOutcome([*skipped, CheckResult(name, False, f"the replay could not run: {exc}")], exact, diff)

@@ -38,6 +38,7 @@ class ExpectedFile:
 
 def compare_codes(stats: ReplayStats, got: np.ndarray, want: np.ndarray, row0: int, scale_log2: int) -> None:
     """Fold ``got`` (replayed) against ``want`` (the file's rows ``row0 ..``) into ``stats``."""
+    stats.scale_log2 = scale_log2
     stats.rows += int(got.shape[0])
     stats.elements += int(got.size)
     if np.array_equal(got, want):
@@ -47,7 +48,8 @@ def compare_codes(stats: ReplayStats, got: np.ndarray, want: np.ndarray, row0: i
         return
     g = torch.from_numpy(np.ascontiguousarray(got, dtype=np.int64))
     w = torch.from_numpy(np.ascontiguousarray(want, dtype=np.int64))
-    diff = (g - w).abs_()
+    signed = g - w
+    diff = signed.abs()
     where = torch.nonzero(diff.reshape(-1)).flatten()
     stats.equal += int(got.size - where.numel())
     dev = diff.reshape(-1)[where].to(torch.float64)
@@ -56,6 +58,7 @@ def compare_codes(stats: ReplayStats, got: np.ndarray, want: np.ndarray, row0: i
     dtype = SOURCE_DTYPES.get(stats.dtype, torch.float32)
     unit = fp.ulp(mag, dtype, in_place=True).mul_(scale).clamp_(min=1.0)
     ulps = dev / unit
+    fold_rows(stats, signed, where, ulps, row0, int(got.shape[1]))
     for k in ULP_STEPS:
         stats.within[k] += int(got.size - where.numel()) + int((ulps <= k).sum())
     i = int(torch.argmax(ulps))
@@ -65,6 +68,25 @@ def compare_codes(stats: ReplayStats, got: np.ndarray, want: np.ndarray, row0: i
         stats.max_ulps, stats.max_lsb, stats.ulp_lsb = float(ulps[i]), int(dev[i]), float(unit[i])
         stats.index = (row0 + row, col)
         stats.expected, stats.replayed = int(want[row, col]), int(got[row, col])
+
+
+def fold_rows(
+    stats: ReplayStats, d: torch.Tensor, where: torch.Tensor, ulps: torch.Tensor, row0: int, cols: int
+) -> None:
+    """Fold each row's counts (see :data:`~zkllm_hf.contracts.ROW_FIELDS`) into ``stats.by_row``: ``d`` the
+    signed deviations (rows, cols), ``where`` the flat indices of the differing elements, ``ulps`` theirs."""
+    table = stats.row_table()
+    rows = torch.div(where, cols, rounding_mode="floor")
+    n = int(d.shape[0])
+    if row0 + n > table.shape[0]:
+        return
+    block = table[row0 : row0 + n]
+    block[:, 0] += cols
+    for i, k in enumerate(ULP_STEPS, start=1):
+        block[:, i] += torch.bincount(rows[ulps > k], minlength=n).numpy()
+    dd = d.to(torch.float64)
+    block[:, len(ULP_STEPS) + 1] += dd.sum(dim=1).numpy()
+    block[:, len(ULP_STEPS) + 2] += dd.square().sum(dim=1).numpy()
 
 
 class ComparatorSink:

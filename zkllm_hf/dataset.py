@@ -42,7 +42,7 @@ from .manifest import remove_manifest
 from .options import PADDABLE_MODES, generation_problem, resolve_layers, threads_problem
 from .profile import config_limit_warnings
 from .prompts import Prompt, PromptsError, as_prompts, parse_prompts, read_prompts, tokenize_prompts
-from .resume import run_settings, verify_unit, wanted
+from .resume import asked_settings, run_settings, verify_unit, wanted
 from .session import CaptureSession
 from .writer import MANIFEST_NAME, WORK, TargetLock
 
@@ -306,7 +306,7 @@ def capture_dataset(
         options=_engine_options(layers, scale_log2, residuals, digest, fingerprint, tokenizer, store_text),
         extra_metadata=extra_metadata,
         threads=threads,
-        asked=_asked(generate, capture_mode, pad_to, sampling, seed),
+        asked=asked_settings(generate, capture_mode, pad_to, sampling, seed),
         fixed=_fixed_settings(
             model, mode=capture_mode, layers=layers, scale_log2=scale_log2, residuals=residuals, threads=threads,
             digest=digest, fingerprint=fingerprint,
@@ -328,16 +328,6 @@ def capture_dataset(
     result.seconds = time.perf_counter() - t0
     return result
 
-
-def _asked(
-    generate: int | None, mode: str, pad_to: int | None, sampling: Mapping[str, Any] | None, seed: int | None
-) -> dict[str, Any]:
-    """What a run asks of each prompt's unit besides its text (a kept unit must have been captured so); the
-    sampling settings only when given, so a greedy unit of an earlier run is still kept."""
-    asked: dict[str, Any] = {"generate": generate, "mode": mode, "pad_to": pad_to}
-    if sampling or seed is not None:
-        asked.update(sampling=dict(sampling or {}), seed=seed)
-    return asked
 
 
 def _device(model: nn.Module) -> torch.device:

@@ -3,7 +3,6 @@ capture.json (docs/architecture.md §3)."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -97,7 +96,7 @@ def build_table(rows: list[dict[str, Any]], metadata: dict[str, Any]) -> pa.Tabl
     full = ({**dict.fromkeys(OPTIONAL_COLUMNS), **r} for r in rows)  # every column, as the table reads back
     rows = sorted(full, key=lambda r: (r["sample"], r["step"], r["layer"], r["file"]))
     meta = dict(metadata, format_version=FORMAT_VERSION)
-    meta["sidecar"] = {"file": SIDECAR_NAME, "sha256": hashlib.sha256(sidecar_bytes(meta)).hexdigest()}
+    meta["sidecar"] = {"file": SIDECAR_NAME, "sha256": digest_bytes("sha256", sidecar_bytes(meta))}
     meta["manifest_digest"] = rows_digest(rows, meta)
     table = pa.Table.from_pylist(rows, schema=SCHEMA)
     return table.replace_schema_metadata({METADATA_KEY: json.dumps(meta, sort_keys=True).encode()})
@@ -169,7 +168,7 @@ def sidecar_problem(folder: str | os.PathLike[str], metadata: Mapping[str, Any])
     if path.is_symlink() or not path.is_file():
         return f"{SIDECAR_NAME} is missing (or not a regular file); the manifest records one"
     data = path.read_bytes()
-    got = hashlib.sha256(data).hexdigest()
+    got = digest_bytes("sha256", data)
     if got != record.get("sha256"):
         return (
             f"{SIDECAR_NAME} was edited: sha256 {got[:12]}..., the manifest records "

@@ -130,8 +130,20 @@ def mismatch(folder: Path, want: Mapping[str, Any]) -> str | None:
     return None
 
 
+def asked_settings(
+    generate: int | None, mode: str, pad_to: int | None, sampling: Mapping[str, Any] | None, seed: int | None
+) -> dict[str, Any]:
+    """What a run asks of each prompt's unit besides its text (a kept unit must have been captured so); the
+    sampling settings only when given, so a greedy unit of an earlier run is still kept."""
+    asked: dict[str, Any] = {"generate": generate, "mode": mode, "pad_to": pad_to}
+    if sampling or seed is not None:
+        asked.update(sampling=dict(sampling or {}), seed=seed)
+    return asked
+
+
 __all__ = [
     "MODEL_KEYS",
+    "asked_settings",
     "difference",
     "mismatch",
     "run_settings",

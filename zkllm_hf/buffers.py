@@ -15,6 +15,16 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from .direct_io import BLOCK
+
+
+def aligned_empty(numel: int, *, pin_memory: bool = False) -> torch.Tensor:
+    """A flat, uninitialised int32 tensor of ``numel`` elements starting on a page boundary, as ``O_DIRECT``
+    writes need (:mod:`zkllm_hf.direct_io`); its storage is a page larger."""
+    raw = torch.empty(numel + BLOCK // 4, dtype=torch.int32, pin_memory=pin_memory)
+    skip = (-raw.data_ptr() % BLOCK) // 4  # torch aligns to 64 bytes at least: a whole number of int32
+    return raw[skip : skip + numel]
+
 
 class HostBufferPool:
     """int32 host buffers, reused; at most ``max_bytes`` held (in use or free) at once."""
@@ -47,7 +57,7 @@ class HostBufferPool:
                 while self._free and self.held_bytes + need > self.max_bytes:
                     self.held_bytes -= self._free.pop(0).numel() * 4
                 if self.held_bytes + need <= self.max_bytes or not self.in_use_bytes:
-                    buf = torch.empty(max(1, numel), dtype=torch.int32, pin_memory=self.pin_memory)
+                    buf = aligned_empty(max(1, numel), pin_memory=self.pin_memory)
                     self.held_bytes += need
                     self.high_water_bytes = max(self.high_water_bytes, self.held_bytes)
                     break

@@ -8,10 +8,7 @@ rounded magnitude exceeds ``2**31 - 1``. Nothing is wrapped or clipped.
 from __future__ import annotations
 
 import math
-import os
-import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -78,21 +75,11 @@ def row_blocks(t: torch.Tensor) -> list[slice]:
     return [slice(i, min(i + step, rows)) for i in range(0, rows, step)] or [slice(0, 0)]
 
 
-_pool_lock = threading.Lock()
-_pool: ThreadPoolExecutor | None = None
-
-
 def map_blocks(fn: Callable[[slice], torch.Tensor], blocks: list[slice], device: torch.device) -> list[torch.Tensor]:
-    """``fn`` on each block; on the CPU, on as many threads as torch uses (torch releases the GIL)."""
-    global _pool
-    workers = min(torch.get_num_threads(), os.cpu_count() or 1, len(blocks))
-    if device.type != "cpu" or workers < 2:
-        return [fn(b) for b in blocks]
-    with _pool_lock:
-        if _pool is None:
-            _pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="zkllm-check")
-        pool = _pool
-    return list(pool.map(fn, blocks))
+    """``fn`` on each block, in order, on the calling thread. Each block's ops use torch's own intra-op
+    threads: a pool of Python threads here would start one OpenMP team per thread and oversubscribe the
+    cores the model's forward is using (bench/RESULTS.md, 2026-12-01 "one team of threads")."""
+    return [fn(b) for b in blocks]
 
 
 def quantize(x: torch.Tensor, scale_log2: int, *, what: str = "tensor") -> torch.Tensor:

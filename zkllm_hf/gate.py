@@ -24,10 +24,12 @@ from .contracts import (
     CaptureSubject,
     CheckResult,
     ContractViolation,
+    inside,
     run_capture_checks,
     run_dataset_checks,
     run_file_checks,
 )
+from .direct_io import stamp
 from .manifest import build_table, table_metadata, write_manifest, write_sidecar
 from .options import CaptureOptions
 from .profile import zkllm_limit_warnings
@@ -126,10 +128,15 @@ def share_units(root: Path, units: Sequence[UnitRecorder], written: dict[str, An
             continue
         (root / u.folder).mkdir(parents=True, exist_ok=True)
         for rec in u.records.values():
-            for name in (rec.point.file_name(rec.layer), *rec.point.alias_names(rec.layer)):
-                link_or_copy(root / source.folder / name, root / u.folder / name)
+            names = (rec.point.file_name(rec.layer), *rec.point.alias_names(rec.layer))
             key = rec.point.file_name(rec.layer)
-            written[f"{u.folder}/{key}"] = written[f"{source.folder}/{key}"]
+            w = written[f"{source.folder}/{key}"]
+            src = root / source.folder / key
+            fresh = w.read_back is not None and _stamp_or_none(src) == w.read_back.stamp
+            linked = all([link_or_copy(root / source.folder / name, root / u.folder / name) for name in names])
+            # a hard link is the bytes read back (the link changed the stamp: take it again); a copy is read
+            w = _replace(w, read_back=_replace(w.read_back, stamp=stamp(src)) if fresh and linked else None)
+            written[f"{source.folder}/{key}"] = written[f"{u.folder}/{key}"] = w
 
 
 @dataclass
@@ -168,6 +175,7 @@ def _gate_unit(
     model: nn.Module,
     fingerprint: str,
     flat: bool,
+    written: Mapping[str, Any],
 ) -> list[CheckResult]:
     """Every check of one staged unit: its layer checks (run in memory), its capture checks on the manifest
     as validate reads it back (the rows in manifest order, the metadata through JSON), and its file checks."""
@@ -176,8 +184,31 @@ def _gate_unit(
         table.to_pylist(), table, table_metadata(table), root / u.folder, model, lambda _: fingerprint, u.failures
     )
     capture_checks = run_capture_checks(contract, subject, skip=skip)
-    file_checks = run_file_checks(contract, root / u.folder, rows)
+    file_checks = run_file_checks(contract, root / u.folder, rows, known=read_backs(rows, written, root, u.folder))
     return list(u.checks.values()) + capture_checks + file_checks
+
+
+def read_backs(
+    rows: Sequence[Mapping[str, Any]], written: Mapping[str, Any], root: Path, folder: str
+) -> dict[str, Any]:
+    """``{row file: ReadBack}`` for the files of the unit ``folder`` (under ``root``) its writer read back as
+    they landed, and unchanged since (an alias, a hard link, shares its primary's), so the file checks read
+    only the others from disk."""
+    out = {}
+    for r in rows:
+        w = written.get(f"{folder}/{r['alias_of'] or r['file']}")
+        rb = getattr(w, "read_back", None)
+        path = inside(root / folder, str(r["file"]))
+        if rb is not None and path is not None and _stamp_or_none(path) == rb.stamp:
+            out[str(r["file"])] = rb
+    return out
+
+
+def _stamp_or_none(path: Path) -> tuple[int, ...] | None:
+    try:
+        return stamp(path)
+    except OSError:
+        return None
 
 
 def _gate_index(contract: Any, dataset_rows: list[dict[str, Any]]) -> list[CheckResult]:
@@ -212,7 +243,7 @@ def gate_units(
         table = build_table(rows, {**u.metadata(common), **dict(extra)})
         write_sidecar(table, root / u.folder)  # checked below from disk, as validate reads it
         gated.unit_tables.append((u, table))
-        u.results = _gate_unit(options.contract, u, table, rows, root, model, fingerprint, flat)
+        u.results = _gate_unit(options.contract, u, table, rows, root, model, fingerprint, flat, written)
         gated.failures += [gated.tag(r, u) for r in u.results if r.failed]
         gated.dataset_rows += index_rows(rows, "" if flat else f"{u.folder}/")
     if not flat:

@@ -2,8 +2,9 @@
 
 A staging folder carries a ``PARTIAL`` marker from creation until it is renamed into place, so a reader
 can always tell a finished capture (it has ``manifest.arrow``, written last, and no marker) from a broken
-one. Writes and SHA-256 run on a background thread, with a bounded number of bytes in flight, so the
-model's forward overlaps the disk and memory held stays bounded whatever the layer count.
+one. Writes, digests and read-backs run on background threads, with a bounded number of bytes in flight, so
+the model's forward overlaps the disk and memory held stays bounded whatever the layer count; the writes go
+around the page cache where the filesystem allows it (:mod:`zkllm_hf.direct_io`).
 
 It also holds the ownership rule (:func:`foreign_files`): what zkllm-hf may replace or delete is what a
 manifest it wrote lists, or its own pid-named staging, old, temp and lock entries; never a file by its name.
@@ -20,13 +21,14 @@ import threading
 import uuid
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .digests import DEFAULT_DIGEST, check_digest, digest_file, hasher
+from .digests import DEFAULT_DIGEST, check_digest, digest_file
+from .direct_io import FileAppender, ReadBack, stamp
 from .errors import TargetBusyError
 from .ownership import (  # noqa: F401 - the ownership rule, also importable from here as before
     LEFTOVER,
@@ -50,6 +52,7 @@ class WrittenFile:
     digest: str
     byte_size: int
     algorithm: str = DEFAULT_DIGEST
+    read_back: ReadBack | None = None  # the file as read back after each write (None: the gate reads it)
 
     @property
     def sha256(self) -> str:
@@ -221,7 +224,9 @@ class StagingDir:
     queued, so a file may be built by several :meth:`append_many` calls (a prompt prefilled in chunks) and
     :meth:`remove` drops a folder only after the writes queued into it, on every thread. At most
     ``max_in_flight_bytes`` of host copies wait for the disk (more only when one array alone is larger), which
-    bounds memory. Each file is hashed (``digest``) as it is written.
+    bounds memory. Each file is hashed (``digest``) as it is written, and each append read back and hashed
+    again as it lands (:class:`~zkllm_hf.direct_io.FileAppender`; with ``direct``, around the page cache where
+    the filesystem allows it).
 
     Every file is durable before the commit's rename. ``durability`` says when: ``"append"`` (the default)
     hands each file to a pool of sync threads as each write to it closes, which ``fdatasync`` it while the
@@ -240,11 +245,13 @@ class StagingDir:
         digest: str = DEFAULT_DIGEST,
         writers: int = 1,
         durability: str = "append",
+        direct: bool = True,
     ):
         self.out_dir = Path(out_dir).absolute()
         self.overwrite = overwrite
         self.max_in_flight_bytes = max_in_flight_bytes
         self.digest = check_digest(digest)
+        self.direct = direct  # O_DIRECT appends; turned off for the files after one the filesystem refused
         if durability not in DURABILITY:
             raise ValueError(f"durability={durability!r}; one of {', '.join(DURABILITY)}")
         self.durability = "seal" if durability == "syncfs" and _syncfs() is None else durability
@@ -264,7 +271,7 @@ class StagingDir:
         self._budget = threading.Condition()
         self._in_flight = 0
         self._futures: list[Future[Any]] = []
-        self._hashes: dict[str, Any] = {}  # name -> running digest; each touched by its file's writer thread only
+        self._files: dict[str, FileAppender] = {}  # name -> its appender; each used by its file's writer thread only
         self._barriers: list[threading.Barrier] = []  # removals waiting for every writer thread
         self._syncer = ThreadPoolExecutor(max_workers=SYNC_THREADS, thread_name_prefix="zkllm-sync")
         self._syncs: list[Future[Any]] = []  # each closed write's fdatasync (durability "append")
@@ -362,16 +369,15 @@ class StagingDir:
         items.clear()  # drop the arrays before the task's end frees room for more: memory stays within the bound
 
     def _append(self, name: str, data: np.ndarray) -> None:
-        view = memoryview(data.reshape(-1)).cast("B")
-        path = self.path / name
-        if name not in self._hashes:
+        file = self._files.get(name)
+        if file is None:
+            path = self.path / name
             path.parent.mkdir(parents=True, exist_ok=True)
-            self._hashes[name] = hasher(self.digest)
-        with open(path, "ab") as fh:
-            fh.write(view)
+            file = self._files[name] = FileAppender(path, self.digest, direct=self.direct)
+        file.append(memoryview(data.reshape(-1)).cast("B"))
+        self.direct = self.direct and file.direct
         if self.durability == "append":
-            self._syncs.append(self._syncer.submit(_datasync_path, path))
-        self._hashes[name].update(view)
+            self._syncs.append(self._syncer.submit(_datasync_path, file.path))
 
     def seal_many(self, items: list[tuple[str, tuple[str, ...]]]) -> list[Future[list[WrittenFile]]]:
         """Queue the end of each ``(name, aliases)`` (a unit's files), one task per writer thread, each after
@@ -389,9 +395,12 @@ class StagingDir:
             if self.durability == "seal":
                 os.fsync(fh.fileno())
             size = fh.seek(0, os.SEEK_END)
-        for alias in aliases:
-            link_or_copy(path, path.with_name(alias))
-        return WrittenFile(name, self._hashes.pop(name).hexdigest(), size, self.digest)
+        file = self._files.pop(name)
+        read_back = file.read_back(size)  # None if the file changed since it was read back
+        linked = all([link_or_copy(path, path.with_name(alias)) for alias in aliases])
+        # the links change the file's stamp; a copied alias is read by the gate (and so is its file)
+        read_back = replace(read_back, stamp=stamp(path)) if read_back is not None and linked else None
+        return WrittenFile(name, file.sent.hexdigest(), size, self.digest, read_back)
 
     def remove(self, folder: str) -> None:
         """Queue the removal of a sub-folder, after every write already queued into it: a barrier on every
@@ -403,8 +412,8 @@ class StagingDir:
 
     def _remove(self, folder: str) -> None:
         prefix = folder.rstrip("/") + "/"
-        for name in [n for n in self._hashes if n.startswith(prefix)]:
-            del self._hashes[name]
+        for name in [n for n in self._files if n.startswith(prefix)]:
+            del self._files[name]
         shutil.rmtree(self.path / folder, ignore_errors=True)
 
     def wait(self) -> list[WrittenFile]:
@@ -521,12 +530,14 @@ def fsync_dir(path: Path) -> None:
 _fsync_dir = fsync_dir  # deprecated alias, for one release
 
 
-def link_or_copy(src: Path, dst: Path) -> None:
-    """``dst`` as a hard link to ``src``, or a copy of it where the filesystem cannot link."""
+def link_or_copy(src: Path, dst: Path) -> bool:
+    """``dst`` as a hard link to ``src`` (True), or a copy of it where the filesystem cannot link (False)."""
     try:
         os.link(src, dst)
+        return True
     except OSError:
         shutil.copyfile(src, dst)
+        return False
 
 
 def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 22) -> str:

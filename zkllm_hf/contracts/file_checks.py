@@ -1,5 +1,9 @@
 """The file checks: each file of a capture read once (on threads), for its size, digest and int range; and
-:func:`inside`, the one test of whether a manifest's file name stays inside its capture folder."""
+:func:`inside`, the one test of whether a manifest's file name stays inside its capture folder.
+
+The checks judge a :class:`~zkllm_hf.direct_io.ReadBack`: what a file holds, as read from it. ``validate``
+reads every file here; the capture's gate passes in what its writer read back from each file as the bytes
+landed (``known``), and only the files without one are read again."""
 
 from __future__ import annotations
 
@@ -10,25 +14,23 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from tqdm.auto import tqdm
 
-from ..digests import digest_bytes, row_digest
+from ..digests import row_digest
+from ..direct_io import ReadBack, read_back_of
 from .registry import entries_of, implementation, register_check
 from .spec import CheckResult, CheckSpec, Contract, row_place
 
 
 @register_check("integrity", "file")
-def _integrity(
-    spec: CheckSpec, row: Mapping[str, Any], data: bytes | memoryview | None, problem: str | None
-) -> CheckResult:
+def _integrity(spec: CheckSpec, row: Mapping[str, Any], data: ReadBack | None, problem: str | None) -> CheckResult:
     where = row_place(row)
     if data is None:
         return CheckResult(spec.name, False, problem or "file is unreadable", **where)
-    if len(data) != row["byte_size"]:
-        return CheckResult(spec.name, False, f"{len(data)} bytes, manifest says {row['byte_size']}", **where)
+    if data.size != row["byte_size"]:
+        return CheckResult(spec.name, False, f"{data.size} bytes, manifest says {row['byte_size']}", **where)
     algorithm, want = row_digest(row)
-    digest = digest_bytes(algorithm, data)
+    digest = data.digest if data.algorithm == algorithm else None
     if digest != want:
         said = f"{algorithm} {digest[:12]}..., manifest says {str(want)[:12]}..."
         return CheckResult(spec.name, False, said, **where)
@@ -36,16 +38,13 @@ def _integrity(
 
 
 @register_check("range", "file")
-def _range(
-    spec: CheckSpec, row: Mapping[str, Any], data: bytes | memoryview | None, problem: str | None
-) -> CheckResult:
+def _range(spec: CheckSpec, row: Mapping[str, Any], data: ReadBack | None, problem: str | None) -> CheckResult:
     where = row_place(row)
-    if data is None or len(data) % 4:
+    if data is None or data.size % 4:
         return CheckResult(spec.name, False, skipped=f"no int32 data to read ({problem or 'truncated file'})", **where)
-    codes = np.frombuffer(data, dtype="<i4")
-    if not codes.size:
+    if data.int_min is None or data.int_max is None:
         return CheckResult(spec.name, False, "file holds no values", **where)
-    lo, hi = int(codes.min()), int(codes.max())
+    lo, hi = data.int_min, data.int_max
     ok = (lo, hi) == (row["int_min"], row["int_max"]) and lo > -(2**31)
     message = "" if ok else f"data spans [{lo}, {hi}], manifest says [{row['int_min']}, {row['int_max']}]"
     if lo == -(2**31):
@@ -95,9 +94,15 @@ def _read(path: Path, local: threading.local) -> memoryview:
 
 
 def run_file_checks(
-    contract: Contract, folder: Path, rows: Sequence[Mapping[str, Any]], *, progress: bool = False
+    contract: Contract,
+    folder: Path,
+    rows: Sequence[Mapping[str, Any]],
+    *,
+    progress: bool = False,
+    known: Mapping[str, ReadBack] | None = None,
 ) -> list[CheckResult]:
-    """The contract's file checks, each file read once (on threads). ``progress`` shows a bar on a terminal."""
+    """The contract's file checks, each file read once (on threads), except those ``known`` gives (by the
+    row's ``file``) as already read back. ``progress`` shows a bar on a terminal."""
     specs = entries_of(contract, "file")
     if not specs:
         return []
@@ -108,11 +113,11 @@ def run_file_checks(
         path = inside(folder, str(row["file"]))
         if path is None:  # never opened: the containment check names the row
             return []
-        data, problem = None, None
-        if not path.is_file():
+        data, problem = (known or {}).get(str(row["file"])), None
+        if data is None and not path.is_file():
             problem = "file is missing"
-        else:
-            data = _read(path, local)
+        elif data is None:
+            data = read_back_of(_read(path, local), row_digest(row)[0])
         return [implementation(s)(s, row, data, problem) for s in specs]
 
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:

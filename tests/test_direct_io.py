@@ -114,7 +114,7 @@ def test_a_filesystem_that_refuses_o_direct_gets_ordinary_writes(tmp_path, monke
 
 def test_a_short_read_back_leaves_the_file_to_the_gate(tmp_path, monkeypatch):
     """A read-back that comes up short is not a read-back: the file gets no ReadBack, and is read again."""
-    monkeypatch.setattr(direct_io, "_pread_into", lambda fd, out, offset: max(0, len(out) - 4))
+    monkeypatch.setattr(direct_io, "_read_at", lambda fh, out, offset: max(0, len(out) - 4))
     f = FileAppender(tmp_path / "x.bin", "blake3")
     f.append(memoryview(_aligned_array(np.arange(64, dtype="<i4"))).cast("B"))
     assert f.read_back(256) is None

@@ -26,6 +26,7 @@ import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -78,16 +79,19 @@ def _address(view: memoryview) -> int:
     return np.frombuffer(view, dtype=np.uint8).ctypes.data if len(view) else 0
 
 
-def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
+def _write_at(fh: Any, view: memoryview, offset: int) -> None:
+    fh.seek(offset)
     done = 0
     while done < len(view):
-        done += os.pwrite(fd, view[done:], offset + done)
+        done += fh.write(view[done:])
 
 
-def _pread_into(fd: int, out: memoryview, offset: int) -> int:
+def _read_at(fh: Any, out: memoryview, offset: int) -> int:
+    """Read into ``out`` from ``offset`` of the open file ``fh`` until it is full or the file ends."""
+    fh.seek(offset)
     got = 0
     while got < len(out):
-        n = os.preadv(fd, [out[got:]], offset + got)
+        n = fh.readinto(out[got:])
         if not n:
             break
         got += n
@@ -122,7 +126,7 @@ class FileAppender:
             aligned = self._write_direct(view[: n - n % BLOCK], start)
         if aligned < n or not (start or aligned):  # the tail, or an empty first append (the file exists)
             with open(self.path, "r+b" if self.size or aligned else "wb", buffering=0) as fh:
-                _pwrite_all(fh.fileno(), view[aligned:], start + aligned)
+                _write_at(fh, view[aligned:], start + aligned)
         self.size += n
         self.direct_bytes += aligned
         self._read_back(start, n, aligned)
@@ -140,7 +144,7 @@ class FileAppender:
             done = 0
             while done < len(view):
                 n = os.pwrite(fd, view[done:], offset + done)
-                if n % BLOCK:  # a short, unaligned write: the rest goes through the cache
+                if not n or n % BLOCK:  # a short, unaligned write: the rest goes through the cache
                     return done + n
                 done += n
             return done
@@ -155,14 +159,12 @@ class FileAppender:
     def _read_back(self, start: int, n: int, aligned: int) -> None:
         out = _scratch(n)
         got = 0
-        if aligned:
-            fd = os.open(self.path, os.O_RDONLY | O_DIRECT)
-            try:
-                got = _pread_into(fd, out[:aligned], start)
-            finally:
-                os.close(fd)
-        with open(self.path, "rb", buffering=0) as fh:
-            got += _pread_into(fh.fileno(), out[aligned:], start + aligned)
+        if aligned:  # from the device, like the write (O_DIRECT exists here: the write used it)
+            with open(os.open(self.path, os.O_RDONLY | O_DIRECT), "rb", buffering=0) as fh:
+                got = _read_at(fh, out[:aligned], start)
+        if aligned < n:
+            with open(self.path, "rb", buffering=0) as fh:
+                got += _read_at(fh, out[aligned:], start + aligned)
         if got != n:
             self._short = True
             return

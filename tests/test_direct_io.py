@@ -80,6 +80,24 @@ def test_appends_hold_the_bytes_and_their_read_back(tmp_path_factory, parts, see
         assert rb.int_min is None and rb.int_max is None
 
 
+def test_a_long_append_is_read_back_in_chunks(tmp_path, monkeypatch):
+    """The read-back goes through one buffer of READ_CHUNK bytes (memory stays bounded for any append): an
+    append of many chunks, direct part and cached tail, reads back whole."""
+    monkeypatch.setattr(direct_io, "READ_CHUNK", 2 * BLOCK)
+    reads = []
+    real = direct_io._read_at
+    monkeypatch.setattr(direct_io, "_read_at", lambda fh, out, offset: reads.append(len(out)) or real(fh, out, offset))
+    values = np.random.default_rng(3).integers(-(2**31) + 1, 2**31 - 1, size=7 * BLOCK // 4 + 3).astype("<i4")
+    f = FileAppender(tmp_path / "x.bin", "blake3")
+    f.append(memoryview(_aligned_array(values)).cast("B"))
+    rb = f.read_back(values.nbytes)
+    assert rb.digest == digest_of("blake3", values.tobytes())
+    assert (rb.int_min, rb.int_max) == (int(values.min()), int(values.max()))
+    assert max(reads) <= 2 * BLOCK and sum(reads) == values.nbytes
+    if f.direct_bytes:  # four chunks of the 7 direct blocks, then the 12-byte tail through the cache
+        assert reads == [2 * BLOCK] * 3 + [BLOCK, 12]
+
+
 def test_aligned_appends_go_around_the_page_cache(tmp_path):
     """A page-aligned buffer at an aligned offset is written with O_DIRECT where the filesystem takes it
     (its whole blocks; the unaligned tail through the cache); elsewhere, all of it through the cache."""

@@ -20,6 +20,7 @@ the same appender writes and reads through the cache; the checks are the same ei
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import mmap
 import os
@@ -32,6 +33,7 @@ import numpy as np
 
 from .digests import digest_bytes, hasher
 
+READ_CHUNK = 8 << 20  # read-backs go through one buffer this large per writer thread (a multiple of BLOCK)
 BLOCK = 4096  # alignment of O_DIRECT offsets, lengths and buffers: a page, a multiple of every logical block size
 O_DIRECT = getattr(os, "O_DIRECT", 0)
 _REFUSED = (errno.EINVAL, getattr(errno, "EOPNOTSUPP", errno.EINVAL), getattr(errno, "ENOTSUP", errno.EINVAL))
@@ -157,23 +159,27 @@ class FileAppender:
             os.close(fd)
 
     def _read_back(self, start: int, n: int, aligned: int) -> None:
-        out = _scratch(n)
-        got = 0
-        if aligned:  # from the device, like the write (O_DIRECT exists here: the write used it)
-            with open(os.open(self.path, os.O_RDONLY | O_DIRECT), "rb", buffering=0) as fh:
-                got = _read_at(fh, out[:aligned], start)
-        if aligned < n:
-            with open(self.path, "rb", buffering=0) as fh:
-                got += _read_at(fh, out[aligned:], start + aligned)
-        if got != n:
-            self._short = True
-            return
-        self.got.update(out)
-        self._range(out)
+        """Read ``[start, start + n)`` back in chunks (the first ``aligned`` bytes with O_DIRECT, as written),
+        into the ``got`` digest and the range; a read that comes up short marks the file."""
+        end, direct_end = start + n, start + aligned
+        with contextlib.ExitStack() as stack:
+            # O_DIRECT exists here whenever aligned > 0: the write used it
+            direct = stack.enter_context(open(os.open(self.path, os.O_RDONLY | O_DIRECT), "rb", 0)) if aligned else None
+            cached = stack.enter_context(open(self.path, "rb", buffering=0)) if aligned < n else None
+            pos = start
+            while pos < end:
+                fh, limit = (direct, direct_end) if pos < direct_end else (cached, end)
+                out = _scratch(READ_CHUNK)[: min(READ_CHUNK, limit - pos)]
+                if _read_at(fh, out, pos) != len(out):
+                    self._short = True
+                    return
+                self.got.update(out)
+                self._range(out)
+                pos += len(out)
         self._stamp = stamp(self.path)
 
     def _range(self, data: memoryview) -> None:
-        if self.size % 4 or len(data) % 4:
+        if len(data) % 4:
             self._short = True  # appends not of whole int32 values: let the gate read the file
             return
         if not len(data):

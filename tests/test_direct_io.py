@@ -160,8 +160,10 @@ def test_the_gate_judges_the_read_backs_and_reads_nothing_again(tmp_path, monkey
     assert [n for n in reads if n.endswith(".bin")] == []
     report = zkllm_hf.validate(tmp_path / "cap", model=model)
     assert report.ok
-    files = sorted(p.name for p in (tmp_path / "cap").glob("*.bin"))
-    assert sorted(n for n in reads if n.endswith(".bin")) == files
+    # validate reads every file once: an alias (a hard link of its point's file) is not read again
+    inode = {p.name: p.stat().st_ino for p in (tmp_path / "cap").glob("*.bin")}
+    got = [n for n in reads if n.endswith(".bin")]
+    assert len(got) == len({inode[n] for n in got}) == len(set(inode.values())) < len(inode)
 
 
 def test_bytes_the_disk_got_wrong_fail_the_gate(tmp_path, monkeypatch):
@@ -188,3 +190,19 @@ def test_bytes_the_disk_got_wrong_fail_the_gate(tmp_path, monkeypatch):
     assert ("integrity", hit[0]) in failed
     assert {check for check, _ in failed} <= {"integrity", "range"}  # the range, where the flip moved an extreme
     assert all(f.startswith("layer-1-") for _, f in failed)  # that file, and its aliases (hard links of it)
+
+
+def test_validate_reads_an_alias_that_is_no_longer_a_link(tmp_path):
+    """An alias read once with its point's file is a hard link of it; an alias replaced by a different file
+    (same size, one byte changed) is read on its own, and fails its integrity check alone."""
+    model = make_tiny()
+    run_capture(model, tmp_path / "cap")
+    rows = zkllm_hf.load_capture(tmp_path / "cap").manifest.to_pylist()
+    alias = next(r for r in rows if r["alias_of"])
+    path = tmp_path / "cap" / alias["file"]
+    data = bytearray(path.read_bytes())
+    data[3] ^= 0x01
+    path.unlink()
+    path.write_bytes(bytes(data))
+    report = zkllm_hf.validate(tmp_path / "cap", model=model)
+    assert [(r.check, r.file) for r in report.failures if r.check == "integrity"] == [("integrity", alias["file"])]

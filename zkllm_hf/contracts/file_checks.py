@@ -8,6 +8,7 @@ landed (``known``), and only the files without one are read again."""
 from __future__ import annotations
 
 import os
+import stat
 import threading
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -108,20 +109,43 @@ def run_file_checks(
         return []
 
     local = threading.local()  # one read buffer per thread, reused: no fresh memory (and page faults) per file
+    paths = [inside(folder, str(row["file"])) for row in rows]
+    inodes = [_inode(p) for p in paths]
+    first = {key: i for i, key in reversed(list(enumerate(inodes))) if key is not None}
+    read: dict[int, ReadBack] = {}  # row index -> what its file held, for the rows that read it
 
-    def check(row: Mapping[str, Any]) -> list[CheckResult]:
-        path = inside(folder, str(row["file"]))
+    def check(i: int) -> list[CheckResult]:
+        row, path = rows[i], paths[i]
         if path is None:  # never opened: the containment check names the row
             return []
         data, problem = (known or {}).get(str(row["file"])), None
+        same = first.get(inodes[i], i)  # a hard link of a file read before (an alias): its bytes, not again
+        if data is None and same != i and read.get(same) is not None and read[same].algorithm == row_digest(row)[0]:
+            data = read[same]
         if data is None and not path.is_file():
             problem = "file is missing"
         elif data is None:
-            data = read_back_of(_read(path, local), row_digest(row)[0])
+            data = read[i] = read_back_of(_read(path, local), row_digest(row)[0])
         return [implementation(s)(s, row, data, problem) for s in specs]
 
+    # the first row of each file in a first pass, its other names (hard links) in a second
+    firsts = [i for i in range(len(rows)) if first.get(inodes[i], i) == i]
+    others = [i for i in range(len(rows)) if first.get(inodes[i], i) != i]
+    out: dict[int, list[CheckResult]] = {}
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        done = tqdm(
-            pool.map(check, rows), total=len(rows), desc="files", unit="file", disable=None if progress else True
-        )
-        return [r for results in done for r in results]
+        bar = tqdm(total=len(rows), desc="files", unit="file", disable=None if progress else True)
+        for batch in (firsts, others):
+            for i, results in zip(batch, pool.map(check, batch)):
+                out[i] = results
+                bar.update(1)
+        bar.close()
+    return [r for i in range(len(rows)) for r in out[i]]
+
+
+def _inode(path: Path | None) -> tuple[int, int] | None:
+    """``(device, inode)`` of a regular file, or None (no path, missing, not a regular file)."""
+    try:
+        st = os.stat(path) if path is not None else None
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino) if st is not None and stat.S_ISREG(st.st_mode) else None

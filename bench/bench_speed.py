@@ -127,7 +127,7 @@ def timed(fn, *args) -> tuple[float, float]:
     return time.perf_counter() - w, time.process_time() - c
 
 
-def bench_size(model, make_ids, n: int, repeats: int, root: Path) -> dict:
+def bench_size(model, make_ids, n: int, repeats: int, root: Path, only_peers: set[str] | None = None) -> dict:
     """Every way at one length: one warm-up each, then ``repeats`` rounds, the order rotated each round."""
     ids = make_ids(n)
     out, floor_dir = root / f"cap-{n}", root / f"floor-{n}"
@@ -137,6 +137,8 @@ def bench_size(model, make_ids, n: int, repeats: int, root: Path) -> dict:
     ways["floor"] = (run_floor, arrays, floor_dir)
     same = {}
     for peer in peers.available(model):
+        if only_peers is not None and peer.name not in only_peers:
+            continue
         folder = root / f"{peer.name}-{n}"
         ways[peer.name] = (peer.run, ids, folder)
         peer.run(ids, folder)  # warm-up, and its files compared with the capture's
@@ -313,8 +315,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--synthetic-layers", type=int, default=32, help="layers of the 7B-shaped capture (0: skip)")
     ap.add_argument("--profile", action="store_true", help="cProfile one capture at the longest length")
     ap.add_argument("--json", help="also write every figure to this JSON file")
+    ap.add_argument("--peers", help="only these peers (hooks,nnsight,torchlens); default: all installed")
     args = ap.parse_args(argv)
     seq_lens = [int(x) for x in args.seq_lens.split(",")]
+    only = set(args.peers.split(",")) if args.peers else None
     root = Path(tempfile.mkdtemp(prefix="zkllm-speed-", dir=args.tmp))
     report: dict = {
         "machine": {
@@ -337,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
             for n in seq_lens:
                 print(f"... {name} seq_len {n}", file=sys.stderr, flush=True)
                 with torch.inference_mode():
-                    r = bench_size(model, make_ids, n, args.repeats, root / name)
+                    r = bench_size(model, make_ids, n, args.repeats, root / name, only)
                 if not args.no_rss:
                     r["rss"] = measure_rss(name, n, root)
                 entry["sizes"].append(r)

@@ -146,8 +146,8 @@ class FileAppender:
             done = 0
             while done < len(view):
                 n = os.pwrite(fd, view[done:], offset + done)
-                if not n or n % BLOCK:  # a short, unaligned write: the rest goes through the cache
-                    return done + n
+                if not n or n % BLOCK:  # a short, unaligned write: the rest (rewritten the same) through the cache
+                    return done + n - n % BLOCK
                 done += n
             return done
         except OSError as e:

@@ -211,6 +211,39 @@ def test_the_tokenizer_fingerprint_is_stable_and_sensitive(tiny_dir, tmp_path, t
     assert tokenizer_fingerprint(templated) != recorded
 
 
+def _fingerprint_by_its_definition(tokenizer) -> str:
+    """TOKENIZER_FINGERPRINT_ALGORITHM v1, written out here: the canonical JSON of the whole state, one dump."""
+    import hashlib
+    import json
+
+    serial = json.loads(tokenizer.backend_tokenizer.to_str())
+    serial.pop("padding", None)
+    serial.pop("truncation", None)
+    state = {
+        "tokenizer": serial,
+        "special_tokens": json.loads(json.dumps(tokenizer.special_tokens_map, default=str)),
+        "added_tokens": {str(k): str(v) for k, v in sorted(tokenizer.added_tokens_decoder.items())},
+        "chat_template": tokenizer.chat_template,
+    }
+    canon = json.dumps(state, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canon.encode()).hexdigest()
+
+
+def test_the_tokenizer_fingerprint_is_its_definition_computed_once(tiny_dir, tok):
+    """The fingerprint is the v1 definition's SHA-256 (recomputed here in one dump), for a template-less and a
+    templated tokenizer, the second time (the canonical tokenizer.json cached) as the first."""
+    from transformers import AutoTokenizer
+
+    from zkllm_hf.provenance import tokenizer_fingerprint
+
+    plain = AutoTokenizer.from_pretrained(tiny_dir)
+    templated = AutoTokenizer.from_pretrained(tiny_dir)
+    templated.chat_template = "{{ messages[0]['content'] }} \u00e9"
+    for t in (plain, templated, plain, templated):
+        assert tokenizer_fingerprint(t) == _fingerprint_by_its_definition(t)
+    assert tokenizer_fingerprint(plain) != tokenizer_fingerprint(templated)
+
+
 def test_the_prompt_text_is_stored_unless_opted_out(unit, tmp_path, tok):
     tokens = raw_metadata(unit / "manifest.arrow")["tokens"]
     assert tokens["prompt_text"] == "the quick brown fox jumps" and tokens["generated_text"] is None

@@ -4,6 +4,7 @@ runtime settings (threads, deterministic algorithms, attention, devices) that de
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 import os
@@ -359,15 +360,28 @@ TOKENIZER_FINGERPRINT_ALGORITHM = (
 )
 
 
+def _canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+@functools.lru_cache(maxsize=16)
+def _canonical_backend(raw: str) -> str:
+    """The canonical JSON of a backend's tokenizer.json less its padding and truncation state (the slow part
+    of the fingerprint: a 1.5 MB parse and sorted re-dump), once per distinct serialisation in a process."""
+    serial = json.loads(raw)
+    serial.pop("padding", None)
+    serial.pop("truncation", None)
+    return _canonical(serial)
+
+
 def _tokenizer_state(tokenizer: Any) -> dict[str, Any]:
-    """What decides a tokenizer's ids and text, without the per-call padding and truncation it keeps."""
+    """What decides a tokenizer's ids and text, without the per-call padding and truncation it keeps; the
+    ``tokenizer`` entry is its canonical JSON text (spliced in as it is by :func:`tokenizer_fingerprint`)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
-        serial = json.loads(backend.to_str())
-        serial.pop("padding", None)
-        serial.pop("truncation", None)
+        serial = _canonical_backend(backend.to_str())
     else:
-        serial = {"vocab": sorted(tokenizer.get_vocab().items(), key=lambda kv: (kv[1], kv[0]))}
+        serial = _canonical({"vocab": sorted(tokenizer.get_vocab().items(), key=lambda kv: (kv[1], kv[0]))})
     added = getattr(tokenizer, "added_tokens_decoder", None) or {}
     return {
         "tokenizer": serial,
@@ -379,8 +393,13 @@ def _tokenizer_state(tokenizer: Any) -> dict[str, Any]:
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
     """SHA-256 of what a tokenizer maps text to ids with (:data:`TOKENIZER_FINGERPRINT_ALGORITHM`): the same for
-    a fresh load of the same files, before and after it pads a batch, whatever folder it came from."""
-    canon = json.dumps(_tokenizer_state(tokenizer), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    a fresh load of the same files, before and after it pads a batch, whatever folder it came from. The
+    canonical JSON of the state with sorted keys, its ``tokenizer`` entry spliced in already canonical (the
+    same text ``json.dumps`` would write for it)."""
+    state = _tokenizer_state(tokenizer)
+    serial = state.pop("tokenizer")
+    canon = _canonical(state)  # keys added_tokens, chat_template, special_tokens: "tokenizer" sorts after them
+    canon = f'{canon[:-1]},"tokenizer":{serial}}}' if state else f'{{"tokenizer":{serial}}}'
     return hashlib.sha256(canon.encode()).hexdigest()
 
 

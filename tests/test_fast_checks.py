@@ -584,3 +584,94 @@ def test_the_norm_check_gives_the_reference_numbers(norm_blocks, case, monkeypat
         got = fast_norm.rmsnorm_stats(q_in, q_out, weight, eps, in_dtype, out_dtype, k, input_drift_lsb=drift)
     assert same(got, want), (got.tolist(), want.tolist())
     assert (got[1] <= 1.0) == (want[1] <= 1.0)  # the verdict
+
+
+@st.composite
+def float32_norm_layers(draw):
+    """A float32 norm as a model's layer has it: the output within half an LSB of the recomputed value but for
+    a few elements (one LSB, or the model's float32 error at a large |y|), some rows repeated (ties between
+    rows: the first must be found), an outlier dimension."""
+    rows, cols = draw(st.integers(8, 40)), draw(st.integers(32, 96))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
+    x = torch.randn(rows, cols, generator=g, dtype=torch.float64) * 2.0 ** draw(st.integers(-2, 3))
+    x[:, draw(st.integers(0, cols - 1))] *= draw(st.sampled_from([1.0, 300.0]))
+    for _ in range(draw(st.integers(0, 3))):  # repeated rows
+        x[draw(st.integers(1, rows - 1))] = x[draw(st.integers(0, rows - 1))]
+    w = (0.5 + 1.5 * torch.rand(cols, generator=g)).to(torch.float32)
+    q_in = fp.quantize(x.float().double(), 16)
+    xf = q_in.double() / 2**16
+    y = (xf / torch.sqrt((xf * xf).mean(-1, keepdim=True) + 1e-5) * w.double()).float().double()
+    q_out = fp.quantize(y, 16)
+    flat = q_out.view(-1)
+    for _ in range(draw(st.integers(0, 6))):
+        flat[draw(st.integers(0, flat.numel() - 1))] += draw(st.sampled_from([1, -1, 2]))
+    return q_in, q_out, w, 1e-5, torch.float32, torch.float32, 16, draw(st.sampled_from([0.0, 1.0]))
+
+
+@FUZZ
+@given(case=float32_norm_layers())
+def test_a_float32_norm_gives_the_reference_numbers(norm_blocks, case):
+    from zkllm_hf import fast_norm
+
+    q_in, q_out, weight, eps, in_dtype, out_dtype, k, drift = case
+    want = reference_rmsnorm_deviation_stats(q_in, q_out, weight, eps, in_dtype, out_dtype, k, input_drift_lsb=drift)
+    got = fast_norm.rmsnorm_stats(q_in, q_out, weight, eps, in_dtype, out_dtype, k, input_drift_lsb=drift)
+    assert same(got, want), (got.tolist(), want.tolist())
+
+
+def _layer_norm(rows: int, cols: int, dtype: torch.dtype, seed: int = 0):
+    """A layer's norm as LlamaRMSNorm computes it in ``dtype`` (float32 inside), quantised at 2**16."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, cols, generator=g) * 2
+    x[:, 7] = 22_500 + x[:, 7] * 50  # SmolLM2's residual stream has a dimension this large
+    x, w = x.to(dtype), (torch.rand(cols, generator=g) + 0.5).to(dtype)
+    xf = x.float()
+    y = w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5)).to(dtype)
+    return fp.quantize(x, 16), fp.quantize(y, 16), w, 1e-5, dtype, dtype, 16
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_layer_norm_takes_the_lean_kernel(dtype, monkeypatch):
+    """A float32 layer's bound runs on the few elements that can hold the largest ratio (``_Block.filtered``),
+    never on a whole block; a bfloat16 layer's on every element (most are near its largest ratio); neither
+    falls back to the formula, and both give its numbers."""
+    from zkllm_hf import fast_norm
+
+    args = _layer_norm(512, 576, dtype)
+    want = reference_rmsnorm_deviation_stats(*args)
+    ran = {"full": 0}
+    full = fast_norm._Block.full
+
+    def counted(self):
+        ran["full"] += 1
+        return full(self)
+
+    monkeypatch.setattr(fast_norm._Block, "full", counted)
+    monkeypatch.setattr(fp, "rmsnorm_deviation_stats", lambda *a, **kw: pytest.fail("the formula ran"))
+    got = fast_norm.rmsnorm_stats(*args)
+    assert same(got, want), (got.tolist(), want.tolist())
+    blocks = len(fp.row_blocks(args[0]))
+    assert ran["full"] == (0 if dtype == torch.float32 else blocks)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_smollm2s_norms_give_the_reference_numbers(model_cache, dtype):
+    """The real default model's 60 norms on a short prompt, captured as the layer checks see them."""
+    from zkllm_hf import fast_norm
+    from zkllm_hf.models import load
+
+    lm = load(None, dtype=dtype, tokenizer=False)
+    seen = []
+    hooks = [m.register_forward_hook(lambda mod, inp, out: seen.append((mod, inp[0][0], out[0])))
+             for layer in lm.model.model.layers for m in (layer.input_layernorm, layer.post_attention_layernorm)]
+    try:
+        with torch.no_grad():
+            lm.model(input_ids=torch.arange(100, 164).reshape(1, -1))
+    finally:
+        for h in hooks:
+            h.remove()
+    assert len(seen) == 2 * len(lm.model.model.layers)
+    for mod, x, y in seen:
+        args = (fp.quantize(x, 16), fp.quantize(y, 16), mod.weight.detach(), mod.variance_epsilon,
+                x.dtype, y.dtype, 16)
+        assert same(fast_norm.rmsnorm_stats(*args), reference_rmsnorm_deviation_stats(*args))

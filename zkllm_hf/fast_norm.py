@@ -39,8 +39,6 @@ TINY = torch.finfo(torch.float64).tiny
 WEIGHT_EXPONENT = 800
 MAX_EPS = 2.0**30
 UNCLAMPED_NORMAL = 2.0**-70  # an input dtype's smallest normal below this: n_high never needs the clamp
-SAMPLE = 32  # every 32nd element's ratio, for a lower bound on the largest
-DENSE_FRACTION = 8  # the bound on over 1/8 of a block's elements: on all of them is cheaper
 
 
 @dataclass(frozen=True)
@@ -107,101 +105,39 @@ def _row_rms(qi: torch.Tensor, a: torch.Tensor, b: torch.Tensor, p: _Plan) -> to
     return b.mean(dim=-1, keepdim=True).div_(p.scale * p.scale).add_(p.eps).sqrt_()
 
 
-def _bound(n_abs, q_out, c, d, divisor, w_abs, p: _Plan) -> torch.Tensor:
-    """The formula's bound, in LSB, into ``c``: from ``|n|`` (``n_abs``) and the output codes in float64
-    (``q_out``), both overwritten; ``d`` is scratch. ``divisor`` is ``(rms - h).clamp(tiny)``, over ``h`` when
-    ``h`` is a power of two, per row; ``w_abs`` is ``|w| * 2**k``. Whole blocks (broadcast per row and column)
-    and gathered elements (one value each) take the same operations, so each element's bound is the same."""
-    torch.add(n_abs, 1, out=c)
-    if not p.h_power_of_two:
-        c.mul_(p.h)
-    c.div_(divisor)  # from_input
-    n_abs.add_(c)  # s = |n| + from_input
-    torch.mul(n_abs, 1 + p.reduction, out=d)  # n_high
-    c.add_(n_abs.mul_(p.reduction))
-    if p.in_normal is not None:
-        d.clamp_(min=p.in_normal)
-    d.view(torch.int64).bitwise_and_(EXPONENT_BITS)
-    c.add_(d, alpha=p.in_half_eps).mul_(w_abs)  # per_value * 2**k
-    q_out.view(torch.int64).bitwise_and_(EXPONENT_BITS)
-    return c.add_(q_out.clamp_(min=p.out_floor), alpha=p.out_half_eps).add_(0.5)
-
-
-Best = tuple[float, float, int, float]  # largest |dev|, largest ratio, its flat index, the bound there
-
-
-class _Block:
-    """One block of rows after its deviations: ``n`` (a), ``|dev|`` (b), the output codes in float64 (e)."""
-
-    def __init__(self, bufs: list[torch.Tensor], rms: torch.Tensor, p: _Plan):
-        self.a, self.b, self.c, self.d, self.e = bufs
-        self.p, self.rms = p, rms
-        floor = (rms - p.h).clamp_(min=TINY)
-        self.divisor = floor.div_(p.h) if p.h_power_of_two else floor
-
-    def full(self) -> Best:
-        """The bound on every element: the formula's ratio and the first place it peaks."""
-        tol = _bound(self.a.abs_(), self.e, self.c, self.d, self.divisor, self.p.w_abs_scaled, self.p)
-        dev = self.b.numpy().reshape(-1)
-        max_dev = float(dev.max())
-        ratio = np.divide(dev, tol.numpy().reshape(-1), out=dev)
-        pos = int(np.argmax(ratio))  # the first largest (the first NaN, as torch.argmax)
-        return max_dev, float(ratio[pos]), pos, float(tol.numpy().reshape(-1)[pos])
-
-    def gathered(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(ratio, bound) of the elements at flat indices ``idx`` of the block, as :meth:`full` gives them."""
-        cols = self.a.shape[1]
-        at = torch.from_numpy(idx)
-        n_abs = self.a.reshape(-1).index_select(0, at).abs_()
-        q_out = self.e.reshape(-1).index_select(0, at)
-        rows = self.divisor.reshape(-1).index_select(0, at.div(cols, rounding_mode="floor"))
-        w_abs = self.p.w_abs_scaled.index_select(0, at.remainder(cols))
-        tol = _bound(n_abs, q_out, torch.empty_like(n_abs), torch.empty_like(n_abs), rows, w_abs, self.p).numpy()
-        return self.b.numpy().reshape(-1)[idx] / tol, tol
-
-    def filtered(self) -> Best | None:
-        """:meth:`full`'s numbers from the bound on a few elements only, or None where too many would need it.
-
-        Every bound is at least 0.5 LSB (a sum of non-negative terms, plus 0.5), so an element's ratio is at
-        most ``2 |dev|``. With ``R1`` the largest ratio among the elements of nearly the largest deviation,
-        every element of ratio ``>= R1`` (the largest among them) has ``|dev| >= R1 / 2``, and every other
-        element's ratio is below ``R1``: the first largest ratio is among those, in their order. Needs finite
-        bounds: ``rms >= 2h`` in every row (then ``rms - h >= h`` and the input term is at most ``|n| + 1``)."""
-        if not bool((self.rms >= 2 * self.p.h).all()):
-            return None
-        dev = self.b.numpy().reshape(-1)
-        max_dev = float(dev.max())
-        if not max_dev > 0:
-            return None
-        # R1 from a sample: the largest deviations and every SAMPLE-th element (R1 is any element's ratio)
-        top = np.flatnonzero(dev >= max_dev * 0.875)
-        if len(top) * DENSE_FRACTION > len(dev):
-            return None
-        r1 = float(self.gathered(np.union1d(top, np.arange(0, len(dev), SAMPLE)))[0].max())
-        if not r1 >= 2.0**-1000:  # (R1 / 2 must be exact)
-            return None
-        idx = np.flatnonzero(dev >= r1 / 2)
-        if len(idx) * DENSE_FRACTION > len(dev):
-            return None
-        ratio, tol = self.gathered(idx)
-        pos = int(np.argmax(ratio))
-        return max_dev, float(ratio[pos]), int(idx[pos]), float(tol[pos])
-
-
-def _block(qi, qo, bufs, p: _Plan, try_filter: bool) -> tuple[Best | None, bool]:
-    """(:data:`Best` of one block, whether the filter ran); None when a row's rms is not a positive finite
-    number (the formula's NaNs: the caller runs the formula itself)."""
-    a, b, _, _, e = bufs
+def _block(qi, qo, bufs, p: _Plan) -> tuple[float, float, int, float] | None:
+    """(largest |dev|, largest ratio, its index in the block, the bound there) of one block, or None when a
+    row's rms is not a positive finite number (the formula's NaNs: the caller runs the formula itself). The
+    ratio is NaN only if the block has one (``np.argmax`` returns the first NaN, as ``torch.argmax`` does)."""
+    a, b, c, d, e = bufs
     rms = _row_rms(qi, a, b, p)
     if not bool(((rms > 0) & (rms < math.inf)).all()):
-        return None, False
+        return None
     a.div_(rms * p.scale)  # n
     torch.mul(a, p.w_scaled, out=b)  # y * 2**k
     e.copy_(qo)
     torch.sub(e, b, out=b).abs_()  # dev
-    block = _Block(bufs, rms, p)
-    got = block.filtered() if try_filter else None
-    return (got, True) if got is not None else (block.full(), False)
+    a.abs_()  # |n|
+    floor = (rms - p.h).clamp_(min=TINY)
+    torch.add(a, 1, out=c)
+    if p.h_power_of_two:
+        c.div_(floor.div_(p.h))
+    else:
+        c.mul_(p.h).div_(floor)  # from_input
+    a.add_(c)  # s = |n| + from_input
+    torch.mul(a, 1 + p.reduction, out=d)  # n_high
+    c.add_(a.mul_(p.reduction))
+    if p.in_normal is not None:
+        d.clamp_(min=p.in_normal)
+    d.view(torch.int64).bitwise_and_(EXPONENT_BITS)
+    c.add_(d, alpha=p.in_half_eps).mul_(p.w_abs_scaled)  # per_value * 2**k
+    e.view(torch.int64).bitwise_and_(EXPONENT_BITS)
+    c.add_(e.clamp_(min=p.out_floor), alpha=p.out_half_eps).add_(0.5)  # tol
+    dev = b.numpy().reshape(-1)
+    max_dev = float(dev.max())
+    ratio = np.divide(dev, c.numpy().reshape(-1), out=dev)
+    pos = int(np.argmax(ratio))  # the first largest
+    return max_dev, float(ratio[pos]), pos, float(c.numpy().reshape(-1)[pos])
 
 
 def rmsnorm_stats(
@@ -229,12 +165,11 @@ def rmsnorm_stats(
     blocks = fp.row_blocks(qi)
     step = max(b.stop - b.start for b in blocks)
     bufs = [torch.empty(step, cols, dtype=torch.float64) for _ in range(5)]
-    best: Best | None = None
+    best: tuple[float, float, int, float] | None = None
     max_dev = -math.inf
-    try_filter = True  # until a block needs the bound on too many elements (half precision: most of them)
     for blk in blocks:
         n = blk.stop - blk.start
-        got, try_filter = _block(qi[blk], qo[blk], [t[:n] for t in bufs], p, try_filter)
+        got = _block(qi[blk], qo[blk], [t[:n] for t in bufs], p)
         if got is None or math.isnan(got[1]):  # (an overflowed bound times a zero weight): the formula decides
             return dense()
         max_dev = max(max_dev, got[0])

@@ -665,3 +665,48 @@ def test_smollm2s_norms_give_the_reference_numbers(model_cache, dtype):
         args = (fp.quantize(x, 16), fp.quantize(y, 16), mod.weight.detach(), mod.variance_epsilon,
                 x.dtype, y.dtype, 16)
         assert same(fast_norm.rmsnorm_stats(*args), reference_rmsnorm_deviation_stats(*args))
+
+
+@pytest.mark.parametrize(
+    "change",
+    ["nan-weight", "inf-weight", "subnormal-weight", "negative-eps", "huge-eps", "int64-codes", "zero-row",
+     "negative-drift"],
+)
+def test_where_the_lean_kernel_does_not_apply_the_formula_gives_the_numbers(change):
+    """Outside the kernel's preconditions (or where the formula has NaNs) the formula itself runs: the same
+    numbers, NaNs included."""
+    from zkllm_hf import fast_norm
+
+    q_in, q_out, w, eps, in_dtype, out_dtype, k = _layer_norm(6, 16, torch.float32)
+    drift = 0.0
+    w = w.clone()
+    if change == "nan-weight":
+        w[3] = math.nan
+    elif change == "inf-weight":
+        w[3] = math.inf
+    elif change == "subnormal-weight":
+        w = w.double()
+        w[3] = 1e-310
+    elif change == "negative-eps":
+        eps = -1.0
+    elif change == "huge-eps":
+        eps = 2.0**40
+    elif change == "int64-codes":
+        q_in, q_out = q_in.long(), q_out.long()
+    elif change == "zero-row":
+        q_in[2] = 0
+        eps = 0.0
+    else:
+        drift = -0.25
+    want = reference_rmsnorm_deviation_stats(q_in, q_out, w, eps, in_dtype, out_dtype, k, input_drift_lsb=drift)
+    got = fast_norm.rmsnorm_stats(q_in, q_out, w, eps, in_dtype, out_dtype, k, input_drift_lsb=drift)
+    assert same(got, want), (got.tolist(), want.tolist())
+
+
+def test_an_empty_norm_gives_the_reference_numbers():
+    from zkllm_hf import fast_norm
+
+    e = torch.zeros(0, 8, dtype=torch.int32)
+    w = torch.ones(8)
+    want = reference_rmsnorm_deviation_stats(e, e, w, 1e-5, torch.float32, torch.float32, 16)
+    assert same(fast_norm.rmsnorm_stats(e, e, w, 1e-5, torch.float32, torch.float32, 16), want)

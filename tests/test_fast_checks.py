@@ -560,10 +560,17 @@ def norm_cases(draw):
     return q_in, q_out, weight, eps, in_dtype, out_dtype, k, drift
 
 
-@pytest.fixture(params=[1 << 17, 8, 40], ids=["one-block", "row-blocks", "few-row-blocks"])
+@pytest.fixture(params=[(1 << 17, 1), (1 << 17, 2), (8, 1), (40, 2)],
+                ids=["one-block", "serial-blocks", "row-blocks", "few-row-blocks"])
 def norm_blocks(request, monkeypatch):
-    monkeypatch.setattr(fp, "CPU_BLOCK_ELEMENTS", request.param)
-    return request.param
+    """The block size, and torch's threads (one: the kernel takes fixed_point's blocks; several: its own,
+    under torch's parallel grain)."""
+    elements, threads = request.param
+    monkeypatch.setattr(fp, "CPU_BLOCK_ELEMENTS", elements)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    yield elements
+    torch.set_num_threads(before)
 
 
 @FUZZ

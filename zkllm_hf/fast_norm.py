@@ -19,7 +19,10 @@ preconditions in :func:`_applies` keep every value the kernel forms at or above 
   that ulp, ``0.5 * ulp_out((|q_out| + 0.5)/2**k) * 2**k``, is ``(eps/2) * max(2**floor(log2 |q_out|), 0.5,
   smallest_normal * 2**k)`` (``q_out`` an integer), the exponent taken straight from its float64 bits.
 
-Where a precondition does not hold (or on another device) the float64 formula itself runs.
+The kernel's blocks of rows need not be the formula's: every step is elementwise or a per-row mean over the
+last dimension, which torch reduces row by row, so a row's numbers are the same in any block and at any
+thread count (the tests compare at several block sizes, on 1 and 2 threads). Where a precondition does not
+hold (or on another device) the float64 formula itself runs.
 """
 
 from __future__ import annotations

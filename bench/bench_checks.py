@@ -4,7 +4,8 @@
 
 On one synthetic (rows x cols) layer shaped like SmolLM2's (float32 sums of a residual stream with two
 outlier dimensions near 22,500, quantised at 2**16): skip (the ``sum`` check), chain (``exact``), the exact-int
-sum, drift, and the RMSNorm (float64 only, unchanged: listed for scale). With ``--capture DIR`` (a finished
+sum, drift, and the RMSNorm (the float64 formula against fast_norm's lean kernel). With ``--norms``, the norm
+alone at 512 and 2048 rows, float32 and bfloat16 layers, on 1 and on 2 threads. With ``--capture DIR`` (a finished
 capture, e.g. of SmolLM2 at 2048 tokens), also the contract's layer checks on every layer in it, from the
 files, as validate and the gate run them (``run_identities``; the norm checks are skipped: no model). Each
 pair is first checked to give the same four numbers. Reports wall-clock and process CPU medians in ms.
@@ -24,6 +25,7 @@ import numpy as np
 import torch
 
 from zkllm_hf import fast_checks as fast
+from zkllm_hf import fast_norm
 from zkllm_hf import fixed_point as fp
 from zkllm_hf.contracts import load_contract, run_identities
 
@@ -72,11 +74,40 @@ def pairs(q: dict[str, torch.Tensor]) -> dict[str, tuple]:
             lambda: fp.drift_deviation_stats(exact_sum, s, f32, 16, drift_lsb=256, drift_ulps=4),
             lambda: fast.drift_stats(exact_sum, s, f32, 16, drift_lsb=256, drift_ulps=4),
         ),
-        "rmsnorm (float64, unchanged)": (
+        "rmsnorm": (
             lambda: fp.rmsnorm_deviation_stats(x, q["n"], q["w"], 1e-5, f32, f32, 16),
-            None,
+            lambda: fast_norm.rmsnorm_stats(x, q["n"], q["w"], 1e-5, f32, f32, 16),
         ),
     }
+
+
+def norm_layer(rows: int, cols: int, dtype: torch.dtype) -> tuple:
+    """A layer's input norm in ``dtype`` as LlamaRMSNorm computes it (float32 inside), quantised at 2**16."""
+    q = synthetic_layer(rows, cols)
+    x = (q["x"].double() / 2**16).to(dtype)
+    w = q["w"].to(dtype)
+    xf = x.float()
+    y = w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5)).to(dtype)
+    return fp.quantize(x, 16), fp.quantize(y, 16), w, 1e-5, dtype, dtype, 16
+
+
+def bench_norms(repeats: int) -> list[dict]:
+    """The norm check, formula against lean kernel, per (dtype, rows, threads); the same numbers first."""
+    out, threads = [], torch.get_num_threads()
+    try:
+        for dtype in (torch.float32, torch.bfloat16):
+            for rows in (512, 2048):
+                args = norm_layer(rows, 576, dtype)
+                assert fast_norm.rmsnorm_stats(*args).tolist() == fp.rmsnorm_deviation_stats(*args).tolist()
+                for n in (1, 2):
+                    torch.set_num_threads(n)
+                    ref = timed(lambda a=args: fp.rmsnorm_deviation_stats(*a), repeats)
+                    new = timed(lambda a=args: fast_norm.rmsnorm_stats(*a), repeats)
+                    out.append({"dtype": str(dtype).removeprefix("torch."), "rows": rows, "threads": n,
+                                "reference": ref, "fast": new})
+    finally:
+        torch.set_num_threads(threads)
+    return out
 
 
 def capture_layers(folder: Path):
@@ -138,6 +169,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=2048)
     ap.add_argument("--cols", type=int, default=576)
     ap.add_argument("--capture", type=Path, help="a finished capture folder: time its layer checks too")
+    ap.add_argument("--norms", action="store_true", help="the norm check alone: 512/2048 rows, f32/bf16, 1/2 threads")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
@@ -154,6 +186,8 @@ def main() -> None:
         report["checks"][name] = entry
     if args.capture:
         report["capture"] = bench_capture(args.capture, max(3, args.repeats // 4))
+    if args.norms:
+        report["norms"] = bench_norms(args.repeats)
     report["machine"]["load_avg_end"] = os.getloadavg()
     m = report["machine"]
     print(f"{m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['threads']} threads), load "
@@ -167,6 +201,11 @@ def main() -> None:
         r, f = e["reference"], e.get("fast")
         fast_txt = f"{f['wall_ms']:10.2f} ({f['cpu_ms']:.2f})" if f else f"{'-':>10s}"
         print(f"{name:32s} {r['wall_ms']:8.2f} ({r['cpu_ms']:.2f}) {fast_txt}")
+    for e in report.get("norms", []):
+        r, f = e["reference"], e["fast"]
+        print(f"rmsnorm {e['dtype']:8s} {e['rows']:5d} rows, {e['threads']} thr  "
+              f"{r['wall_ms']:8.2f} ({r['cpu_ms']:.2f})"
+              f" {f['wall_ms']:10.2f} ({f['cpu_ms']:.2f})   CPU {r['cpu_ms'] / f['cpu_ms']:.2f}x less")
     if args.json:
         args.json.write_text(json.dumps(report, indent=1))
 

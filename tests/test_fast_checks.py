@@ -482,3 +482,239 @@ def test_an_empty_layer_gives_the_reference_numbers():
     assert same(fast.sum_stats(e, e, e, torch.float32, 16), reference_sum_deviation_stats(e, e, e, torch.float32, 16))
     want = reference_equal_deviation_stats(e, e)
     assert same(fast.equal_stats(e, [e], dense=lambda: fp.equal_deviation_stats(e, e)), want)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the RMSNorm check's lean float64 kernel (zkllm_hf/fast_norm.py) against the formula it replaces
+
+NORM_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# 0.0: h = 2**-(k+1), a power of two; 0.5 and 1.5 keep one; the others do not (the kernel's other branch)
+DRIFTS = [0.0, 0.0, 0.5, 1.5, 1.0, 255.5, 3.7]
+EPSES = [1e-5, 1e-6, 0.0, 1.0, 2.0**-40]
+
+
+def _row(draw, cols: int, k: int) -> list[int]:
+    """One row of input codes: an ordinary activation row, a row of a few LSB (rms far below 1 LSB or near
+    it), a zero row, a row at the int32 extremes, or one at binade edges."""
+    kind = draw(st.sampled_from(["normal", "normal", "tiny", "zero", "extreme", "edges", "outlier"]))
+    if kind == "zero":
+        return [0] * cols
+    if kind == "tiny":
+        return [draw(st.integers(-2, 2)) for _ in range(cols)]
+    if kind == "extreme":
+        return [draw(st.sampled_from([INT32_MAX, INT32_MIN, INT32_MIN + 1, -INT32_MAX, 0, 1])) for _ in range(cols)]
+    if kind == "edges":
+        return [draw(st.sampled_from(EDGES)) * draw(st.sampled_from([1, -1])) for _ in range(cols)]
+    seed = draw(st.integers(0, 2**16))
+    size = 2.0 ** draw(st.integers(-4, min(14, 30 - k)))
+    g = torch.Generator().manual_seed(seed)
+    row = torch.randn(cols, generator=g, dtype=torch.float64) * size
+    if kind == "outlier":  # SmolLM2's residual stream has a dimension near 22,500
+        row[draw(st.integers(0, cols - 1))] = draw(st.sampled_from([22_500.0, -9_000.0, 2.0**14]))
+    limit = 2.0 ** (31 - k) - 1
+    return fp.quantize(row.clamp(-limit, limit), k).tolist()
+
+
+def _weight(draw, cols: int, dtype: torch.dtype) -> torch.Tensor:
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
+    w = (0.5 + 1.5 * torch.rand(cols, generator=g, dtype=torch.float64)) * torch.where(
+        torch.rand(cols, generator=g) < 0.3, -1.0, 1.0
+    ).double()
+    for _ in range(draw(st.integers(0, 2))):  # zeros, tiny and large weights
+        w[draw(st.integers(0, cols - 1))] = draw(st.sampled_from([0.0, 1e-30, -1e-20, 300.0, 2.0**-126]))
+    return w.to(dtype)
+
+
+@st.composite
+def norm_cases(draw):
+    """(q_in, q_out, weight, eps, in_dtype, out_dtype, k, drift): outputs whose deviations sit at the bound,
+    just inside and outside it, at one LSB, or anywhere; a row's outputs at the int32 extremes, or zero."""
+    k = draw(st.sampled_from(SCALES))
+    in_dtype, out_dtype = draw(st.sampled_from(NORM_DTYPES)), draw(st.sampled_from(NORM_DTYPES))
+    rows, cols = draw(st.integers(1, 6)), draw(st.integers(1, 24))
+    eps, drift = draw(st.sampled_from(EPSES)), draw(st.sampled_from(DRIFTS))
+    q_in = torch.tensor([_row(draw, cols, k) for _ in range(rows)], dtype=torch.int32)
+    weight = _weight(draw, cols, draw(st.sampled_from([torch.float32, torch.bfloat16, in_dtype])))
+    # the oracle's own output and bound for an output at the recomputed value (then moved)
+    x = q_in.double() / 2**k
+    y_scaled = x / torch.sqrt((x * x).mean(dim=-1, keepdim=True) + eps) * weight.double() * 2**k
+    centre = y_scaled.round().clamp(INT32_MIN, INT32_MAX).to(torch.int32)
+    w = weight.detach().double()
+    _, tol = _rmsnorm_kernel(q_in, centre, w=w, w_abs=w.abs(), eps=eps, in_dtype=in_dtype, out_dtype=out_dtype,
+                             scale_log2=k, input_drift_lsb=drift)
+    out = []
+    # mostly inside the bound (so that the largest ratio sits near 1, below or just above), or anything
+    kinds = draw(st.sampled_from([["at", "in", "one", "zero"], ["at", "in"], ["at", "out", "in", "one", "zero",
+                                                                               "any", "extreme"]]))
+    for c, t in zip(centre.reshape(-1).tolist(), tol.reshape(-1).tolist()):
+        t = t if math.isfinite(t) else 3.0
+        kind = draw(st.sampled_from(kinds))
+        if kind == "extreme":
+            out.append(draw(st.sampled_from([INT32_MAX, INT32_MIN, -INT32_MAX, 0])))
+            continue
+        offsets = {"at": math.floor(t), "in": max(0, math.floor(t) - 1), "out": math.ceil(t) + 1, "one": 1, "zero": 0}
+        off = offsets.get(kind)
+        if off is None:
+            off = draw(st.integers(0, max(3, 3 * int(min(t, 2**20)))))
+        out.append(clamp32(c + off * draw(st.sampled_from([1, -1]))))
+    q_out = torch.tensor(out, dtype=torch.int32).reshape(rows, cols)
+    return q_in, q_out, weight, eps, in_dtype, out_dtype, k, drift
+
+
+@pytest.fixture(params=[(1 << 17, 1), (1 << 17, 2), (8, 1), (40, 2)],
+                ids=["one-block", "serial-blocks", "row-blocks", "few-row-blocks"])
+def norm_blocks(request, monkeypatch):
+    """The block size, and torch's threads (one: the kernel takes fixed_point's blocks; several: its own,
+    under torch's parallel grain)."""
+    elements, threads = request.param
+    monkeypatch.setattr(fp, "CPU_BLOCK_ELEMENTS", elements)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    yield elements
+    torch.set_num_threads(before)
+
+
+@FUZZ
+@given(case=norm_cases())
+def test_the_norm_check_gives_the_reference_numbers(norm_blocks, case, monkeypatch):
+    """The four numbers are the reference's; and they come from the lean kernel, not the formula, unless the
+    formula has NaNs (a zero row with eps 0: rms 0; an overflowed bound times a zero weight)."""
+    from zkllm_hf import fast_norm
+
+    q_in, q_out, weight, eps, in_dtype, out_dtype, k, drift = case
+    want = reference_rmsnorm_deviation_stats(q_in, q_out, weight, eps, in_dtype, out_dtype, k, input_drift_lsb=drift)
+    nan_rows = eps == 0 and bool((q_in == 0).all(dim=-1).any())
+    dense = fp.rmsnorm_deviation_stats
+    if not (nan_rows or math.isnan(float(want[1]))):
+        dense = lambda *a, **kw: pytest.fail("the float64 formula ran")  # noqa: E731
+    with monkeypatch.context() as m:
+        m.setattr(fp, "rmsnorm_deviation_stats", dense)
+        got = fast_norm.rmsnorm_stats(q_in, q_out, weight, eps, in_dtype, out_dtype, k, input_drift_lsb=drift)
+    assert same(got, want), (got.tolist(), want.tolist())
+    assert (got[1] <= 1.0) == (want[1] <= 1.0)  # the verdict
+
+
+@st.composite
+def float32_norm_layers(draw):
+    """A float32 norm as a model's layer has it: the output within half an LSB of the recomputed value but for
+    a few elements (one LSB, or the model's float32 error at a large |y|), some rows repeated (ties between
+    rows: the first must be found), an outlier dimension."""
+    rows, cols = draw(st.integers(8, 40)), draw(st.integers(32, 96))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
+    x = torch.randn(rows, cols, generator=g, dtype=torch.float64) * 2.0 ** draw(st.integers(-2, 3))
+    x[:, draw(st.integers(0, cols - 1))] *= draw(st.sampled_from([1.0, 300.0]))
+    for _ in range(draw(st.integers(0, 3))):  # repeated rows
+        x[draw(st.integers(1, rows - 1))] = x[draw(st.integers(0, rows - 1))]
+    w = (0.5 + 1.5 * torch.rand(cols, generator=g)).to(torch.float32)
+    q_in = fp.quantize(x.float().double(), 16)
+    xf = q_in.double() / 2**16
+    y = (xf / torch.sqrt((xf * xf).mean(-1, keepdim=True) + 1e-5) * w.double()).float().double()
+    q_out = fp.quantize(y, 16)
+    flat = q_out.view(-1)
+    for _ in range(draw(st.integers(0, 6))):
+        flat[draw(st.integers(0, flat.numel() - 1))] += draw(st.sampled_from([1, -1, 2]))
+    return q_in, q_out, w, 1e-5, torch.float32, torch.float32, 16, draw(st.sampled_from([0.0, 1.0]))
+
+
+@FUZZ
+@given(case=float32_norm_layers())
+def test_a_float32_norm_gives_the_reference_numbers(norm_blocks, case):
+    from zkllm_hf import fast_norm
+
+    q_in, q_out, weight, eps, in_dtype, out_dtype, k, drift = case
+    want = reference_rmsnorm_deviation_stats(q_in, q_out, weight, eps, in_dtype, out_dtype, k, input_drift_lsb=drift)
+    got = fast_norm.rmsnorm_stats(q_in, q_out, weight, eps, in_dtype, out_dtype, k, input_drift_lsb=drift)
+    assert same(got, want), (got.tolist(), want.tolist())
+
+
+def _layer_norm(rows: int, cols: int, dtype: torch.dtype, seed: int = 0):
+    """A layer's norm as LlamaRMSNorm computes it in ``dtype`` (float32 inside), quantised at 2**16."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, cols, generator=g) * 2
+    x[:, 7] = 22_500 + x[:, 7] * 50  # SmolLM2's residual stream has a dimension this large
+    x, w = x.to(dtype), (torch.rand(cols, generator=g) + 0.5).to(dtype)
+    xf = x.float()
+    y = w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5)).to(dtype)
+    return fp.quantize(x, 16), fp.quantize(y, 16), w, 1e-5, dtype, dtype, 16
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_layer_norm_takes_the_lean_kernel(dtype, monkeypatch):
+    """A layer-sized norm (SmolLM2's width, an outlier dimension) never falls back to the formula, in several
+    blocks, and gives its numbers (these would pass vacuously if every input fell back)."""
+    from zkllm_hf import fast_norm
+
+    args = _layer_norm(512, 576, dtype)
+    want = reference_rmsnorm_deviation_stats(*args)
+    monkeypatch.setattr(fp, "rmsnorm_deviation_stats", lambda *a, **kw: pytest.fail("the formula ran"))
+    assert len(fp.row_blocks(args[0])) > 1
+    got = fast_norm.rmsnorm_stats(*args)
+    assert same(got, want), (got.tolist(), want.tolist())
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_smollm2s_norms_give_the_reference_numbers(model_cache, dtype):
+    """The real default model's 60 norms on a short prompt, captured as the layer checks see them."""
+    from zkllm_hf import fast_norm
+    from zkllm_hf.models import load
+
+    lm = load(None, dtype=dtype, tokenizer=False)
+    seen = []
+    hooks = [m.register_forward_hook(lambda mod, inp, out: seen.append((mod, inp[0][0], out[0])))
+             for layer in lm.model.model.layers for m in (layer.input_layernorm, layer.post_attention_layernorm)]
+    try:
+        with torch.no_grad():
+            lm.model(input_ids=torch.arange(100, 164).reshape(1, -1))
+    finally:
+        for h in hooks:
+            h.remove()
+    assert len(seen) == 2 * len(lm.model.model.layers)
+    for mod, x, y in seen:
+        args = (fp.quantize(x, 16), fp.quantize(y, 16), mod.weight.detach(), mod.variance_epsilon,
+                x.dtype, y.dtype, 16)
+        assert same(fast_norm.rmsnorm_stats(*args), reference_rmsnorm_deviation_stats(*args))
+
+
+@pytest.mark.parametrize(
+    "change",
+    ["nan-weight", "inf-weight", "subnormal-weight", "negative-eps", "huge-eps", "int64-codes", "zero-row",
+     "negative-drift"],
+)
+def test_where_the_lean_kernel_does_not_apply_the_formula_gives_the_numbers(change):
+    """Outside the kernel's preconditions (or where the formula has NaNs) the formula itself runs: the same
+    numbers, NaNs included."""
+    from zkllm_hf import fast_norm
+
+    q_in, q_out, w, eps, in_dtype, out_dtype, k = _layer_norm(6, 16, torch.float32)
+    drift = 0.0
+    w = w.clone()
+    if change == "nan-weight":
+        w[3] = math.nan
+    elif change == "inf-weight":
+        w[3] = math.inf
+    elif change == "subnormal-weight":
+        w = w.double()
+        w[3] = 1e-310
+    elif change == "negative-eps":
+        eps = -1.0
+    elif change == "huge-eps":
+        eps = 2.0**40
+    elif change == "int64-codes":
+        q_in, q_out = q_in.long(), q_out.long()
+    elif change == "zero-row":
+        q_in[2] = 0
+        eps = 0.0
+    else:
+        drift = -0.25
+    want = reference_rmsnorm_deviation_stats(q_in, q_out, w, eps, in_dtype, out_dtype, k, input_drift_lsb=drift)
+    got = fast_norm.rmsnorm_stats(q_in, q_out, w, eps, in_dtype, out_dtype, k, input_drift_lsb=drift)
+    assert same(got, want), (got.tolist(), want.tolist())
+
+
+def test_an_empty_norm_gives_the_reference_numbers():
+    from zkllm_hf import fast_norm
+
+    e = torch.zeros(0, 8, dtype=torch.int32)
+    w = torch.ones(8)
+    want = reference_rmsnorm_deviation_stats(e, e, w, 1e-5, torch.float32, torch.float32, 16)
+    assert same(fast_norm.rmsnorm_stats(e, e, w, 1e-5, torch.float32, torch.float32, 16), want)

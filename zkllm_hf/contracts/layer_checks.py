@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from .. import fast_checks as fast
+from .. import fast_norm
 from .. import fixed_point as fp
 from .registry import implementation, register_check
 from .spec import CheckResult, CheckSpec, Contract
@@ -58,7 +59,7 @@ def _rmsnorm(
     **_: Any,
 ) -> torch.Tensor:
     weight, eps = norm
-    return fp.rmsnorm_deviation_stats(
+    return fast_norm.rmsnorm_stats(
         terms[0], lhs, weight, eps, term_dtypes[0], lhs_dtype, scale_log2, input_drift_lsb=input_drift_lsb
     )
 

@@ -98,6 +98,18 @@ def test_a_long_append_is_read_back_in_chunks(tmp_path, monkeypatch):
         assert reads == [2 * BLOCK] * 3 + [BLOCK, 12]
 
 
+@settings(max_examples=200, deadline=None)
+@given(data=st.binary(min_size=0, max_size=100), flip=st.integers(0, 99), skew=st.integers(0, 7))
+def test_the_byte_comparison_finds_any_difference(data, flip, skew):
+    """The read-back's comparison (eight bytes at a time, then the tail) equals bytes equality, wherever the
+    one changed byte is and however the views sit in memory."""
+    a = bytearray(skew) + bytearray(data)
+    b = bytearray(data)
+    if flip < len(b):
+        b[flip] ^= 0x01
+    assert direct_io._same(memoryview(a)[skew:], memoryview(b)) == (bytes(a[skew:]) == bytes(b))
+
+
 def test_aligned_appends_go_around_the_page_cache(tmp_path):
     """A page-aligned buffer at an aligned offset is written with O_DIRECT where the filesystem takes it
     (its whole blocks; the unaligned tail through the cache); elsewhere, all of it through the cache."""
@@ -172,7 +184,7 @@ def test_bytes_the_disk_got_wrong_fail_the_gate(tmp_path, monkeypatch):
     real = FileAppender._read_back
     hit = []
 
-    def corrupt_then_read(self, start, n, aligned):
+    def corrupt_then_read(self, view, start, aligned):
         if not hit and self.path.name.startswith("layer-1-"):
             hit.append(self.path.name)
             with open(self.path, "r+b") as fh:
@@ -180,7 +192,7 @@ def test_bytes_the_disk_got_wrong_fail_the_gate(tmp_path, monkeypatch):
                 b = fh.read(1)
                 fh.seek(start + 7)
                 fh.write(bytes([b[0] ^ 0x10]))
-        return real(self, start, n, aligned)
+        return real(self, view, start, aligned)
 
     monkeypatch.setattr(FileAppender, "_read_back", corrupt_then_read)
     with pytest.raises(ContractViolation) as e:

@@ -6,8 +6,9 @@ later on its own threads, on the same two cores the model's matmuls need (bench/
 Where the filesystem allows it (Linux ``O_DIRECT``), :class:`FileAppender` hands the block-aligned part of each
 append to the device straight from the capture's own page-aligned buffer, and writes the rest (under one block)
 through the cache. Right after, it reads the appended bytes back from the file (the aligned part with
-``O_DIRECT`` too, so from the device, not from a cached copy) and keeps their digest and int32 range: the
-gate's file checks compare those with the manifest, so the commit does not read the capture again. Each
+``O_DIRECT`` too, so from the device, not from a cached copy), compares them with what was written, byte
+for byte, and keeps their int32 range: the gate's file checks judge those read-backs against the manifest,
+so the commit does not read the capture again. Each
 read-back carries the file's :func:`stamp` (inode, size, modification and change times) from then; the gate
 uses a read-back only while the file's stamp is unchanged, and reads the file itself otherwise, so a write
 to a staged file after its read-back is still caught before the commit (on Linux 6.13 and later a change
@@ -100,23 +101,30 @@ def _read_at(fh: Any, out: memoryview, offset: int) -> int:
     return got
 
 
+def _same(a: memoryview, b: memoryview) -> bool:
+    """Whether two byte views of one length hold the same bytes (compared eight at a time)."""
+    whole = len(a) - len(a) % 8
+    x, y = np.frombuffer(a, np.uint8), np.frombuffer(b, np.uint8)
+    return bool(np.array_equal(x[:whole].view(np.uint64), y[:whole].view(np.uint64))) and a[whole:] == b[whole:]
+
+
 class FileAppender:
     """One staged file, written by appends in order (by one writer thread), each read back as it lands.
 
-    ``sent`` hashes the bytes handed to the file, ``got`` the bytes read back from it; :meth:`read_back`
-    says what was read, or None if anything read back differs in length from what was written (then the
-    gate reads the file itself). ``direct``: whether to try ``O_DIRECT`` (it turns itself off, for this file,
-    where the filesystem refuses it)."""
+    ``sent`` hashes the bytes handed to the file; each append's bytes read back are compared with them, byte
+    for byte. :meth:`read_back` says what was read (its digest is then ``sent``'s), or None if anything read
+    back differs from what was written, in length or in content (then the gate reads the file itself).
+    ``direct``: whether to try ``O_DIRECT`` (it turns itself off, for this file, where the filesystem refuses it)."""
 
     def __init__(self, path: Path, algorithm: str, *, direct: bool = True):
         self.path, self.algorithm = path, algorithm
         self.direct = bool(direct and O_DIRECT)
         self.size = 0  # bytes appended so far
         self.direct_bytes = 0  # of which written with O_DIRECT
-        self.sent, self.got = hasher(algorithm), hasher(algorithm)
+        self.sent = hasher(algorithm)
         self._lo: int | None = None
         self._hi: int | None = None
-        self._short = False  # a read-back came up short: the file is not what was written
+        self._differs = False  # a read-back came up short or different: the file is not what was written
         self._stamp: tuple[int, ...] | None = None  # the file's stamp after the last read-back
 
     def append(self, view: memoryview) -> None:
@@ -131,7 +139,7 @@ class FileAppender:
                 _write_at(fh, view[aligned:], start + aligned)
         self.size += n
         self.direct_bytes += aligned
-        self._read_back(start, n, aligned)
+        self._read_back(view, start, aligned)
 
     def _write_direct(self, view: memoryview, offset: int) -> int:
         """Write ``view`` at ``offset`` with O_DIRECT; the bytes written (0 where the filesystem refuses)."""
@@ -158,9 +166,11 @@ class FileAppender:
         finally:
             os.close(fd)
 
-    def _read_back(self, start: int, n: int, aligned: int) -> None:
-        """Read ``[start, start + n)`` back in chunks (the first ``aligned`` bytes with O_DIRECT, as written),
-        into the ``got`` digest and the range; a read that comes up short marks the file."""
+    def _read_back(self, view: memoryview, start: int, aligned: int) -> None:
+        """Read the append of ``view`` at ``start`` back in chunks (the first ``aligned`` bytes with O_DIRECT, as
+        written), compare each with what was written and take its range; a short or different read marks the
+        file."""
+        n = len(view)
         end, direct_end = start + n, start + aligned
         with contextlib.ExitStack() as stack:
             # O_DIRECT exists here whenever aligned > 0: the write used it
@@ -170,17 +180,16 @@ class FileAppender:
             while pos < end:
                 fh, limit = (direct, direct_end) if pos < direct_end else (cached, end)
                 out = _scratch(READ_CHUNK)[: min(READ_CHUNK, limit - pos)]
-                if _read_at(fh, out, pos) != len(out):
-                    self._short = True
+                if _read_at(fh, out, pos) != len(out) or not _same(out, view[pos - start : pos - start + len(out)]):
+                    self._differs = True
                     return
-                self.got.update(out)
                 self._range(out)
                 pos += len(out)
         self._stamp = stamp(self.path)
 
     def _range(self, data: memoryview) -> None:
         if len(data) % 4:
-            self._short = True  # appends not of whole int32 values: let the gate read the file
+            self._differs = True  # appends not of whole int32 values: let the gate read the file
             return
         if not len(data):
             return
@@ -192,9 +201,9 @@ class FileAppender:
     def read_back(self, size: int) -> ReadBack | None:
         """What was read back, if it covers the file's ``size`` bytes exactly and the file is unchanged since
         (else None)."""
-        if self._short or size != self.size or self._stamp is None or stamp(self.path) != self._stamp:
+        if self._differs or size != self.size or self._stamp is None or stamp(self.path) != self._stamp:
             return None
-        return ReadBack(size, self.algorithm, self.got.hexdigest(), self._lo, self._hi, self._stamp)
+        return ReadBack(size, self.algorithm, self.sent.hexdigest(), self._lo, self._hi, self._stamp)
 
     def __repr__(self) -> str:  # pragma: no cover - debugging aid
         return f"FileAppender({str(self.path)!r}, size={self.size}, direct_bytes={self.direct_bytes})"

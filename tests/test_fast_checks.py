@@ -562,10 +562,10 @@ def norm_cases(draw):
 
 
 @pytest.fixture(params=[(1 << 17, 1), (1 << 17, 2), (8, 1), (40, 2)],
-                ids=["one-block", "serial-blocks", "row-blocks", "few-row-blocks"])
+                ids=["one-block", "one-block-2-threads", "row-blocks", "few-row-blocks-2-threads"])
 def norm_blocks(request, monkeypatch):
-    """The block size, and torch's threads (one: the kernel takes fixed_point's blocks; several: its own,
-    under torch's parallel grain)."""
+    """The block size (fixed_point's blocks, which the kernel takes), and torch's threads (which split each
+    operation when it is large enough)."""
     elements, threads = request.param
     monkeypatch.setattr(fp, "CPU_BLOCK_ELEMENTS", elements)
     before = torch.get_num_threads()

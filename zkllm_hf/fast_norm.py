@@ -41,7 +41,6 @@ TINY = torch.finfo(torch.float64).tiny
 # forms from them is subnormal or overflows differently from the formula.
 WEIGHT_EXPONENT = 800
 MAX_EPS = 2.0**30
-SERIAL_ELEMENTS = 32767  # below at::internal::GRAIN_SIZE (32768): torch runs the operation serially
 UNCLAMPED_NORMAL = 2.0**-70  # an input dtype's smallest normal below this: n_high never needs the clamp
 
 
@@ -144,15 +143,6 @@ def _block(qi, qo, bufs, p: _Plan) -> tuple[float, float, int, float] | None:
     return max_dev, float(ratio[pos]), pos, float(c.numpy().reshape(-1)[pos])
 
 
-def _serial_blocks(rows: int, cols: int) -> list[slice]:
-    """Blocks of whole rows under torch's parallel grain: each operation runs on the calling thread alone.
-    Where torch has several threads, an OpenMP team per operation costs more CPU than it saves on operations
-    this short (and stalls at its barrier when another process holds a core). Rows are independent: the
-    numbers are the same in any blocks."""
-    step = max(1, min(fp.CPU_BLOCK_ELEMENTS, SERIAL_ELEMENTS) // max(1, cols))
-    return [slice(i, min(i + step, rows)) for i in range(0, rows, step)]
-
-
 def rmsnorm_stats(
     q_in: torch.Tensor,
     q_out: torch.Tensor,
@@ -175,7 +165,7 @@ def rmsnorm_stats(
     qi, qo = (t.reshape(-1, t.shape[-1]) for t in (q_in, q_out))
     rows, cols = qi.shape
     p = _plan(weight, float(eps), in_dtype, out_dtype, scale_log2, float(input_drift_lsb), cols)
-    blocks = fp.row_blocks(qi) if torch.get_num_threads() == 1 else _serial_blocks(rows, cols)
+    blocks = fp.row_blocks(qi)  # cache-sized; each operation split over torch's own intra-op threads
     step = max(b.stop - b.start for b in blocks)
     bufs = [torch.empty(step, cols, dtype=torch.float64) for _ in range(5)]
     best: tuple[float, float, int, float] | None = None

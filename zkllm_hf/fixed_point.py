@@ -123,18 +123,17 @@ def quantize_into(x: torch.Tensor, out: torch.Tensor, scale_log2: int, *, what: 
     if not x.numel():
         return 0, 0
     scale = float(2**scale_log2)
-    lo, hi = math.inf, -math.inf
+    # The codes' extremes from x's own: scaling by a power of two and rounding are monotone (and exact), so
+    # min(round(x * s)) = round(min(x) * s). One reduction; aminmax propagates NaN, and NaN, Inf and overflow
+    # all fail the test below, before any code is written.
+    a, b = (round(w) if math.isfinite(w := v * scale) else w for v in torch.stack(torch.aminmax(x)).tolist())
+    if not (-INT32_MAX <= a and b <= INT32_MAX):
+        wide = _widen(x)
+        _raise_unrepresentable(wide, torch.round(wide * scale), x.dtype, scale_log2, what)
     flat_x, flat_out = _as_rows(x), _as_rows(out)
     for rows in row_blocks(flat_x):
-        scaled = torch.mul(_widen(flat_x[rows]), scale).round_()
-        # One reduction: aminmax propagates NaN, and NaN, Inf and overflow all fail the test below.
-        a, b = (float(v) for v in torch.stack(torch.aminmax(scaled)).tolist())
-        if not (-INT32_MAX <= a and b <= INT32_MAX):
-            wide = _widen(x)
-            _raise_unrepresentable(wide, torch.round(wide * scale), x.dtype, scale_log2, what)
-        lo, hi = min(lo, a), max(hi, b)
-        flat_out[rows].copy_(scaled)
-    return int(lo), int(hi)
+        flat_out[rows].copy_(torch.mul(_widen(flat_x[rows]), scale).round_())
+    return int(a), int(b)
 
 
 # stats of quantize_device, in this order

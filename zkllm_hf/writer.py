@@ -224,9 +224,9 @@ class StagingDir:
     queued, so a file may be built by several :meth:`append_many` calls (a prompt prefilled in chunks) and
     :meth:`remove` drops a folder only after the writes queued into it, on every thread. At most
     ``max_in_flight_bytes`` of host copies wait for the disk (more only when one array alone is larger), which
-    bounds memory. Each file is hashed (``digest``) as it is written, and each append read back and hashed
-    again as it lands (:class:`~zkllm_hf.direct_io.FileAppender`; with ``direct``, around the page cache where
-    the filesystem allows it).
+    bounds memory. Each file is hashed (``digest``) as it is written, and each append read back as it lands
+    and compared with what was written (:class:`~zkllm_hf.direct_io.FileAppender`; with ``direct``, around the
+    page cache where the filesystem allows it).
 
     Every file is durable before the commit's rename. ``durability`` says when: ``"append"`` (the default)
     hands each file to a pool of sync threads as each write to it closes, which ``fdatasync`` it while the

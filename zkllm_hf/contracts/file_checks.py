@@ -31,8 +31,8 @@ def _integrity(spec: CheckSpec, row: Mapping[str, Any], data: ReadBack | None, p
     if data.size != row["byte_size"]:
         return CheckResult(spec.name, False, f"{data.size} bytes, manifest says {row['byte_size']}", **where)
     algorithm, want = row_digest(row)
-    digest = data.digest if data.algorithm == algorithm else None
-    if digest != want:
+    digest = data.digest
+    if data.algorithm != algorithm or digest != want:
         said = f"{algorithm} {digest[:12]}..., manifest says {str(want)[:12]}..."
         return CheckResult(spec.name, False, said, **where)
     return CheckResult(spec.name, True, **where)
@@ -118,14 +118,17 @@ def run_file_checks(
         row, path = rows[i], paths[i]
         if path is None:  # never opened: the containment check names the row
             return []
+        algorithm = row_digest(row)[0]
         data, problem = (known or {}).get(str(row["file"])), None
         same = first.get(inodes[i], i)  # a hard link of a file read before (an alias): its bytes, not again
-        if data is None and same != i and read.get(same) is not None and read[same].algorithm == row_digest(row)[0]:
-            data = read[same]
+        if data is None and same != i:
+            data = read.get(same)
+        if data is not None and data.algorithm != algorithm:  # a read-back under another digest: read it
+            data = None
         if data is None and not path.is_file():
             problem = "file is missing"
         elif data is None:
-            data = read[i] = read_back_of(_read(path, local), row_digest(row)[0])
+            data = read[i] = read_back_of(_read(path, local), algorithm)
         return [implementation(s)(s, row, data, problem) for s in specs]
 
     # the first row of each file in a first pass, its other names (hard links) in a second

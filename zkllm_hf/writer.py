@@ -13,12 +13,9 @@ manifest it wrote lists, or its own pid-named staging, old, temp and lock entrie
 from __future__ import annotations
 
 import ctypes
-import glob
-import logging
 import os
 import shutil
 import threading
-import uuid
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -29,18 +26,22 @@ import numpy as np
 
 from .digests import DEFAULT_DIGEST, check_digest, digest_file
 from .direct_io import FileAppender, ReadBack, stamp
-from .errors import TargetBusyError
-from .ownership import (  # noqa: F401 - the ownership rule, also importable from here as before
+from .errors import TargetBusyError  # noqa: F401 - importable from here as before
+from .ownership import (  # noqa: F401 - the ownership rule and the leftovers, also importable from here as before
     LEFTOVER,
     STEP_DIR,
     UNIT_DIR,
     WORK,
+    TargetLock,
+    clean_leftovers,
+    delete_in_background,
     foreign_files,
+    leftover_name,
+    remove_leftovers,
     shown_paths,
+    wait_for_deletions,
     zkllm_manifest,
 )
-
-logger = logging.getLogger(__name__)
 
 PARTIAL_MARKER = "PARTIAL"
 MANIFEST_NAME = "manifest.arrow"  # also ownership.MANIFEST_NAME
@@ -62,124 +63,6 @@ class WrittenFile:
 
 DURABILITY = ("append", "seal", "syncfs")  # when the staged bytes are made durable (docs in StagingDir)
 SYNC_THREADS = 4  # fdatasyncs in flight at once (durability "append"); bench/RESULTS.md measures the choice
-
-
-class TargetLock:
-    """An exclusive lock on one output folder, held while a capture (or a cache conversion) writes it.
-
-    The lock is ``flock`` on a hidden file beside the target (``.NAME.zkllm-lock``, removed on release), so
-    the kernel releases it when its process dies, however it dies. Whoever takes the lock therefore knows
-    that hidden leftovers of that target (staging, old-capture and temp folders) belong to a dead process,
-    and removes them, saying so. Where ``fcntl`` is missing (Windows) the lock is a no-op.
-    """
-
-    def __init__(self, target: Path, *, wait: bool = False):
-        self.target = Path(target).absolute()
-        self.path = self.target.parent / f".{self.target.name}.zkllm-lock"
-        self.removed: list[Path] = []
-        self._fd: int | None = None
-        self.target.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            import fcntl
-        except ImportError:  # pragma: no cover - not on this platform
-            return
-        while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-            except BlockingIOError:
-                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-                os.close(fd)
-                raise TargetBusyError(
-                    f"another capture is writing to '{self.target}' (process {holder}); wait for it to finish "
-                    f"or choose another --out"
-                ) from None
-            try:  # the holder we waited for may have removed the file: lock the one that is there now
-                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
-                break
-            os.close(fd)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self._fd = fd
-        self.removed = remove_leftovers(self.target)
-
-    def release(self) -> None:
-        if self._fd is not None:
-            self.path.unlink(missing_ok=True)
-            os.close(self._fd)  # closing the descriptor releases the flock
-            self._fd = None
-
-
-def leftover_name(target: Path, kind: str) -> Path:
-    """A hidden sibling of ``target`` owned by this process: ``.NAME.zkllm-KIND-PID-RANDOM``."""
-    return target.parent / f".{target.name}.zkllm-{kind}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
-
-
-_DELETING: dict[Path, threading.Thread] = {}  # replaced captures this process is deleting in the background
-_DELETING_LOCK = threading.Lock()
-
-
-def delete_in_background(old: Path) -> threading.Thread:
-    """Delete ``old`` (a pid-named ``.zkllm-old-`` entry, already marked unfinished) on a thread, off the
-    commit's critical path. Not a daemon: the interpreter waits for it at exit. If the process dies first,
-    the entry is a leftover by its name, which the next lock holder of the target removes."""
-
-    def run() -> None:
-        try:
-            shutil.rmtree(old, ignore_errors=True)
-        finally:
-            with _DELETING_LOCK:
-                _DELETING.pop(Path(os.path.realpath(old)), None)
-
-    thread = threading.Thread(target=run, name="zkllm-delete-old", daemon=False)
-    with _DELETING_LOCK:
-        _DELETING[Path(os.path.realpath(old))] = thread
-    thread.start()
-    return thread
-
-
-def wait_for_deletions(timeout: float | None = None) -> None:
-    """Wait for this process's background deletions of replaced captures to finish."""
-    with _DELETING_LOCK:
-        threads = list(_DELETING.values())
-    for t in threads:
-        t.join(timeout)
-
-
-def remove_leftovers(target: Path) -> list[Path]:
-    """Remove hidden leftovers of ``target`` whose process is gone (call it holding the target's lock). A
-    replaced capture this process is deleting in the background is waited for, and removed only if that
-    thread left something."""
-    target = Path(target).absolute()
-    removed = []
-    prefix = f".{target.name}.zkllm-"
-    for entry in target.parent.glob(f"{glob.escape(prefix)}*"):
-        m = LEFTOVER.search(entry.name)
-        if not m:
-            continue
-        with _DELETING_LOCK:
-            ours = _DELETING.get(Path(os.path.realpath(entry)))
-        if ours is not None:
-            ours.join()
-            if not entry.exists():
-                continue
-        shutil.rmtree(entry, ignore_errors=True)
-        removed.append(entry)
-        logger.warning("removed %s, left by an interrupted zkllm-hf process (pid %s)", entry, m[2])
-    return removed
-
-
-def clean_leftovers(target: Path) -> list[Path]:
-    """Remove dead processes' leftovers of ``target`` if no capture is writing to it now (validate uses it)."""
-    try:
-        lock = TargetLock(target)
-    except OSError:  # busy (a capture is writing: nothing there is a leftover), or a read-only folder
-        return []
-    lock.release()
-    return lock.removed
 
 
 def check_target(out_dir: Path, overwrite: bool) -> None:

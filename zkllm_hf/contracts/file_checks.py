@@ -112,6 +112,7 @@ def run_file_checks(
     paths = [inside(folder, str(row["file"])) for row in rows]
     inodes = [_inode(p) for p in paths]
     first = {key: i for i, key in reversed(list(enumerate(inodes))) if key is not None}
+    same = [first.get(key, i) for i, key in enumerate(inodes)]  # the first row naming the same file, or itself
     read: dict[int, ReadBack] = {}  # row index -> what its file held, for the rows that read it
 
     def check(i: int) -> list[CheckResult]:
@@ -120,9 +121,8 @@ def run_file_checks(
             return []
         algorithm = row_digest(row)[0]
         data, problem = (known or {}).get(str(row["file"])), None
-        same = first.get(inodes[i], i)  # a hard link of a file read before (an alias): its bytes, not again
-        if data is None and same != i:
-            data = read.get(same)
+        if data is None and same[i] != i:  # a hard link of a file read before (an alias): its bytes, not again
+            data = read.get(same[i])
         if data is not None and data.algorithm != algorithm:  # a read-back under another digest: read it
             data = None
         if data is None and not path.is_file():
@@ -132,8 +132,8 @@ def run_file_checks(
         return [implementation(s)(s, row, data, problem) for s in specs]
 
     # the first row of each file in a first pass, its other names (hard links) in a second
-    firsts = [i for i in range(len(rows)) if first.get(inodes[i], i) == i]
-    others = [i for i in range(len(rows)) if first.get(inodes[i], i) != i]
+    firsts = [i for i in range(len(rows)) if same[i] == i]
+    others = [i for i in range(len(rows)) if same[i] != i]
     out: dict[int, list[CheckResult]] = {}
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
         bar = tqdm(total=len(rows), desc="files", unit="file", disable=None if progress else True)
